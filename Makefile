@@ -1,0 +1,59 @@
+# InstaFlow training framework. `make help` lists every target.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CLI := $(PY) -m lightning_modules.cli
+BASE := experiments/base/default.yaml
+DATA := runs/data/shapes
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.DEFAULT_GOAL := help
+.PHONY: help venv data train-vae train-teacher-unet train-teacher train-evaluator eval-teacher floors \
+        train-reflow test test-full tensorboard clean
+
+help: ## list every target with one line each
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-20s\033[0m %s\n", $$1, $$2}'
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed ## create .venv with the pinned dependencies (every other target depends on it)
+
+data: $(VENV)/.installed ## write the embedded world's LAION-layout shards (train 40k / val 2k / test 4k) to runs/data
+	$(PY) -m data.shapes --out $(DATA)
+
+train-vae: data ## embedded teacher, part 1: train the AutoencoderKL (32x32 RGB -> 8x8x4)
+	$(CLI) fit -c $(BASE) -c experiments/embedded/vae.yaml
+
+train-teacher-unet: data ## embedded teacher, part 2: train the epsilon UNet on the VAE of part 1; exports assets/embedded-sd
+	$(CLI) fit -c $(BASE) -c experiments/embedded/teacher.yaml
+
+train-teacher: train-vae train-teacher-unet ## retrain the committed miniature SD teacher from scratch (about 1.5 h on 2 cores)
+
+train-evaluator: data ## retrain the committed embedded evaluator (FID features + prompt alignment)
+	$(CLI) fit -c $(BASE) -c experiments/embedded/evaluator.yaml
+
+floors: data ## measure the evaluation floors on real test images (FID real-vs-real, alignment of real images)
+	$(PY) -m lightning_modules.evaluate_floors --evaluator assets/embedded-evaluator \
+	  --test '$(DATA)/test/{00000..00003}.tar' --n 2000 --out docs/floors.json
+
+eval-teacher: data ## score the committed teacher (FID, alignment, sample grid) into docs/
+	$(PY) -m lightning_modules.evaluate_teacher --teacher assets/embedded-sd --evaluator assets/embedded-evaluator \
+	  --test '$(DATA)/test/{00000..00003}.tar' --n 2000 --out docs/teacher_eval.json --grid docs/teacher_samples.png
+
+test: $(VENV)/.installed ## fast offline tests (a few minutes on 2 cores)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+test-full: $(VENV)/.installed ## all tests, including the slow ones
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+tensorboard: $(VENV)/.installed ## TensorBoard over every run in runs/
+	$(VENV)/bin/tensorboard --logdir runs
+
+clean: ## delete generated data and runs (keeps committed assets/)
+	rm -rf runs

@@ -1,0 +1,291 @@
+"""LAION text-image streams from img2dataset-layout WebDataset shards.
+
+One reader serves real LAION (local paths, brace patterns such as ``{00000..01210}.tar``, or
+``pipe:`` commands) and the embedded shapes world, which is written in the same layout.
+
+Two ways of reading, chosen on purpose (see PITFALLS.md):
+- training streams *resample* shards forever, seeded by (seed, rank, worker, restart), so every
+  rank always has a batch and no collective waits on an exhausted rank; train by ``max_steps``;
+- finite passes (evaluation, teacher ODE solving) split the shard list explicitly by rank, then by
+  worker, so every sample is read exactly once.
+
+Bad input never crashes the stream and is never lost silently: a corrupt image, a missing or
+non-UTF-8 caption, an unreadable or truncated tar is skipped and counted. Each sample carries
+how many were skipped before it in its worker (the last one also those after it), so the
+``skipped`` of all batches sums to the exact count. A tar that breaks off counts once as
+``unreadable_tar``; the samples read before the break are kept, and a sample cut short by it is
+decoded with the members it has (no ``.txt``: skipped as ``missing_caption``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+from collections import Counter
+from typing import Any, Iterator
+
+import lightning as L
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset
+from webdataset.gopen import gopen
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.utils import pytorch_worker_info
+
+log = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+
+def expand_shards(spec: str | list[str]) -> list[str]:
+    """Expand ``a/{00000..00009}.tar::b/x.tar`` (or a list of such) into a list of URLs."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    urls = []
+    for s in specs:
+        urls.extend(expand_urls(s))
+    return urls
+
+
+def load_image(data: bytes, resolution: int) -> torch.Tensor:
+    """Decode, resize the shorter side to ``resolution`` and centre-crop; (3, H, W) in [-1, 1]."""
+    img = Image.open(io.BytesIO(data))
+    img.load()  # decode now so a truncated file fails here
+    img = img.convert("RGB")
+    w, h = img.size
+    scale = resolution / min(w, h)
+    if scale != 1.0:
+        img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
+    w, h = img.size
+    left, top = (w - resolution) // 2, (h - resolution) // 2
+    img = img.crop((left, top, left + resolution, top + resolution))
+    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(resolution, resolution, 3)
+    return x.permute(2, 0, 1).float().div(127.5).sub(1.0)  # (3, H, W)
+
+
+class LaionStream(IterableDataset):
+    """Samples ``{key, caption, meta, pixel_values?, skipped}`` from img2dataset shards."""
+
+    def __init__(
+        self,
+        shards: str | list[str],
+        resolution: int = 512,
+        resampled: bool = False,
+        shuffle_buffer: int = 0,
+        captions_only: bool = False,
+        require_meta: bool = False,
+        seed: int = 0,
+        epoch: int = 0,
+    ) -> None:
+        super().__init__()
+        self.urls = expand_shards(shards)
+        if not self.urls:
+            raise ValueError(f"no shards match {shards!r}")
+        self.resolution = resolution
+        self.resampled = resampled
+        self.shuffle_buffer = shuffle_buffer
+        self.captions_only = captions_only
+        self.require_meta = require_meta
+        self.seed = seed
+        self.epoch = epoch
+        self.skips: Counter = Counter()  # per process; in workers, reported through `skipped`
+        self._pending = 0
+        self._shard_failed = False
+
+    # -- shard selection -------------------------------------------------------------------
+    def _shard_urls(self) -> Iterator[str]:
+        rank, world, worker, n_workers = pytorch_worker_info()
+        if self.resampled:
+            rng = random.Random(f"{self.seed}-{rank}-{worker}-{self.epoch}-shards")  # str seeds are stable
+            while True:
+                yield rng.choice(self.urls)
+        if len(self.urls) < world * n_workers:
+            raise ValueError(
+                f"{len(self.urls)} shards cannot be split over {world} ranks x {n_workers} workers: "
+                "some would read nothing. Use fewer workers or more (smaller) shards."
+            )
+        yield from self.urls[rank::world][worker::n_workers]
+
+    # -- decoding --------------------------------------------------------------------------
+    def _skip(self, reason: str, detail: Any = "") -> None:
+        self.skips[reason] += 1
+        self._pending += 1
+        n = self.skips[reason]
+        if n <= 5 or n & (n - 1) == 0:  # first few, then at powers of two
+            log.warning("skipped a sample (%s, %d so far): %s", reason, n, detail)
+
+    def _handler(self, exn: Exception) -> bool:
+        if not self._shard_failed:  # a cut tar raises twice (member data, then next header): count once
+            self._shard_failed = True
+            self._skip("unreadable_tar", repr(exn)[:300])
+        return True  # go on with the next shard; samples read before the error are kept
+
+    def _decode(self, raw: dict) -> dict | None:
+        key = raw.get("__key__")
+        txt = raw.get("txt")
+        if txt is None:
+            return self._skip("missing_caption", key)
+        try:
+            caption = txt.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            return self._skip("bad_caption_encoding", key)
+        if not caption:
+            return self._skip("missing_caption", key)
+        meta = None
+        if "json" in raw:
+            try:
+                meta = json.loads(raw["json"])
+            except (ValueError, UnicodeDecodeError):
+                meta = None
+        if meta is None and self.require_meta:
+            return self._skip("missing_meta", key)
+        sample = {"key": key, "caption": caption, "meta": meta}
+        if not self.captions_only:
+            data = next((raw[k] for k in IMAGE_KEYS if k in raw), None)
+            if data is None:
+                return self._skip("missing_image", key)
+            try:
+                sample["pixel_values"] = load_image(data, self.resolution)
+            except Exception as exn:  # PIL raises many types for corrupt files
+                return self._skip("bad_image", f"{key}: {exn!r}"[:300])
+        return sample
+
+    def __iter__(self) -> Iterator[dict]:
+        self._pending = 0
+        select = (lambda f: not f.lower().endswith(tuple("." + k for k in IMAGE_KEYS))) if self.captions_only else None
+        files = self._expand(self._open(self._shard_urls()), select)
+        samples = (s for s in (self._decode(r) for r in group_by_keys(files, handler=self._handler)) if s)
+        if self.shuffle_buffer > 1:
+            samples = self._shuffle(samples)
+        prev = None  # one sample of lookahead, so skips after the last sample are reported too
+        for s in samples:
+            s["skipped"], self._pending = self._pending, 0
+            if prev is not None:
+                yield prev
+            prev = s
+        if prev is not None:
+            prev["skipped"], self._pending = prev["skipped"] + self._pending, 0
+            yield prev
+        elif self._pending:
+            log.warning("%d samples skipped and no sample left to report them on", self._pending)
+
+    def _expand(self, sources: Iterator[dict], select) -> Iterator[dict]:
+        """Members of each shard, then an end-of-shard marker, also after a read error (webdataset
+        omits it then, and would merge a cut sample into the next shard's first one)."""
+        for source in sources:
+            self._shard_failed = False
+            yield from tar_file_expander([source], handler=self._handler, select_files=select, eof_value=None)
+            yield {}
+
+    def _open(self, urls: Iterator[str]) -> Iterator[dict]:
+        failures = 0  # consecutive: a stream whose every shard fails must stop, not spin
+        for url in urls:
+            try:
+                stream = gopen(url)
+            except Exception as exn:
+                self._skip("unreadable_shard", f"{url}: {exn!r}")
+                failures += 1
+                if failures >= max(10, 2 * len(self.urls)):
+                    raise RuntimeError(f"{failures} shards in a row could not be opened, last {url}: {exn!r}") from exn
+                continue
+            failures = 0
+            yield {"url": url, "stream": stream}
+
+    def _shuffle(self, samples: Iterator[dict]) -> Iterator[dict]:
+        rank, _, worker, _ = pytorch_worker_info()
+        rng = random.Random(f"{self.seed}-{rank}-{worker}-{self.epoch}-shuffle")
+        buf: list[dict] = []
+        for s in samples:
+            if len(buf) < self.shuffle_buffer:
+                buf.append(s)
+                continue
+            i = rng.randrange(len(buf))
+            buf[i], s = s, buf[i]
+            yield s
+        rng.shuffle(buf)
+        yield from buf
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack tensors, keep strings and metadata as lists, sum the skip counts."""
+    batch: dict[str, Any] = {
+        "key": [s["key"] for s in samples],
+        "caption": [s["caption"] for s in samples],
+        "meta": [s["meta"] for s in samples],
+        "skipped": sum(s["skipped"] for s in samples),
+    }
+    if "pixel_values" in samples[0]:
+        batch["pixel_values"] = torch.stack([s["pixel_values"] for s in samples])  # (B, 3, H, W)
+    return batch
+
+
+class LaionDataModule(L.LightningDataModule):
+    """Train/val/test/predict loaders over img2dataset-layout shards (see module docstring).
+
+    Args:
+        train, val, test, predict: shard specs (path, brace pattern, ``pipe:`` command, or
+            several joined by ``::``); unset stages have no loader.
+        resolution: images are resized (shorter side) and centre-cropped to this size.
+        captions_only: never read or decode images (teacher ODE solving needs prompts only).
+        require_meta: skip samples without a readable ``.json`` (the embedded world's ground truth).
+    """
+
+    def __init__(
+        self,
+        train: str | None = None,
+        val: str | None = None,
+        test: str | None = None,
+        predict: str | None = None,
+        resolution: int = 512,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        shuffle_buffer: int = 1000,
+        captions_only: bool = False,
+        require_meta: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.shards = {"train": train, "val": val, "test": test, "predict": predict}
+        self.resolution = resolution
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.shuffle_buffer = shuffle_buffer
+        self.captions_only = captions_only
+        self.require_meta = require_meta
+        self.seed = seed
+
+    def stream(self, stage: str, **overrides) -> LaionStream:
+        spec = self.shards[stage]
+        if spec is None:
+            raise ValueError(f"no shards configured for '{stage}': set data.init_args.{stage}")
+        train = stage == "train"
+        kw = dict(
+            resolution=self.resolution, resampled=train, shuffle_buffer=self.shuffle_buffer if train else 0,
+            captions_only=self.captions_only, require_meta=self.require_meta, seed=self.seed,
+            # a restarted run must not replay the stream it has already seen
+            epoch=self.trainer.global_step if self.trainer is not None else 0,
+        )
+        kw.update(overrides)
+        return LaionStream(spec, **kw)
+
+    def _loader(self, stage: str, batch_size: int) -> DataLoader:
+        return DataLoader(
+            self.stream(stage), batch_size=batch_size, num_workers=self.num_workers, collate_fn=collate,
+            persistent_workers=False, pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", self.eval_batch_size)
