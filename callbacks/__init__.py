@@ -1,0 +1,1 @@
+"""Callbacks own evaluation and side effects: EMA, image grids, exports, FID and alignment."""

