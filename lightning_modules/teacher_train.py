@@ -131,4 +131,4 @@ class DiffusionTraining(L.LightningModule):
         te = self.hparams.text_encoder
         return models.save_pipeline(dirpath, self.unet, self.vae, self.scheduler_config,
                                     text_encoder=te if te.startswith(models.PACKAGE_PREFIX) else None,
-                                    max_length=self.hparams.max_length)
+                                    max_length=self.hparams.max_length, text_encoder_module=self.text_encoder)

@@ -108,3 +108,29 @@ def tiny_sd_folder(tmp_path_factory) -> Path:
     comps["text_encoder"].save_pretrained(folder / "text_encoder")
     comps["tokenizer"].save_pretrained(folder / "tokenizer")
     return folder
+
+
+TINY_VAE = {  # 16x16 RGB -> 8x8x4, the tiny SD's VAE as a config
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "sample_size": 16,
+    "block_out_channels": [4, 8], "layers_per_block": 1, "norm_num_groups": 2,
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+}
+TINY_UNET = {
+    "sample_size": 8, "in_channels": 4, "out_channels": 4, "block_out_channels": [4, 8], "layers_per_block": 1,
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "cross_attention_dim": CROSS_ATTENTION_DIM, "norm_num_groups": 2, "attention_head_dim": 2,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """Tiny embedded-world shards at 16 px: train (4 shards x 16) and val (1 x 16), brace patterns."""
+    from types import SimpleNamespace
+
+    from data.shapes import brace_pattern, write_split
+
+    root = tmp_path_factory.mktemp("tiny_world")
+    write_split(root, "train", 64, samples_per_shard=16, seed=0, resolution=16, progress=False)
+    write_split(root, "val", 16, samples_per_shard=16, seed=0, resolution=16, progress=False)
+    return SimpleNamespace(root=root, train=brace_pattern(root / "train", 4), val=brace_pattern(root / "val", 1))
