@@ -11,10 +11,10 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
 .PHONY: help venv data train-vae train-teacher-unet train-teacher train-evaluator eval-teacher floors \
-        train-reflow test test-full tensorboard clean
+        gen-pairs train-2rf train-distill eval train-reflow test test-full tensorboard clean
 
 help: ## list every target with one line each
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-20s\033[0m %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-20s\033[0m %s\n", $$1, $$2}'
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,34 @@ floors: data ## measure the evaluation floors on real test images (FID real-vs-r
 eval-teacher: data ## score the committed teacher (FID, alignment, sample grid) into docs/
 	$(PY) -m lightning_modules.evaluate_teacher --teacher assets/embedded-sd --evaluator assets/embedded-evaluator \
 	  --test '$(DATA)/test/{00000..00003}.tar' --n 2000 --out docs/teacher_eval.json --grid docs/teacher_samples.png
+
+# --- InstaFlow on the embedded default: each stage is skipped when its output exists ---------------
+EMB := experiments/embedded
+MODELS := runs/embedded/models
+PAIRS := runs/embedded/pairs
+FIT = $(CLI) fit -c $(BASE)
+
+$(PAIRS)/teacher/.done: | data
+	$(CLI) predict -c $(BASE) -c $(EMB)/pairs_teacher.yaml && touch $@
+$(MODELS)/rf2/model_index.json: $(PAIRS)/teacher/.done
+	$(FIT) -c $(EMB)/reflow.yaml
+$(PAIRS)/rf2/.done: $(MODELS)/rf2/model_index.json
+	$(CLI) predict -c $(BASE) -c $(EMB)/pairs_rf2.yaml && touch $@
+$(MODELS)/instaflow/model_index.json: $(PAIRS)/rf2/.done
+	$(FIT) -c $(EMB)/distill.yaml
+$(MODELS)/direct/model_index.json: $(PAIRS)/teacher/.done
+	$(FIT) -c $(EMB)/distill.yaml -c $(EMB)/distill_direct.yaml
+$(MODELS)/direct_rfinit/model_index.json: $(PAIRS)/teacher/.done $(MODELS)/rf2/model_index.json
+	$(FIT) -c $(EMB)/distill.yaml -c $(EMB)/distill_direct_rfinit.yaml
+
+gen-pairs: $(PAIRS)/teacher/.done ## stage 1: teacher ODE couplings (25-step DPM-Solver++, w=3) for train prompts
+train-2rf: $(MODELS)/rf2/model_index.json ## stage 2: reflow from the teacher's weights -> the 2-RF
+train-distill: $(MODELS)/instaflow/model_index.json $(MODELS)/direct/model_index.json $(MODELS)/direct_rfinit/model_index.json ## stage 3: 2-RF couplings, one-step InstaFlow, direct distillation and its control
+eval: $(VENV)/.installed ## evaluate every model on the test protocol; writes runs/embedded/results/results.{md,json}
+	$(PY) -m lightning_modules.evaluate --out runs/embedded/results
+
+train-reflow: train-distill ## the whole InstaFlow chain on the embedded default, then the results table
+	$(MAKE) eval
 
 test: $(VENV)/.installed ## fast offline tests (a few minutes on 2 cores)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"

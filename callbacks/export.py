@@ -9,9 +9,13 @@ from callbacks.ema import find_ema
 
 
 class Export(Callback):
-    """Call ``pl_module.export(dirpath)`` at the end of ``fit``, on rank zero, inside the EMA swap."""
+    """Call ``pl_module.export(dirpath)`` at the end of ``fit``, on rank zero, inside the EMA swap.
 
-    def __init__(self, dirpath: str) -> None:
+    Without ``dirpath`` the module's ``export_dir`` hyperparameter is used, so an experiment that
+    overrides another changes one model key instead of the whole callback list.
+    """
+
+    def __init__(self, dirpath: str | None = None) -> None:
         self.dirpath = dirpath
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -23,7 +27,10 @@ class Export(Callback):
             self._export(trainer, pl_module)
 
     def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        dirpath = self.dirpath or getattr(pl_module.hparams, "export_dir", None)
+        if not dirpath:
+            raise ValueError("Export needs a dirpath, or a module with an export_dir hyperparameter")
         if trainer.is_global_zero:
-            path = pl_module.export(self.dirpath)
+            path = pl_module.export(dirpath)
             print(f"exported to {path}")
         trainer.strategy.barrier()

@@ -78,8 +78,10 @@ class LaionStream(IterableDataset):
         require_meta: bool = False,
         seed: int = 0,
         epoch: int = 0,
+        exclude: set[str] | frozenset[str] = frozenset(),
     ) -> None:
         super().__init__()
+        self.exclude = set(exclude)
         self.urls = expand_shards(shards)
         if not self.urls:
             raise ValueError(f"no shards match {shards!r}")
@@ -106,7 +108,9 @@ class LaionStream(IterableDataset):
                 f"{len(self.urls)} shards cannot be split over {world} ranks x {n_workers} workers: "
                 "some would read nothing. Use fewer workers or more (smaller) shards."
             )
-        yield from self.urls[rank::world][worker::n_workers]
+        mine = self.urls[rank::world][worker::n_workers]
+        # shards finished by an earlier run are skipped after the split, so the split stays the same
+        yield from (u for u in mine if u not in self.exclude)
 
     # -- decoding --------------------------------------------------------------------------
     def _skip(self, reason: str, detail: Any = "") -> None:
@@ -141,7 +145,8 @@ class LaionStream(IterableDataset):
                 meta = None
         if meta is None and self.require_meta:
             return self._skip("missing_meta", key)
-        sample = {"key": key, "caption": caption, "meta": meta}
+        # url + worker let a writer know when an input shard is complete (coupling generation)
+        sample = {"key": key, "caption": caption, "meta": meta, "url": raw.get("__url__"), "worker": self._worker}
         if not self.captions_only:
             data = next((raw[k] for k in IMAGE_KEYS if k in raw), None)
             if data is None:
@@ -154,6 +159,7 @@ class LaionStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         self._pending = 0
+        self._worker = pytorch_worker_info()[2]
         select = (lambda f: not f.lower().endswith(tuple("." + k for k in IMAGE_KEYS))) if self.captions_only else None
         files = self._expand(self._open(self._shard_urls()), select)
         samples = (s for s in (self._decode(r) for r in group_by_keys(files, handler=self._handler)) if s)
@@ -215,6 +221,8 @@ def collate(samples: list[dict]) -> dict:
         "caption": [s["caption"] for s in samples],
         "meta": [s["meta"] for s in samples],
         "skipped": sum(s["skipped"] for s in samples),
+        "url": [s.get("url") for s in samples],
+        "worker": [s.get("worker", 0) for s in samples],
     }
     if "pixel_values" in samples[0]:
         batch["pixel_values"] = torch.stack([s["pixel_values"] for s in samples])  # (B, 3, H, W)
@@ -257,6 +265,8 @@ class LaionDataModule(L.LightningDataModule):
         self.captions_only = captions_only
         self.require_meta = require_meta
         self.seed = seed
+        # input shards already done, per stage (set by e.g. the coupling writer on a rerun)
+        self.exclude_shards: dict[str, set[str]] = {}
 
     def stream(self, stage: str, **overrides) -> LaionStream:
         spec = self.shards[stage]
@@ -270,7 +280,7 @@ class LaionDataModule(L.LightningDataModule):
             epoch=self.trainer.global_step if self.trainer is not None else 0,
         )
         kw.update(overrides)
-        return LaionStream(spec, **kw)
+        return LaionStream(spec, exclude=self.exclude_shards.get(stage, set()), **kw)
 
     def _loader(self, stage: str, batch_size: int) -> DataLoader:
         return DataLoader(

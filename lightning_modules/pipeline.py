@@ -12,7 +12,12 @@ from lightning_modules import flows, models, sampling
 
 @dataclass
 class TextToImage:
-    """UNet + VAE + text encoder + how to integrate: ``kind`` is "ddpm" (DPM-Solver++) or "flow" (Euler)."""
+    """UNet + VAE + text encoder + how to integrate.
+
+    ``kind``: "ddpm" (a diffusion teacher: DPM-Solver++), "flow" (a rectified-flow UNet fed
+    1000 (1 - t): Euler) or "ddpm_velocity" (a diffusion UNet fine-tuned through the analytic
+    velocity conversion: Euler in flow time).
+    """
 
     unet: Any
     vae: Any
@@ -21,8 +26,12 @@ class TextToImage:
     kind: str = "ddpm"
 
     @classmethod
-    def from_pretrained(cls, pretrained: str, kind: str = "ddpm", text_cache_size: int = 0) -> "TextToImage":
-        """Load any diffusers SD-layout folder or hub id (the embedded teacher is one)."""
+    def from_pretrained(cls, pretrained: str, kind: str | None = None, text_cache_size: int = 0) -> "TextToImage":
+        """Load any diffusers SD-layout folder or hub id (the embedded teacher is one).
+
+        ``kind`` defaults to what the folder's components file says, else "ddpm" (an SD teacher).
+        """
+        kind = kind or models.component_sources(pretrained)["kind"]
         unet = models.load_unet(pretrained).eval().requires_grad_(False)
         return cls(unet=unet, vae=models.load_vae(pretrained),
                    text_encoder=models.load_text_encoder(pretrained, cache_size=text_cache_size),
@@ -36,18 +45,28 @@ class TextToImage:
 
     @torch.no_grad()
     def sample_latents(self, prompts: list[str], steps: int, guidance: float, seeds: list[int] | None = None,
-                       x0: torch.Tensor | None = None) -> torch.Tensor:
-        """x1 latents for ``prompts`` from seeded noise x0 (one seed per prompt)."""
+                       x0: torch.Tensor | None = None, states: tuple | None = None) -> torch.Tensor:
+        """x1 latents for ``prompts`` from seeded noise x0 (one seed per prompt); ``states`` =
+        precomputed (cond, uncond) text states, to time the UNet alone."""
         if x0 is None:
             x0 = sampling.seeded_noise(seeds, self.latent_shape)
         device = next(self.unet.parameters()).device
         x0 = x0.to(device)
-        cond = self.text_encoder(prompts)
-        uncond = self.text_encoder([""] * len(prompts)) if guidance > 1.0 else None
+        if states is None:
+            cond = self.text_encoder(prompts)
+            uncond = self.text_encoder([""] * len(prompts)) if guidance > 1.0 else None
+        else:
+            cond, uncond = states
         if self.kind == "ddpm":
             return sampling.sample_dpm_solver(self.unet, self.scheduler_config, x0, cond, uncond, guidance, steps)
-        v = models.RectifiedFlowVelocity(self.unet)
-        return flows.sample_euler(flows.guided(v, cond, uncond, guidance), x0, flows.time_grid(steps))
+        return flows.sample_euler(flows.guided(self.velocity(), cond, uncond, guidance), x0, flows.time_grid(steps))
+
+    def velocity(self) -> torch.nn.Module:
+        """The model as a velocity field v(x_t, t, states) in flow time, whatever its parameterization."""
+        if self.kind == "flow":
+            return models.RectifiedFlowVelocity(self.unet)
+        alphas = models.alphas_cumprod(self.scheduler_config)
+        return models.DiffusionVelocity(self.unet, alphas, self.scheduler_config.get("prediction_type", "epsilon"))
 
     @torch.no_grad()
     def sample(self, prompts: list[str], steps: int = 25, guidance: float = 1.0, seed: int = 0,

@@ -27,8 +27,13 @@ def dpm_solver_scheduler(scheduler_config: dict, steps: int):
 
 @torch.no_grad()
 def sample_dpm_solver(unet, scheduler_config: dict, x0: torch.Tensor, cond: torch.Tensor,
-                      uncond: torch.Tensor | None, guidance: float, steps: int) -> torch.Tensor:
-    """Solve a DDPM teacher's probability-flow ODE from x0 with DPM-Solver++ (Lu et al. 2022) and CFG."""
+                      uncond: torch.Tensor | None, guidance: float, steps: int,
+                      path: list | None = None) -> torch.Tensor:
+    """Solve a DDPM teacher's probability-flow ODE from x0 with DPM-Solver++ (Lu et al. 2022) and CFG.
+
+    ``path`` (optional) receives ``(t, x_t)`` after every step, mapped into flow time and flow
+    coordinates (t = 1 / (1 + sigma), x_t = x_s / (sqrt(ab) + sqrt(1 - ab))), for straightness.
+    """
     from lightning_modules.flows import cfg_combine
 
     sched = dpm_solver_scheduler(scheduler_config, steps)
@@ -42,6 +47,9 @@ def sample_dpm_solver(unet, scheduler_config: dict, x0: torch.Tensor, cond: torc
         if use_cfg:
             out = cfg_combine(*out.chunk(2), guidance)
         x = sched.step(out, t, x).prev_sample
+        if path is not None:
+            sigma = float(sched.sigmas[sched.step_index])  # noise level x is now at (VP: n / s)
+            path.append((1.0 / (1.0 + sigma), x * ((1 + sigma**2) ** 0.5 / (1 + sigma))))
     return x
 
 

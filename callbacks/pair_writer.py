@@ -1,0 +1,148 @@
+"""Write couplings (seed or x0, x1 latent, caption) as WebDataset shards, resumably.
+
+Output shard k holds exactly the samples of input shard k (same file name), written by the rank
+that read it, to a temporary name and renamed when complete, with ``{name}_stats.json`` last. A
+rerun excludes the input shards whose outputs are complete, so a killed job loses and duplicates
+nothing: a half-written shard is simply regenerated.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+import zlib
+from collections import defaultdict
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+
+def shard_name(url: str) -> str:
+    """Output file name of an input shard URL (``pipe:`` commands use their last token)."""
+    return os.path.basename(url.split()[-1]) if url.startswith("pipe:") else os.path.basename(url)
+
+
+def npy_bytes(x: torch.Tensor, dtype: str) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, x.to(torch.float32).numpy().astype(dtype))
+    return buf.getvalue()
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    import tarfile
+
+    tmp = path.with_name(path.name + ".tmp")
+    with tarfile.open(tmp, "w") as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(payload), 0
+            tar.addfile(info, io.BytesIO(payload))
+    os.replace(tmp, path)
+
+
+class CouplingWriter(BasePredictionWriter):
+    """Buffers predictions per input shard and writes a shard when its reader has moved on.
+
+    Each DataLoader worker reads its shards one after another, so when a worker's samples switch to
+    a new shard, its previous shard is complete; everything left is written at the end.
+    """
+
+    def __init__(self, output_dir: str, latent_dtype: str = "float16") -> None:
+        super().__init__(write_interval="batch")
+        self.output_dir = Path(output_dir)
+        self.latent_dtype = latent_dtype
+        self._buffers: dict[str, list[dict]] = defaultdict(list)
+        self._current: dict[int, str] = {}
+        self._names: dict[str, str] = {}
+
+    # -- resume ----------------------------------------------------------------------------
+    def is_done(self, url: str) -> bool:
+        return (self.output_dir / f"{Path(self.name_of(url)).stem}_stats.json").exists()
+
+    def name_of(self, url: str) -> str:
+        return self._names.get(url) or shard_name(url)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "predict":
+            return
+        from data.laion import expand_shards
+
+        dm = trainer.datamodule
+        urls = expand_shards(dm.shards["predict"])
+        names = [shard_name(u) for u in urls]
+        if len(set(names)) < len(names):  # same file names in several folders: disambiguate
+            names = [f"{zlib.crc32(u.encode()):08x}_{n}" for u, n in zip(urls, names)]
+        self._names = dict(zip(urls, names))
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        done = {u for u in urls if self.is_done(u)}
+        dm.exclude_shards["predict"] = done
+        self._total = len(urls)
+        self._skipped_done = len(done)
+        if trainer.is_global_zero:
+            print(f"couplings -> {self.output_dir}: {len(done)}/{len(urls)} shards already complete, skipped")
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        from tqdm.auto import tqdm
+
+        if trainer.is_global_zero:  # the model is configured by now
+            meta = pl_module.metadata() if hasattr(pl_module, "metadata") else {}
+            (self.output_dir / "generation.json").write_text(json.dumps(meta, indent=2))
+
+        self._t0, self._n, self._skips = time.time(), 0, 0
+        self._bar = tqdm(desc=f"couplings (rank {trainer.global_rank})", unit="pair",
+                         disable=not trainer.is_global_zero, mininterval=2)
+
+    # -- writing ---------------------------------------------------------------------------
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        n = len(prediction["key"])
+        for i in range(n):
+            url, worker = prediction["url"][i], prediction["worker"][i]
+            prev = self._current.get(worker)
+            if prev is not None and prev != url:
+                self._flush(prev)
+            self._current[worker] = url
+            self._buffers[url].append({k: (v[i] if isinstance(v, (list, torch.Tensor)) else v)
+                                       for k, v in prediction.items() if k not in ("skipped",)})
+        self._n += n
+        self._skips += int(prediction.get("skipped", 0))
+        rate = self._n / max(time.time() - self._t0, 1e-9)
+        self._bar.update(n)
+        self._bar.set_postfix(pairs_per_s=f"{rate:.1f}", skipped=self._skips)
+
+    def _flush(self, url: str) -> None:
+        samples = self._buffers.pop(url, [])
+        if not samples:
+            return
+        name = self.name_of(url)
+        members = []
+        for s in sorted(samples, key=lambda s: s["key"]):
+            key = s["key"]
+            members.append((f"{key}.txt", s["caption"].encode("utf-8")))
+            members.append((f"{key}.json", json.dumps({"key": key, "seed": int(s["seed"]), "caption": s["caption"],
+                                                       "source": url}).encode()))
+            members.append((f"{key}.x1.npy", npy_bytes(s["x1"], self.latent_dtype)))
+            if "x0" in s:
+                members.append((f"{key}.x0.npy", npy_bytes(s["x0"], "float32")))
+            if "text_states" in s:
+                members.append((f"{key}.states.npy", npy_bytes(s["text_states"], "float16")))
+        path = self.output_dir / name
+        write_tar(path, members)
+        stats = {"count": len(samples), "source": url, "written_at": time.time()}
+        tmp = self.output_dir / f"{Path(name).stem}_stats.json.tmp"
+        tmp.write_text(json.dumps(stats))
+        os.replace(tmp, self.output_dir / f"{Path(name).stem}_stats.json")  # marks the shard complete
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        for url in list(self._buffers):
+            self._flush(url)
+        self._current.clear()
+        self._bar.close()
+        if trainer.is_global_zero:
+            wall = time.time() - self._t0
+            print(f"wrote {self._n} couplings in {wall:.1f}s ({self._n / max(wall, 1e-9):.1f}/s) on rank 0; "
+                  f"{self._skips} input samples skipped")

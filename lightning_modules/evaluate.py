@@ -1,0 +1,170 @@
+"""Evaluate teacher, 2-RF and one-step students on one protocol and write the results table.
+
+    python -m lightning_modules.evaluate --out runs/embedded/results   # after make train-reflow's stages
+
+Every model is sampled from the same noises (seeds 0..n-1) and the same test prompts; FID uses
+the embedded evaluator's features against real test images [n, 2n) with a bootstrap interval;
+alignment is the evaluator's exact-match rate; straightness is measured along each model's own
+path in rectified-flow time (finite differences of its solver's states), with and without its
+first step, beside the path-length ratio (1.0 = straight); latency is end to end per image
+(text encoding, UNet evaluations, VAE decoding), the median of repeated rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lightning_modules import flows, sampling
+from lightning_modules.pipeline import TextToImage
+
+
+@dataclass
+class Row:
+    name: str
+    label: str
+    model: str
+    steps: int
+    guidance: float
+
+
+DEFAULT_ROWS = [
+    Row("teacher_25", "teacher (DPM-Solver++)", "assets/embedded-sd", 25, 3.0),
+    Row("rf2_25", "2-RF (Euler)", "runs/embedded/models/rf2", 25, 1.5),
+    Row("rf2_1", "2-RF (one step)", "runs/embedded/models/rf2", 1, 1.0),
+    Row("instaflow_1", "InstaFlow (2-RF + distillation)", "runs/embedded/models/instaflow", 1, 1.0),
+    Row("direct_1", "direct distillation (teacher init)", "runs/embedded/models/direct", 1, 1.0),
+    Row("direct_rfinit_1", "direct distillation, 2-RF init (control)", "runs/embedded/models/direct_rfinit", 1, 1.0),
+]
+
+
+@torch.no_grad()
+def path_metrics(model: TextToImage, prompts: list[str], steps: int, guidance: float, seeds: list[int]) -> dict:
+    """Straightness S (with and without the first step) and path-length ratio along the model's own path."""
+    x0 = sampling.seeded_noise(seeds, model.latent_shape)
+    cond = model.text_encoder(prompts)
+    uncond = model.text_encoder([""] * len(prompts)) if guidance > 1.0 else None
+    path: list = [(0.0, x0)]
+    if model.kind == "ddpm":
+        sampling.sample_dpm_solver(model.unet, model.scheduler_config, x0, cond, uncond, guidance, steps, path=path)
+    else:
+        traj: list = []
+        x = flows.sample_euler(flows.guided(model.velocity(), cond, uncond, guidance), x0, flows.time_grid(steps), traj)
+        path += [(t + dt, None) for t, dt, _ in traj]
+        path[-1] = (1.0, x)
+        # Euler's finite differences are its velocities
+        segs = [(t, dt, v) for t, dt, v in traj]
+        return _summary(x0, x, segs)
+    x1 = path[-1][1]
+    segs = [(t0, t1 - t0, (xb - xa) / (t1 - t0)) for (t0, xa), (t1, xb) in zip(path[:-1], path[1:]) if t1 > t0]
+    return _summary(x0, x1, segs)
+
+
+def _summary(x0: torch.Tensor, x1: torch.Tensor, segs: list) -> dict:
+    s = flows.straightness(x0, x1, segs).mean().item()
+    s_wo = flows.straightness(x0, x1, segs[1:]).mean().item() if len(segs) > 1 else None
+    ratio = flows.path_length_ratio(x0, x1, segs).mean().item()
+    return {"straightness": s, "straightness_wo_first": s_wo, "path_length_ratio": ratio}
+
+
+@torch.no_grad()
+def latency(model: TextToImage, prompt: str, steps: int, guidance: float, batch_size: int, rounds: int) -> dict:
+    """Median seconds per image over ``rounds``: end to end, and UNet evaluations only."""
+    prompts = [prompt] * batch_size
+    seeds = list(range(batch_size))
+    model.sample(prompts, steps, guidance, seed=0)  # warm-up
+    e2e, unet = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        model.sample(prompts, steps, guidance, seed=0, batch_size=batch_size)
+        e2e.append((time.perf_counter() - t0) / batch_size)
+        x0 = sampling.seeded_noise(seeds, model.latent_shape)
+        cond = model.text_encoder(prompts)
+        uncond = model.text_encoder([""] * batch_size) if guidance > 1.0 else None
+        t0 = time.perf_counter()
+        model.sample_latents(prompts, steps, guidance, x0=x0, states=(cond, uncond))
+        unet.append((time.perf_counter() - t0) / batch_size)
+    return {"latency_s": statistics.median(e2e), "latency_unet_s": statistics.median(unet)}
+
+
+def nfe(row: Row) -> int:
+    """UNet evaluations per image: one per step (DPM-Solver++(2M) and Euler), doubled under guidance."""
+    return row.steps * (2 if row.guidance > 1.0 else 1)
+
+
+def to_markdown(results: dict) -> str:
+    lines = ["| model | steps | w | FID (95% CI) | alignment | straightness (w/o 1st) | path ratio | NFE | latency/img (UNet) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results["rows"].items():
+        if r.get("missing"):
+            lines.append(f"| {r['label']} | | | not run ({r['missing']}) | | | | | |")
+            continue
+        st = "n/a" if r["straightness"] is None else f"{r['straightness']:.4f} ({r['straightness_wo_first'] or 0:.4f})"
+        pr = "n/a" if r["path_length_ratio"] is None else f"{r['path_length_ratio']:.3f}"
+        lines.append(
+            f"| {r['label']} | {r['steps']} | {r['guidance']:g} | {r['fid']:.2f} ({r['fid_low']:.2f}-{r['fid_high']:.2f}) "
+            f"| {100 * r['alignment']:.1f}% | {st} | {pr} | {r['nfe']} | {1000 * r['latency_s']:.1f} ms "
+            f"({1000 * r['latency_unet_s']:.1f} ms) |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from lightning_modules.evaluate_floors import eval_protocol, score_images
+    from lightning_modules.evaluator import load_evaluator
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--evaluator", default="assets/embedded-evaluator")
+    p.add_argument("--test", default="runs/data/shapes/test/{00000..00003}.tar")
+    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--rows", default=None, help="JSON list of {name,label,model,steps,guidance}; default: the six rows")
+    p.add_argument("--straightness-n", type=int, default=256)
+    p.add_argument("--latency-batch", type=int, default=1)
+    p.add_argument("--latency-rounds", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--out", default="runs/embedded/results")
+    a = p.parse_args(argv)
+
+    rows = [Row(**r) for r in json.loads(Path(a.rows).read_text())] if a.rows else DEFAULT_ROWS
+    evaluator = load_evaluator(a.evaluator)
+    proto = eval_protocol(a.test, a.n, evaluator)
+    captions, scenes = proto["captions"], proto["scenes"]
+    out_dir = Path(a.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = {"protocol": {
+        "prompts": f"first {a.n} test captions (sorted by key) of {a.test}", "noise_seeds": f"0..{a.n - 1}, same for every row",
+        "fid": f"clean-fid Frechet distance on embedded-evaluator features ({a.evaluator}) vs real test images [{a.n}, {2 * a.n}); 95% bootstrap CI",
+        "alignment": "share of images whose predicted scene (cells, shapes, colours, background) matches the prompt",
+        "straightness": f"S = sum dt ||(x1 - x0) - v||^2 (mean over elements) along the model's own solver path in flow time, {a.straightness_n} prompts",
+        "latency": f"median of {a.latency_rounds} rounds, batch {a.latency_batch}, end to end on this machine ({torch.get_num_threads()} threads); UNet-only beside it",
+    }, "rows": {}}
+    for row in rows:
+        if not Path(row.model).exists() and not row.model.count("/") == 1:
+            results["rows"][row.name] = {"label": row.label, "missing": f"{row.model} not found"}
+            continue
+        model = TextToImage.from_pretrained(row.model)
+        t0 = time.time()
+        images = model.sample(captions, row.steps, row.guidance, seed=0, batch_size=a.batch_size)
+        score = score_images(images, scenes, proto["ref_features"], evaluator)
+        n_s = min(a.straightness_n, len(captions))
+        pm = path_metrics(model, captions[:n_s], row.steps, row.guidance, list(range(n_s))) if row.steps > 1 \
+            else {"straightness": None, "straightness_wo_first": None, "path_length_ratio": None}
+        lat = latency(model, captions[0], row.steps, row.guidance, a.latency_batch, a.latency_rounds)
+        results["rows"][row.name] = {"label": row.label, "model": row.model, "steps": row.steps,
+                                     "guidance": row.guidance, "nfe": nfe(row), **score, **pm, **lat,
+                                     "eval_wall_s": round(time.time() - t0, 1)}
+        print(f"{row.name}: FID {score['fid']:.2f} alignment {score['alignment']:.3f} {pm} {lat}", flush=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    table = to_markdown(results)
+    (out_dir / "results.md").write_text(table + "\n")
+    print(table)
+    return results
+
+
+if __name__ == "__main__":
+    main()

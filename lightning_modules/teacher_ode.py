@@ -1,0 +1,84 @@
+"""Stage 1 (and the 2-RF's coupling stage): solve a model's ODE from seeded noise, keep (x0, x1, prompt).
+
+Run through ``trainer.predict``; the ``callbacks.pair_writer.CouplingWriter`` callback writes the
+couplings as WebDataset shards. The noise of each sample comes from its own seed on a CPU
+generator, so a coupling can store the seed instead of the noise and any machine regenerates it.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import lightning as L
+import torch
+
+from lightning_modules import flows, models, sampling
+from lightning_modules.pipeline import TextToImage
+
+
+def sample_seed(key: str, base_seed: int) -> int:
+    """A per-sample noise seed from the sample key: stable across machines, ranks and reruns."""
+    return zlib.crc32(f"{base_seed}/{key}".encode()) & 0x7FFFFFFF
+
+
+class CouplingGeneration(L.LightningModule):
+    """Teacher ODE solving: prompts in, couplings out (no training).
+
+    Args:
+        model: pipeline folder or hub id of the model whose ODE is solved.
+        kind: "ddpm" for SD-style teachers (DPM-Solver++ through diffusers' scheduler) or "flow"
+            for rectified-flow models (our Euler/Heun, timestep 1000 (1 - t)).
+        solver: "dpm_solver++" (ddpm) or "euler" / "heun" (flow).
+        steps, guidance: ODE steps and classifier-free guidance (out_u + w (out_c - out_u), w > 1).
+        base_seed: noise seeds are crc32("{base_seed}/{key}").
+        store_noise: also write x0 itself (it can always be regenerated from the seed).
+        store_text_states: also write the text encoder's token states (saves encoding later).
+        latent_dtype: "float16" or "float32" for the stored latents (numpy has no bf16).
+    """
+
+    def __init__(self, model: str, kind: str = "ddpm", solver: str = "dpm_solver++", steps: int = 25,
+                 guidance: float = 5.0, base_seed: int = 0, store_noise: bool = False,
+                 store_text_states: bool = False, latent_dtype: str = "float16") -> None:
+        super().__init__()
+        if kind not in ("ddpm", "flow"):
+            raise ValueError(f"kind must be 'ddpm' or 'flow', got {kind!r}")
+        valid = ("dpm_solver++",) if kind == "ddpm" else ("euler", "heun")
+        if solver not in valid:
+            raise ValueError(f"solver {solver!r} does not fit kind {kind!r}; choose one of {valid}")
+        self.save_hyperparameters()
+        self.pipe: TextToImage | None = None
+
+    def configure_model(self) -> None:
+        if self.pipe is None:
+            self.pipe = TextToImage.from_pretrained(self.hparams.model, kind=self.hparams.kind)
+            self.pipe.unet.to(self.device)
+
+    def metadata(self) -> dict:
+        """What produced the couplings; written next to them (formula and w included, see PITFALLS.md)."""
+        h = self.hparams
+        return {"model": h.model, "kind": h.kind, "solver": h.solver, "steps": h.steps, "guidance": h.guidance,
+                "guidance_formula": "out_u + w * (out_c - out_u), applied when w > 1", "base_seed": h.base_seed,
+                "seed_rule": "crc32(f'{base_seed}/{key}') & 0x7FFFFFFF; x0 = randn(latent_shape, CPU generator)",
+                "latent_shape": list(self.pipe.latent_shape), "time_convention": "t=0 noise, t=1 data"}
+
+    @torch.no_grad()
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        h = self.hparams
+        seeds = [sample_seed(k, h.base_seed) for k in batch["key"]]
+        x0 = sampling.seeded_noise(seeds, self.pipe.latent_shape).to(self.device)  # (B, 4, h, w)
+        cond = self.pipe.text_encoder(batch["caption"])
+        uncond = self.pipe.text_encoder([""] * len(seeds)) if h.guidance > 1.0 else None
+        if h.kind == "ddpm":
+            x1 = sampling.sample_dpm_solver(self.pipe.unet, self.pipe.scheduler_config, x0, cond, uncond,
+                                            h.guidance, h.steps)
+        else:
+            v_fn = flows.guided(models.RectifiedFlowVelocity(self.pipe.unet), cond, uncond, h.guidance)
+            solve = flows.sample_euler if h.solver == "euler" else flows.sample_heun
+            x1 = solve(v_fn, x0, flows.time_grid(h.steps))
+        out = {"key": batch["key"], "caption": batch["caption"], "url": batch["url"], "worker": batch["worker"],
+               "seed": seeds, "x1": x1.cpu(), "skipped": batch["skipped"]}
+        if h.store_noise:
+            out["x0"] = x0.cpu()
+        if h.store_text_states:
+            out["text_states"] = cond.cpu()
+        return out

@@ -1,0 +1,146 @@
+"""The three InstaFlow stages end to end on tiny models, and resumable coupling generation."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT
+
+BASE = str(ROOT / "experiments" / "base" / "default.yaml")
+EMB = ROOT / "experiments" / "embedded"
+
+
+def cli(args: list[str]):
+    from lightning_modules.cli import main
+
+    return main(args, run=True)
+
+
+def tiny_yaml(src: str, tmp_path: Path, model: dict, data: dict, trainer: dict | None = None,
+              writer_dir: Path | None = None) -> str:
+    """A copy of an embedded experiment pointed at tiny models, tiny shards and tmp folders."""
+    cfg = yaml.safe_load((EMB / src).read_text())
+    if isinstance(cfg["trainer"].get("logger"), dict):
+        cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "runs")
+    for cb in cfg["trainer"]["callbacks"]:
+        name = cb["class_path"].rsplit(".", 1)[1]
+        if name == "CouplingWriter":
+            cb["init_args"]["output_dir"] = str(writer_dir)
+        if name == "ModelCheckpoint":
+            cb["init_args"]["dirpath"] = str(tmp_path / "ckpt" / src)
+        if name == "ImageGrid":
+            cb["init_args"]["prompts"] = cb["init_args"]["prompts"][:2]
+    cfg["trainer"].update(trainer or {})
+    cfg["model"]["init_args"].update(model)
+    cfg["data"]["init_args"].update(data)
+    out = tmp_path / f"tiny_{src}"
+    out.write_text(yaml.safe_dump(cfg))
+    return str(out)
+
+
+def read_pairs(folder: Path) -> dict[str, dict]:
+    out = {}
+    for shard in sorted(folder.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for m in tar.getmembers():
+                key, ext = m.name.split(".", 1)
+                out.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return out
+
+
+def scalars(logdir: Path, tag: str) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(logdir))
+    ea.Reload()
+    return [e.value for e in ea.Scalars(tag)]
+
+
+def gen_pairs(tmp_path, tiny_world, model: str, out: Path, src: str = "pairs_teacher.yaml", **model_kw) -> None:
+    kw = {"model": model, "steps": 3, **model_kw}
+    cli(["predict", "-c", BASE, "-c", tiny_yaml(src, tmp_path, kw, {
+        "predict": tiny_world.train, "resolution": 16, "eval_batch_size": 8, "num_workers": 0}, writer_dir=out)])
+
+
+def test_coupling_generation_writes_every_key_once_and_regenerates_noise(tiny_world, tiny_sd_folder, tmp_path):
+    from lightning_modules.sampling import seeded_noise
+    from lightning_modules.teacher_ode import sample_seed
+
+    out = tmp_path / "pairs"
+    gen_pairs(tmp_path, tiny_world, str(tiny_sd_folder), out, store_noise=True)
+    pairs = read_pairs(out)
+    assert len(pairs) == 64 and sorted(out.glob("*.tar")) == [out / f"{i:05d}.tar" for i in range(4)]
+    assert len(list(out.glob("*_stats.json"))) == 4 and not list(out.glob("*.tmp"))
+    meta = json.loads((out / "generation.json").read_text())
+    assert meta["steps"] == 3 and meta["guidance"] == 3.0 and "w * (out_c - out_u)" in meta["guidance_formula"]
+    for key, files in list(pairs.items())[:5]:
+        info = json.loads(files["json"])
+        assert info["seed"] == sample_seed(key, 0)
+        x0 = np.load(io.BytesIO(files["x0.npy"]))
+        assert np.allclose(x0, seeded_noise([info["seed"]], (4, 8, 8))[0].numpy())
+        x1 = np.load(io.BytesIO(files["x1.npy"]))
+        assert x1.shape == (4, 8, 8) and x1.dtype == np.float16 and np.isfinite(x1).all()
+
+
+def test_killed_coupling_generation_resumes_without_loss_or_duplicates(tiny_world, tiny_sd_folder, tmp_path):
+    """Simulate a kill: one shard complete, one half-written (.tmp), two missing; rerun fills exactly the gaps."""
+    out = tmp_path / "pairs"
+    gen_pairs(tmp_path, tiny_world, str(tiny_sd_folder), out)
+    full = read_pairs(out)
+    keep = (out / "00001.tar").stat().st_mtime_ns
+    for i in (0, 2, 3):
+        (out / f"{i:05d}_stats.json").unlink()  # the writer dies before marking these complete
+    (out / "00002.tar").rename(out / "00002.tar.tmp")  # and mid-way through this one
+    (out / "00003.tar").unlink()
+    gen_pairs(tmp_path, tiny_world, str(tiny_sd_folder), out)
+    again = read_pairs(out)
+    assert sorted(again) == sorted(full)  # every key, once (keys are unique per dict; count members too)
+    assert sum(1 for _ in out.glob("*.tar")) == 4 and not list(out.glob("*.tmp"))
+    assert (out / "00001.tar").stat().st_mtime_ns == keep  # the complete shard was skipped
+    for key in full:  # deterministic: regenerated couplings are identical
+        assert full[key]["x1.npy"] == again[key]["x1.npy"]
+
+
+def test_instaflow_chain_on_tiny_models(tiny_world, tiny_sd_folder, tmp_path):
+    """teacher couplings -> reflow -> 2-RF couplings -> distillation (+ direct, + control): files and losses."""
+    from data.pairs import CouplingDataModule
+    from lightning_modules.pipeline import TextToImage
+
+    models, runs = tmp_path / "models", tmp_path / "runs"
+    gen_pairs(tmp_path, tiny_world, str(tiny_sd_folder), tmp_path / "pairs_teacher")
+    train = {"max_steps": 40, "val_check_interval": 20, "limit_val_batches": 1, "log_every_n_steps": 2}
+    pdata = {"batch_size": 16, "num_workers": 0, "shuffle_buffer": 32}
+    cli(["fit", "-c", BASE, "-c", tiny_yaml("reflow.yaml", tmp_path, {
+        "init": str(tiny_sd_folder), "export_dir": str(models / "rf2"), "lr": 2e-3, "warmup_steps": 1, "grid_steps": [1, 3]},
+        {**pdata, "train": str(tmp_path / "pairs_teacher"), "val": str(tmp_path / "pairs_teacher")}, train)])
+    rf2 = TextToImage.from_pretrained(str(models / "rf2"))
+    assert rf2.kind == "flow"
+    loss = scalars(next((runs / "reflow").glob("version_*")), "train/loss")
+    assert np.mean(loss[-5:]) < np.mean(loss[:5]), loss
+
+    gen_pairs(tmp_path, tiny_world, str(models / "rf2"), tmp_path / "pairs_rf2", src="pairs_rf2.yaml")
+    assert len(read_pairs(tmp_path / "pairs_rf2")) == 64
+    distill = [("distill.yaml", str(models / "rf2"), "flow", "pairs_rf2", "instaflow"),
+               ("distill.yaml", str(tiny_sd_folder), "raw", "pairs_teacher", "direct"),
+               ("distill.yaml", str(models / "rf2"), "flow", "pairs_teacher", "direct_rfinit")]
+    for src, init, param, pairs, name in distill:
+        cfg = tiny_yaml(src, tmp_path, {"init": init, "parameterization": param, "export_dir": str(models / name),
+                                        "lr": 2e-3, "warmup_steps": 1},
+                        {**pdata, "train": str(tmp_path / pairs), "val": str(tmp_path / pairs)},
+                        {**train, "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                                             "init_args": {"save_dir": str(runs), "name": name}}})
+        cli(["fit", "-c", BASE, "-c", cfg])
+        loss = scalars(next((runs / name).glob("version_*")), "train/loss")
+        assert np.mean(loss[-5:]) < np.mean(loss[:5]), (name, loss)
+        student = TextToImage.from_pretrained(str(models / name))
+        img = student.sample(["a red circle in the center on a white background"], steps=1, guidance=1.0)
+        assert img.shape == (1, 3, 16, 16)
+    assert list((tmp_path / "ckpt" / "reflow.yaml").glob("*.ckpt"))
