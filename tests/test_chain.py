@@ -38,6 +38,7 @@ def tiny_yaml(src: str, tmp_path: Path, model: dict, data: dict, trainer: dict |
             cb["init_args"]["dirpath"] = str(tmp_path / "ckpt" / src)
         if name == "ImageGrid":
             cb["init_args"]["prompts"] = cb["init_args"]["prompts"][:2]
+    cfg["trainer"]["default_root_dir"] = str(tmp_path / "root")
     cfg["trainer"].update(trainer or {})
     cfg["model"]["init_args"].update(model)
     cfg["data"]["init_args"].update(data)
