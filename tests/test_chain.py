@@ -145,3 +145,23 @@ def test_instaflow_chain_on_tiny_models(tiny_world, tiny_sd_folder, tmp_path):
         img = student.sample(["a red circle in the center on a white background"], steps=1, guidance=1.0)
         assert img.shape == (1, 3, 16, 16)
     assert list((tmp_path / "ckpt" / "reflow.yaml").glob("*.ckpt"))
+
+
+def test_path_metrics_and_results_table(tiny_sd_folder):
+    """Straightness along each model's own path (DPM-Solver++ for DDPM teachers, Euler for flows) and the table."""
+    from lightning_modules import evaluate
+    from lightning_modules.pipeline import TextToImage
+
+    prompts = ["a red circle in the center on a white background"] * 3
+    for kind in ("ddpm", "flow"):
+        model = TextToImage.from_pretrained(str(tiny_sd_folder), kind=kind)
+        m = evaluate.path_metrics(model, prompts, steps=4, guidance=2.0, seeds=[0, 1, 2])
+        assert m["straightness"] > 0 and m["path_length_ratio"] >= 1.0 - 1e-6
+        assert m["straightness_wo_first"] is not None
+    row = {"label": "x", "steps": 1, "guidance": 1.0, "fid": 1.0, "fid_low": 0.9, "fid_high": 1.1, "alignment": 0.5,
+           "straightness": None, "straightness_wo_first": None, "path_length_ratio": None, "nfe": 1,
+           "latency_s": 0.01, "latency_unet_s": 0.005}
+    table = evaluate.to_markdown({"rows": {"a": row, "b": {"label": "y", "missing": "not found"}}})
+    assert "| x | 1 | 1 | 1.00 (0.90-1.10) | 50.0% | n/a | n/a | 1 | 10.0 ms (5.0 ms) |" in table
+    assert "not run (not found)" in table
+    assert evaluate.nfe(evaluate.Row("t", "t", "m", 25, 3.0)) == 50
