@@ -24,6 +24,7 @@ class TextToImage:
     text_encoder: models.TextEncoder
     scheduler_config: dict
     kind: str = "ddpm"
+    bf16: bool = False  # bf16 autocast for the UNet (CPUs with AVX512-BF16/AMX and GPUs); latents stay fp32
 
     @classmethod
     def from_pretrained(cls, pretrained: str, kind: str | None = None, text_cache_size: int = 0) -> "TextToImage":
@@ -57,6 +58,10 @@ class TextToImage:
             uncond = self.text_encoder([""] * len(prompts)) if guidance > 1.0 else None
         else:
             cond, uncond = states
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return self._solve(x0, cond, uncond, steps, guidance).float()
+
+    def _solve(self, x0, cond, uncond, steps: int, guidance: float) -> torch.Tensor:
         if self.kind == "ddpm":
             return sampling.sample_dpm_solver(self.unet, self.scheduler_config, x0, cond, uncond, guidance, steps)
         return flows.sample_euler(flows.guided(self.velocity(), cond, uncond, guidance), x0, flows.time_grid(steps))

@@ -34,11 +34,12 @@ class CouplingGeneration(L.LightningModule):
         store_noise: also write x0 itself (it can always be regenerated from the seed).
         store_text_states: also write the text encoder's token states (saves encoding later).
         latent_dtype: "float16" or "float32" for the stored latents (numpy has no bf16).
+        bf16: bf16 autocast for the UNet evaluations (the ODE state stays fp32).
     """
 
     def __init__(self, model: str, kind: str = "ddpm", solver: str = "dpm_solver++", steps: int = 25,
                  guidance: float = 5.0, base_seed: int = 0, store_noise: bool = False,
-                 store_text_states: bool = False, latent_dtype: str = "float16") -> None:
+                 store_text_states: bool = False, latent_dtype: str = "float16", bf16: bool = False) -> None:
         super().__init__()
         if kind not in ("ddpm", "flow"):
             raise ValueError(f"kind must be 'ddpm' or 'flow', got {kind!r}")
@@ -68,13 +69,15 @@ class CouplingGeneration(L.LightningModule):
         x0 = sampling.seeded_noise(seeds, self.pipe.latent_shape).to(self.device)  # (B, 4, h, w)
         cond = self.pipe.text_encoder(batch["caption"])
         uncond = self.pipe.text_encoder([""] * len(seeds)) if h.guidance > 1.0 else None
-        if h.kind == "ddpm":
-            x1 = sampling.sample_dpm_solver(self.pipe.unet, self.pipe.scheduler_config, x0, cond, uncond,
-                                            h.guidance, h.steps)
-        else:
-            v_fn = flows.guided(models.RectifiedFlowVelocity(self.pipe.unet), cond, uncond, h.guidance)
-            solve = flows.sample_euler if h.solver == "euler" else flows.sample_heun
-            x1 = solve(v_fn, x0, flows.time_grid(h.steps))
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=h.bf16):
+            if h.kind == "ddpm":
+                x1 = sampling.sample_dpm_solver(self.pipe.unet, self.pipe.scheduler_config, x0, cond, uncond,
+                                                h.guidance, h.steps)
+            else:
+                v_fn = flows.guided(models.RectifiedFlowVelocity(self.pipe.unet), cond, uncond, h.guidance)
+                solve = flows.sample_euler if h.solver == "euler" else flows.sample_heun
+                x1 = solve(v_fn, x0, flows.time_grid(h.steps))
+        x1 = x1.float()
         out = {"key": batch["key"], "caption": batch["caption"], "url": batch["url"], "worker": batch["worker"],
                "seed": seeds, "x1": x1.cpu(), "skipped": batch["skipped"]}
         if h.store_noise:
