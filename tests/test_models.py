@@ -181,3 +181,22 @@ def test_sample_dpm_solver_with_and_without_guidance(tiny_sd_components):
 
     sched = sampling.dpm_solver_scheduler(cfg, steps)
     assert int(sched.timesteps[0]) == 999 and len(sched.timesteps) == steps  # trailing spacing
+
+
+def test_committed_embedded_teacher_loads_through_the_generic_path():
+    """assets/embedded-sd is an SD-layout diffusers folder; the real MiniLM comes from its package."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from lightning_modules.pipeline import TextToImage
+
+    root = Path(__file__).resolve().parents[1] / "assets" / "embedded-sd"
+    model = TextToImage.from_pretrained(str(root))
+    assert isinstance(model.unet, UNet2DConditionModel) and isinstance(model.vae, AutoencoderKL)
+    assert model.kind == "ddpm" and model.latent_shape == (4, 8, 8)
+    assert model.text_encoder.hidden_size == 384 == model.unet.config.cross_attention_dim
+    assert model.scheduler_config["beta_schedule"] == "scaled_linear"
+    images = model.sample(["a large red circle in the center on a white background"], steps=4, guidance=3.0)
+    assert images.shape == (1, 3, 32, 32)
+    centre, corner = images[0, :, 14:18, 14:18].mean((1, 2)), images[0, :, :3, :3].mean((1, 2))
+    assert corner.min() > 0.8  # white background
+    assert centre[0] > centre[1] + 0.2 and centre[0] > centre[2] + 0.2  # a red object in the centre
