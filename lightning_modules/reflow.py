@@ -15,6 +15,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from lightning_modules.optim import adamw_with_warmup
 from lightning_modules import flows, losses, models, sampling
 from lightning_modules.teacher_train import drop_captions
 
@@ -103,10 +104,8 @@ class FlowStudent(L.LightningModule):
         return out
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.unet.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        warm = max(1, self.hparams.warmup_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        h = self.hparams
+        return adamw_with_warmup(self.unet.parameters(), h.lr, h.weight_decay, h.warmup_steps)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         sd = checkpoint["state_dict"]

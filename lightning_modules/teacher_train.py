@@ -12,6 +12,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from lightning_modules.optim import adamw_with_warmup
 from lightning_modules import models, sampling
 
 SD_SCHEDULE = {
@@ -121,10 +122,8 @@ class DiffusionTraining(L.LightningModule):
             del sd[k]
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.unet.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        warm = max(1, self.hparams.warmup_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        h = self.hparams
+        return adamw_with_warmup(self.unet.parameters(), h.lr, h.weight_decay, h.warmup_steps)
 
     def export(self, dirpath: str) -> Path:
         """Write a diffusers pipeline folder; the text encoder is referenced, not copied."""
