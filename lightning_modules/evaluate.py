@@ -50,17 +50,12 @@ def path_metrics(model: TextToImage, prompts: list[str], steps: int, guidance: f
     x0 = sampling.seeded_noise(seeds, model.latent_shape)
     cond = model.text_encoder(prompts)
     uncond = model.text_encoder([""] * len(prompts)) if guidance > 1.0 else None
-    path: list = [(0.0, x0)]
-    if model.kind == "ddpm":
-        sampling.sample_dpm_solver(model.unet, model.scheduler_config, x0, cond, uncond, guidance, steps, path=path)
-    else:
+    if model.kind != "ddpm":  # Euler's finite differences are the velocities it used
         traj: list = []
-        x = flows.sample_euler(flows.guided(model.velocity(), cond, uncond, guidance), x0, flows.time_grid(steps), traj)
-        path += [(t + dt, None) for t, dt, _ in traj]
-        path[-1] = (1.0, x)
-        # Euler's finite differences are its velocities
-        segs = [(t, dt, v) for t, dt, v in traj]
-        return _summary(x0, x, segs)
+        x1 = flows.sample_euler(flows.guided(model.velocity(), cond, uncond, guidance), x0, flows.time_grid(steps), traj)
+        return _summary(x0, x1, traj)
+    path: list = [(0.0, x0)]
+    sampling.sample_dpm_solver(model.unet, model.scheduler_config, x0, cond, uncond, guidance, steps, path=path)
     x1 = path[-1][1]
     segs = [(t0, t1 - t0, (xb - xa) / (t1 - t0)) for (t0, xa), (t1, xb) in zip(path[:-1], path[1:]) if t1 > t0]
     return _summary(x0, x1, segs)
