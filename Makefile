@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
 .PHONY: help venv data train-vae train-teacher-unet train-teacher train-evaluator eval-teacher floors \
-        gen-pairs train-2rf train-distill eval train-reflow test test-full tensorboard clean
+        gen-pairs train-2rf train-distill eval generate train-reflow test test-full tensorboard clean
 
 help: ## list every target with one line each
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-20s\033[0m %s\n", $$1, $$2}'
@@ -27,8 +27,9 @@ venv: $(VENV)/.installed ## create .venv with the pinned dependencies (every oth
 data: $(VENV)/.installed ## write the embedded world's LAION-layout shards (train 40k / val 2k / test 4k) to runs/data
 	$(PY) -m data.shapes --out $(DATA)
 
-train-vae: data ## embedded teacher, part 1: train the AutoencoderKL (32x32 RGB -> 8x8x4)
+train-vae: data ## embedded teacher, part 1: train the AutoencoderKL (32x32 RGB -> 8x8x4), then its decoder alone
 	$(CLI) fit -c $(BASE) -c experiments/embedded/vae.yaml
+	$(CLI) fit -c $(BASE) -c experiments/embedded/vae_decoder.yaml
 
 train-teacher-unet: data ## embedded teacher, part 2: train the epsilon UNet on the VAE of part 1; exports assets/embedded-sd
 	$(CLI) fit -c $(BASE) -c experiments/embedded/teacher.yaml
@@ -51,25 +52,35 @@ EMB := experiments/embedded
 MODELS := runs/embedded/models
 PAIRS := runs/embedded/pairs
 FIT = $(CLI) fit -c $(BASE)
+# records each stage's wall time in runs/embedded/timings/<stage>.json (read by the results table)
+TIMED = $(PY) -m lightning_modules.timed runs/embedded/timings
 
 $(PAIRS)/teacher/.done: | data
-	$(CLI) predict -c $(BASE) -c $(EMB)/pairs_teacher.yaml && touch $@
+	$(TIMED) pairs_teacher -- $(CLI) predict -c $(BASE) -c $(EMB)/pairs_teacher.yaml && touch $@
 $(MODELS)/rf2/model_index.json: $(PAIRS)/teacher/.done
-	$(FIT) -c $(EMB)/reflow.yaml
+	$(TIMED) reflow -- $(FIT) -c $(EMB)/reflow.yaml
 $(PAIRS)/rf2/.done: $(MODELS)/rf2/model_index.json
-	$(CLI) predict -c $(BASE) -c $(EMB)/pairs_rf2.yaml && touch $@
+	$(TIMED) pairs_rf2 -- $(CLI) predict -c $(BASE) -c $(EMB)/pairs_rf2.yaml && touch $@
 $(MODELS)/instaflow/model_index.json: $(PAIRS)/rf2/.done
-	$(FIT) -c $(EMB)/distill.yaml
+	$(TIMED) distill_instaflow -- $(FIT) -c $(EMB)/distill.yaml
 $(MODELS)/direct/model_index.json: $(PAIRS)/teacher/.done
-	$(FIT) -c $(EMB)/distill.yaml -c $(EMB)/distill_direct.yaml
+	$(TIMED) distill_direct -- $(FIT) -c $(EMB)/distill.yaml -c $(EMB)/distill_direct.yaml
 $(MODELS)/direct_rfinit/model_index.json: $(PAIRS)/teacher/.done $(MODELS)/rf2/model_index.json
-	$(FIT) -c $(EMB)/distill.yaml -c $(EMB)/distill_direct_rfinit.yaml
+	$(TIMED) distill_direct_rfinit -- $(FIT) -c $(EMB)/distill.yaml -c $(EMB)/distill_direct_rfinit.yaml
 
 gen-pairs: $(PAIRS)/teacher/.done ## stage 1: teacher ODE couplings (25-step DPM-Solver++, w=3) for train prompts
 train-2rf: $(MODELS)/rf2/model_index.json ## stage 2: reflow from the teacher's weights -> the 2-RF
 train-distill: $(MODELS)/instaflow/model_index.json $(MODELS)/direct/model_index.json $(MODELS)/direct_rfinit/model_index.json ## stage 3: 2-RF couplings, one-step InstaFlow, direct distillation and its control
 eval: $(VENV)/.installed ## evaluate every model on the test protocol; writes runs/embedded/results/results.{md,json}
-	$(PY) -m lightning_modules.evaluate --out runs/embedded/results
+	$(PY) -m lightning_modules.evaluate --out runs/embedded/results --timings runs/embedded/timings
+
+# make generate MODEL=runs/embedded/models/instaflow STEPS=1 PROMPT="a big red circle on the left on a white background"
+MODEL ?= runs/embedded/models/instaflow
+STEPS ?= 1
+W ?= 1.0
+PROMPT ?= a large red circle in the center on a white background
+generate: $(VENV)/.installed ## PNGs and a grid for PROMPT from MODEL (STEPS, W=guidance) into runs/generate/
+	$(PY) -m lightning_modules.generate --model $(MODEL) --steps $(STEPS) --guidance $(W) --prompt "$(PROMPT)" --out runs/generate
 
 train-reflow: train-distill ## the whole InstaFlow chain on the embedded default, then the results table
 	$(MAKE) eval

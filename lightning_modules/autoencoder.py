@@ -14,10 +14,19 @@ class AutoencoderTraining(L.LightningModule):
 
     The embedded images are flat-coloured shapes, so pixel losses suffice. At export the latent
     scaling factor is set to 1 / std of the validation latents, as SD's 0.18215 was chosen.
+
+    Args:
+        vae: ``AutoencoderKL`` config (ignored when ``init_from`` is given).
+        init_from: folder holding ``vae/`` to start from.
+        train_encoder: ``False`` fine-tunes the decoder only (as SD's ft-MSE decoder was): the
+            latent space, its scaling factor and any UNet trained on it stay valid.
     """
 
-    def __init__(self, vae: dict, lr: float = 1e-3, kl_weight: float = 1e-6, weight_decay: float = 0.0) -> None:
+    def __init__(self, vae: dict | None = None, lr: float = 1e-3, kl_weight: float = 1e-6,
+                 weight_decay: float = 0.0, init_from: str | None = None, train_encoder: bool = True) -> None:
         super().__init__()
+        if vae is None and init_from is None:
+            raise ValueError("give either a `vae` config or `init_from` (a folder holding vae/)")
         self.save_hyperparameters()
         self.vae = None
         self.latent_std: float | None = None
@@ -27,10 +36,20 @@ class AutoencoderTraining(L.LightningModule):
         if self.vae is None:
             from diffusers import AutoencoderKL
 
-            self.vae = AutoencoderKL(**self.hparams.vae)
+            if self.hparams.init_from:
+                from lightning_modules import models
+
+                self.vae = models.load_vae(self.hparams.init_from).train().requires_grad_(True)
+            else:
+                self.vae = AutoencoderKL(**self.hparams.vae)
+            if not self.hparams.train_encoder:
+                for m in (self.vae.encoder, self.vae.quant_conv):
+                    if m is not None:
+                        m.requires_grad_(False)
 
     def _losses(self, x: torch.Tensor) -> tuple[torch.Tensor, dict, torch.Tensor]:
-        posterior = self.vae.encode(x).latent_dist
+        with torch.set_grad_enabled(self.hparams.train_encoder and torch.is_grad_enabled()):
+            posterior = self.vae.encode(x).latent_dist
         z = posterior.sample()  # (B, 4, 8, 8)
         rec = self.vae.decode(z).sample  # (B, 3, 32, 32)
         l1, mse = (rec - x).abs().mean(), F.mse_loss(rec, x)
@@ -65,13 +84,16 @@ class AutoencoderTraining(L.LightningModule):
         return {"vae_real": (real + 1) / 2, "vae_reconstruction": (rec + 1) / 2}
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.vae.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        return torch.optim.AdamW([p for p in self.vae.parameters() if p.requires_grad], lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
     def export(self, dirpath: str) -> Path:
         """Save ``dirpath/vae`` with the measured scaling factor in its config."""
-        if self.latent_std is None:
+        if not self.hparams.train_encoder:
+            pass  # frozen encoder: keep the scaling factor the UNet was trained with
+        elif self.latent_std is None:
             raise RuntimeError("no validation pass ran, so the latent scaling factor is unknown")
-        self.vae.register_to_config(scaling_factor=round(1.0 / self.latent_std, 5))
+        else:
+            self.vae.register_to_config(scaling_factor=round(1.0 / self.latent_std, 5))
         path = Path(dirpath) / "vae"
         self.vae.save_pretrained(path)
         return path

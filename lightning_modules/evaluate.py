@@ -109,6 +109,38 @@ def to_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def targets(rows: dict, total_wall_s: float | None) -> dict:
+    """The issue's targets, each as {value, target, met}; ``None`` where a row is missing."""
+    def get(name: str, key: str):
+        r = rows.get(name) or {}
+        return None if r.get("missing") else r.get(key)
+
+    def ratio(a, b):
+        return None if a is None or b is None or not b else a / b
+
+    checks = {
+        "instaflow_fid_over_teacher": (ratio(get("instaflow_1", "fid"), get("teacher_25", "fid")), "<=", 1.25),
+        "rf2_25_fid_over_teacher": (ratio(get("rf2_25", "fid"), get("teacher_25", "fid")), "<=", 1.15),
+        "rf2_straightness_over_teacher": (ratio(get("rf2_25", "straightness"), get("teacher_25", "straightness")), "<=", 0.5),
+        "direct_fid_over_instaflow": (ratio(get("direct_1", "fid"), get("instaflow_1", "fid")), ">=", 1.2),
+        "one_step_speedup_vs_teacher": (ratio(get("teacher_25", "latency_s"), get("instaflow_1", "latency_s")), ">=", 15.0),
+        "train_reflow_minutes": (None if total_wall_s is None else total_wall_s / 60, "<=", 20.0),
+    }
+    out = {}
+    for k, (v, op, t) in checks.items():
+        met = None if v is None else (v <= t if op == "<=" else v >= t)
+        out[k] = {"value": None if v is None else round(v, 3), "target": f"{op} {t:g}", "met": met}
+    return out
+
+
+def targets_markdown(t: dict) -> str:
+    lines = ["| target | measured | goal | met |", "|---|---|---|---|"]
+    for k, v in t.items():
+        met = "n/a" if v["met"] is None else ("yes" if v["met"] else "**no**")
+        lines.append(f"| {k} | {v['value']} | {v['target']} | {met} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     from lightning_modules.evaluate_floors import eval_protocol, score_images
     from lightning_modules.evaluator import load_evaluator
@@ -123,7 +155,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--latency-rounds", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--out", default="runs/embedded/results")
+    p.add_argument("--timings", default=None, help="folder of lightning_modules.timed records (stage wall times)")
     a = p.parse_args(argv)
+    t_eval = time.time()
 
     rows = [Row(**r) for r in json.loads(Path(a.rows).read_text())] if a.rows else DEFAULT_ROWS
     evaluator = load_evaluator(a.evaluator)
@@ -154,10 +188,21 @@ def main(argv: list[str] | None = None) -> dict:
                                      "guidance": row.guidance, "nfe": nfe(row), **score, **pm, **lat,
                                      "eval_wall_s": round(time.time() - t0, 1)}
         print(f"{row.name}: FID {score['fid']:.2f} alignment {score['alignment']:.3f} {pm} {lat}", flush=True)
+    from lightning_modules.timed import read_timings
+
+    stage = {k: v["wall_s"] for k, v in read_timings(a.timings).items()} if a.timings else {}
+    stage["eval"] = round(time.time() - t_eval, 1)
+    results["stage_wall_s"] = stage
+    # the sum of the stages' own wall times (make's sub-second bookkeeping between them excluded)
+    results["total_wall_s"] = round(sum(stage.values()), 1) if len(stage) > 1 else None
+    results["targets"] = targets(results["rows"], results["total_wall_s"])
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     table = to_markdown(results)
-    (out_dir / "results.md").write_text(table + "\n")
-    print(table)
+    walls = ", ".join(f"{k} {v:.0f} s" for k, v in stage.items())
+    total = "" if results["total_wall_s"] is None else f"; total {results['total_wall_s'] / 60:.1f} min"
+    md = f"{table}\n\nStage wall times: {walls}{total}.\n\n{targets_markdown(results['targets'])}\n"
+    (out_dir / "results.md").write_text(md)
+    print(md)
     return results
 
 

@@ -135,6 +135,8 @@ def fid_bootstrap(f_gen: np.ndarray, f_ref: np.ndarray, n: int = 200, seed: int 
     mu_r, s_r = feature_stats(f_ref)
     mu_g, s_g = feature_stats(f_gen)
     point = max(float(frechet_distance(mu_g, s_g, mu_r, s_r)), 0.0)
+    if n <= 0:  # no interval asked (e.g. the small curves logged during training)
+        return point, float("nan"), float("nan")
     rng = np.random.default_rng(seed)
     boots = np.empty(n)
     for i in range(n):

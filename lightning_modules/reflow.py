@@ -95,6 +95,16 @@ class FlowStudent(L.LightningModule):
         return flows.sample_euler(flows.guided(self.velocity, cond, uncond, guidance), x0, flows.time_grid(steps))
 
     @torch.no_grad()
+    def sample_images(self, prompts: list[str], steps: int, guidance: float, seeds: list[int],
+                      batch_size: int = 256) -> torch.Tensor:
+        """Decoded samples (N, 3, H, W) in [0, 1], prompt i from noise seed ``seeds[i]``."""
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            x1 = self.sample_latents(prompts[i:i + batch_size], steps, guidance, seeds[i:i + batch_size])
+            out.append(sampling.decode(self.vae, x1))
+        return torch.cat(out)
+
+    @torch.no_grad()
     def sample_grid(self, prompts: list[str], seed: int = 0) -> dict:
         seeds = list(range(seed, seed + len(prompts)))
         out = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 import tarfile
 from pathlib import Path
 
@@ -25,7 +26,7 @@ def cli(args: list[str]):
 
 
 def tiny_yaml(src: str, tmp_path: Path, model: dict, data: dict, trainer: dict | None = None,
-              writer_dir: Path | None = None) -> str:
+              writer_dir: Path | None = None, quality: dict | None = None) -> str:
     """A copy of an embedded experiment pointed at tiny models, tiny shards and tmp folders."""
     cfg = yaml.safe_load((EMB / src).read_text())
     if isinstance(cfg["trainer"].get("logger"), dict):
@@ -38,6 +39,8 @@ def tiny_yaml(src: str, tmp_path: Path, model: dict, data: dict, trainer: dict |
             cb["init_args"]["dirpath"] = str(tmp_path / "ckpt" / src)
         if name == "ImageGrid":
             cb["init_args"]["prompts"] = cb["init_args"]["prompts"][:2]
+        if name == "SampleQuality":
+            cb["init_args"].update(quality or {})
     cfg["trainer"]["default_root_dir"] = str(tmp_path / "root")
     cfg["trainer"].update(trainer or {})
     cfg["model"]["init_args"].update(model)
@@ -115,17 +118,32 @@ def test_instaflow_chain_on_tiny_models(tiny_world, tiny_sd_folder, tmp_path):
     from data.pairs import CouplingDataModule
     from lightning_modules.pipeline import TextToImage
 
+    from lightning_modules import evaluate, timed
+    from lightning_modules.evaluator import ShapesEvaluator, save_evaluator
+
     models, runs = tmp_path / "models", tmp_path / "runs"
+    torch.manual_seed(0)
+    evaluator = save_evaluator(ShapesEvaluator(width=8, feature_dim=4), tmp_path / "evaluator")
+    quality = {"test": tiny_world.val, "evaluator": str(evaluator), "n": 8, "steps": [1, 3]}
+    timings = tmp_path / "timings"
+    assert timed.main([str(timings), "pairs_teacher", "--", sys.executable, "-c", "pass"]) == 0
+    assert timed.main([str(timings), "failing", "--", sys.executable, "-c", "raise SystemExit(3)"]) == 3
     gen_pairs(tmp_path, tiny_world, str(tiny_sd_folder), tmp_path / "pairs_teacher")
     train = {"max_steps": 40, "val_check_interval": 20, "limit_val_batches": 1, "log_every_n_steps": 2}
     pdata = {"batch_size": 16, "num_workers": 0, "shuffle_buffer": 32}
     cli(["fit", "-c", BASE, "-c", tiny_yaml("reflow.yaml", tmp_path, {
         "init": str(tiny_sd_folder), "export_dir": str(models / "rf2"), "lr": 2e-3, "warmup_steps": 1, "grid_steps": [1, 3]},
-        {**pdata, "train": str(tmp_path / "pairs_teacher"), "val": str(tmp_path / "pairs_teacher")}, train)])
+        {**pdata, "train": str(tmp_path / "pairs_teacher"), "val": str(tmp_path / "pairs_teacher")}, train,
+        quality=quality)])
     rf2 = TextToImage.from_pretrained(str(models / "rf2"))
     assert rf2.kind == "flow"
-    loss = scalars(next((runs / "reflow").glob("version_*")), "train/loss")
+    logdir = next((runs / "reflow").glob("version_*"))
+    loss = scalars(logdir, "train/loss")
     assert np.mean(loss[-5:]) < np.mean(loss[:5]), loss
+    for tag in ("quality/fid_euler1_w1", "quality/alignment_euler3_w1.5"):  # at start and after each validation
+        curve = scalars(logdir, tag)
+        assert len(curve) == 3 and np.isfinite(curve).all(), (tag, curve)
+    assert list((logdir / "grids").glob("euler1_w1_*.png")) and list((logdir / "grids").glob("euler3_w1.5_*.png"))
 
     gen_pairs(tmp_path, tiny_world, str(models / "rf2"), tmp_path / "pairs_rf2", src="pairs_rf2.yaml")
     assert len(read_pairs(tmp_path / "pairs_rf2")) == 64
@@ -137,7 +155,8 @@ def test_instaflow_chain_on_tiny_models(tiny_world, tiny_sd_folder, tmp_path):
                                         "lr": 2e-3, "warmup_steps": 1},
                         {**pdata, "train": str(tmp_path / pairs), "val": str(tmp_path / pairs)},
                         {**train, "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                                             "init_args": {"save_dir": str(runs), "name": name}}})
+                                             "init_args": {"save_dir": str(runs), "name": name}}},
+                        quality={**quality, "steps": [1]})
         cli(["fit", "-c", BASE, "-c", cfg])
         loss = scalars(next((runs / name).glob("version_*")), "train/loss")
         assert np.mean(loss[-5:]) < np.mean(loss[:5]), (name, loss)
@@ -145,6 +164,29 @@ def test_instaflow_chain_on_tiny_models(tiny_world, tiny_sd_folder, tmp_path):
         img = student.sample(["a red circle in the center on a white background"], steps=1, guidance=1.0)
         assert img.shape == (1, 3, 16, 16)
     assert list((tmp_path / "ckpt" / "reflow.yaml").glob("*.ckpt"))
+
+    # the results table over all six rows, with the stage timings
+    rows = [{"name": "teacher_25", "label": "teacher", "model": str(tiny_sd_folder), "steps": 3, "guidance": 3.0},
+            {"name": "rf2_25", "label": "2-RF", "model": str(models / "rf2"), "steps": 3, "guidance": 1.5},
+            {"name": "rf2_1", "label": "2-RF 1", "model": str(models / "rf2"), "steps": 1, "guidance": 1.0}] + [
+            {"name": f"{n}_1", "label": n, "model": str(models / n), "steps": 1, "guidance": 1.0}
+            for n in ("instaflow", "direct", "direct_rfinit")]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    res = evaluate.main(["--evaluator", str(evaluator), "--test", tiny_world.val, "--n", "8", "--rows",
+                         str(tmp_path / "rows.json"), "--straightness-n", "4", "--latency-rounds", "2",
+                         "--batch-size", "8", "--out", str(tmp_path / "results"), "--timings", str(timings)])
+    saved = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert saved["rows"].keys() == res["rows"].keys() == {r["name"] for r in rows}
+    for r in rows:
+        got = saved["rows"][r["name"]]
+        assert np.isfinite(got["fid"]) and 0.0 <= got["alignment"] <= 1.0 and got["latency_s"] > 0 and got["latency_unet_s"] > 0
+        assert got["nfe"] == r["steps"] * (2 if r["guidance"] > 1 else 1)
+        assert (got["straightness"] is None) == (r["steps"] == 1)
+    assert set(saved["stage_wall_s"]) == {"pairs_teacher", "eval"}  # the failed stage left no record
+    assert saved["total_wall_s"] == pytest.approx(sum(saved["stage_wall_s"].values()), abs=0.2)
+    assert set(saved["targets"]) >= {"instaflow_fid_over_teacher", "train_reflow_minutes"}
+    md = (tmp_path / "results" / "results.md").read_text()
+    assert all(r["label"] in md for r in rows) and "Stage wall times" in md
 
 
 def test_path_metrics_and_results_table(tiny_sd_folder):

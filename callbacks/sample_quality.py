@@ -1,0 +1,73 @@
+"""FID and prompt alignment of the model being trained, logged to TensorBoard as curves."""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_only
+
+
+class SampleQuality(Callback):
+    """Sample fixed test prompts from fixed seeds and log ``quality/fid_*`` and ``quality/alignment_*``.
+
+    Runs when training starts (the initialisation's score) and after every validation (inside the
+    EMA swap, so the curve is the averaged weights', as exported). The module provides
+    ``sample_images(prompts, steps, guidance, seeds) -> (N, 3, H, W) in [0, 1]``.
+
+    FID here uses ``n`` images against real test images [n, 2n) and is biased upward at small
+    ``n``: compare it along one curve or between runs, not with the results table (n = 2000).
+
+    Args:
+        test: test shards (their captions are the prompts, their images the reference).
+        evaluator: feature network for FID and the alignment classifier (embedded world); real
+            runs would plug Inception features and CLIP score here.
+        steps: solver steps to score; guidance ``guidance`` applies above one step (one-step
+            models run conditional only, as the paper samples them).
+    """
+
+    def __init__(self, test: str, evaluator: str = "assets/embedded-evaluator", n: int = 256,
+                 steps: list[int] | None = None, guidance: float = 1.5, seed: int = 0) -> None:
+        self.test, self.evaluator_path, self.n = test, evaluator, n
+        self.steps = steps or [1]
+        self.guidance, self.seed = guidance, seed
+        self._proto = None
+
+    def _protocol(self):
+        if self._proto is None:
+            from lightning_modules.evaluate_floors import eval_protocol
+            from lightning_modules.evaluator import load_evaluator
+
+            evaluator = load_evaluator(self.evaluator_path)
+            self._proto = (evaluator, eval_protocol(self.test, self.n, evaluator))
+        return self._proto
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step == 0:
+            self._score(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._score(trainer, pl_module)
+
+    @rank_zero_only
+    def _score(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from lightning_modules.evaluate_floors import score_images
+
+        evaluator, proto = self._protocol()
+        seeds = list(range(self.seed, self.seed + self.n))
+        metrics = {}
+        for steps in self.steps:
+            w = self.guidance if steps > 1 else 1.0
+            t0 = time.perf_counter()
+            images = pl_module.sample_images(proto["captions"], steps, w, seeds)
+            s = score_images(images, proto["scenes"], proto["ref_features"], evaluator, n_bootstrap=0)
+            tag = f"euler{steps}_w{w:g}"
+            metrics[f"quality/fid_{tag}"] = s["fid"]
+            metrics[f"quality/alignment_{tag}"] = s["alignment"]
+            metrics[f"quality/seconds_{tag}"] = time.perf_counter() - t0
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        pl_module.print(f"step {trainer.global_step}: " + ", ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in metrics.items()
+                                                                      if "seconds" not in k))
