@@ -12,7 +12,7 @@ import zlib
 import lightning as L
 import torch
 
-from lightning_modules import flows, models, sampling
+from lightning_modules import flows, sampling
 from lightning_modules.pipeline import TextToImage
 
 
@@ -21,13 +21,23 @@ def sample_seed(key: str, base_seed: int) -> int:
     return zlib.crc32(f"{base_seed}/{key}".encode()) & 0x7FFFFFFF
 
 
+def _check_solver(kind: str, solver: str) -> None:
+    if kind not in ("ddpm", "flow", "ddpm_velocity"):
+        raise ValueError(f"kind must be 'ddpm', 'flow' or 'ddpm_velocity', got {kind!r}")
+    valid = ("dpm_solver++",) if kind == "ddpm" else ("euler", "heun")
+    if solver not in valid:
+        raise ValueError(f"solver {solver!r} does not fit kind {kind!r}; choose one of {valid}")
+
+
 class CouplingGeneration(L.LightningModule):
     """Teacher ODE solving: prompts in, couplings out (no training).
 
     Args:
         model: pipeline folder or hub id of the model whose ODE is solved.
-        kind: "ddpm" for SD-style teachers (DPM-Solver++ through diffusers' scheduler) or "flow"
-            for rectified-flow models (our Euler/Heun, timestep 1000 (1 - t)).
+        kind: "ddpm" for SD-style teachers (DPM-Solver++ through diffusers' scheduler), "flow"
+            for rectified-flow models (our Euler/Heun, timestep 1000 (1 - t)), or "ddpm_velocity"
+            (a diffusion UNet trained through the velocity conversion: Euler/Heun); default: what
+            the model folder's components file says.
         solver: "dpm_solver++" (ddpm) or "euler" / "heun" (flow).
         steps, guidance: ODE steps and classifier-free guidance (out_u + w (out_c - out_u), w > 1).
         base_seed: noise seeds are crc32("{base_seed}/{key}").
@@ -37,27 +47,25 @@ class CouplingGeneration(L.LightningModule):
         bf16: bf16 autocast for the UNet evaluations (the ODE state stays fp32).
     """
 
-    def __init__(self, model: str, kind: str = "ddpm", solver: str = "dpm_solver++", steps: int = 25,
+    def __init__(self, model: str, kind: str | None = None, solver: str = "dpm_solver++", steps: int = 25,
                  guidance: float = 5.0, base_seed: int = 0, store_noise: bool = False,
                  store_text_states: bool = False, latent_dtype: str = "float16", bf16: bool = False) -> None:
         super().__init__()
-        if kind not in ("ddpm", "flow"):
-            raise ValueError(f"kind must be 'ddpm' or 'flow', got {kind!r}")
-        valid = ("dpm_solver++",) if kind == "ddpm" else ("euler", "heun")
-        if solver not in valid:
-            raise ValueError(f"solver {solver!r} does not fit kind {kind!r}; choose one of {valid}")
+        if kind is not None:
+            _check_solver(kind, solver)
         self.save_hyperparameters()
         self.pipe: TextToImage | None = None
 
     def configure_model(self) -> None:
         if self.pipe is None:
             self.pipe = TextToImage.from_pretrained(self.hparams.model, kind=self.hparams.kind)
+            _check_solver(self.pipe.kind, self.hparams.solver)
             self.pipe.unet.to(self.device)
 
     def metadata(self) -> dict:
         """What produced the couplings; written next to them (formula and w included, see PITFALLS.md)."""
         h = self.hparams
-        return {"model": h.model, "kind": h.kind, "solver": h.solver, "steps": h.steps, "guidance": h.guidance,
+        return {"model": h.model, "kind": self.pipe.kind, "solver": h.solver, "steps": h.steps, "guidance": h.guidance,
                 "guidance_formula": "out_u + w * (out_c - out_u), applied when w > 1", "base_seed": h.base_seed,
                 "seed_rule": "crc32(f'{base_seed}/{key}') & 0x7FFFFFFF; x0 = randn(latent_shape, CPU generator)",
                 "latent_shape": list(self.pipe.latent_shape), "time_convention": "t=0 noise, t=1 data"}
@@ -70,11 +78,11 @@ class CouplingGeneration(L.LightningModule):
         cond = self.pipe.text_encoder(batch["caption"])
         uncond = self.pipe.text_encoder([""] * len(seeds)) if h.guidance > 1.0 else None
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=h.bf16):
-            if h.kind == "ddpm":
+            if self.pipe.kind == "ddpm":
                 x1 = sampling.sample_dpm_solver(self.pipe.unet, self.pipe.scheduler_config, x0, cond, uncond,
                                                 h.guidance, h.steps)
             else:
-                v_fn = flows.guided(models.RectifiedFlowVelocity(self.pipe.unet), cond, uncond, h.guidance)
+                v_fn = flows.guided(self.pipe.velocity(), cond, uncond, h.guidance)
                 solve = flows.sample_euler if h.solver == "euler" else flows.sample_heun
                 x1 = solve(v_fn, x0, flows.time_grid(h.steps))
         x1 = x1.float()
