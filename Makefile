@@ -25,7 +25,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 venv: $(VENV)/.installed ## create .venv with the pinned dependencies (every other target depends on it)
 
 data: $(VENV)/.installed ## write the embedded world's LAION-layout shards (train 40k / val 2k / test 4k) to runs/data
-	$(PY) -m data.shapes --out $(DATA)
+	$(PY) -m lightning_modules.timed runs/embedded/timings data -- $(PY) -m data.shapes --out $(DATA)
 
 train-vae: data ## embedded teacher, part 1: train the AutoencoderKL (32x32 RGB -> 8x8x4), then its decoder alone
 	$(CLI) fit -c $(BASE) -c experiments/embedded/vae.yaml
@@ -72,7 +72,7 @@ gen-pairs: $(PAIRS)/teacher/.done ## stage 1: teacher ODE couplings (25-step DPM
 train-2rf: $(MODELS)/rf2/model_index.json ## stage 2: reflow from the teacher's weights -> the 2-RF
 train-distill: $(MODELS)/instaflow/model_index.json $(MODELS)/direct/model_index.json $(MODELS)/direct_rfinit/model_index.json ## stage 3: 2-RF couplings, one-step InstaFlow, direct distillation and its control
 eval: $(VENV)/.installed ## evaluate every model on the test protocol; writes runs/embedded/results/results.{md,json}
-	$(PY) -m lightning_modules.evaluate --out runs/embedded/results --timings runs/embedded/timings
+	$(PY) -m lightning_modules.evaluate --out runs/embedded/results --timings runs/embedded/timings --bf16
 
 # make generate MODEL=runs/embedded/models/instaflow STEPS=1 PROMPT="a big red circle on the left on a white background"
 MODEL ?= runs/embedded/models/instaflow

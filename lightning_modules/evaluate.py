@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--latency-rounds", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--out", default="runs/embedded/results")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for every UNet evaluation (all rows alike)")
     p.add_argument("--timings", default=None, help="folder of lightning_modules.timed records (stage wall times)")
     a = p.parse_args(argv)
     t_eval = time.time()
@@ -170,6 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
         "fid": f"clean-fid Frechet distance on embedded-evaluator features ({a.evaluator}) vs real test images [{a.n}, {2 * a.n}); 95% bootstrap CI",
         "alignment": "share of images whose predicted scene (cells, shapes, colours, background) matches the prompt",
         "straightness": f"S = sum dt ||(x1 - x0) - v||^2 (mean over elements) along the model's own solver path in flow time, {a.straightness_n} prompts",
+        "precision": "bf16 autocast for UNet evaluations, fp32 ODE state and VAE" if a.bf16 else "fp32",
         "latency": f"median of {a.latency_rounds} rounds, batch {a.latency_batch}, end to end on this machine ({torch.get_num_threads()} threads); UNet-only beside it",
     }, "rows": {}}
     for row in rows:
@@ -177,12 +179,14 @@ def main(argv: list[str] | None = None) -> dict:
             results["rows"][row.name] = {"label": row.label, "missing": f"{row.model} not found"}
             continue
         model = TextToImage.from_pretrained(row.model)
+        model.bf16 = a.bf16
         t0 = time.time()
         images = model.sample(captions, row.steps, row.guidance, seed=0, batch_size=a.batch_size)
         score = score_images(images, scenes, proto["ref_features"], evaluator)
         n_s = min(a.straightness_n, len(captions))
-        pm = path_metrics(model, captions[:n_s], row.steps, row.guidance, list(range(n_s))) if row.steps > 1 \
-            else {"straightness": None, "straightness_wo_first": None, "path_length_ratio": None}
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.bf16):
+            pm = path_metrics(model, captions[:n_s], row.steps, row.guidance, list(range(n_s))) if row.steps > 1 \
+                else {"straightness": None, "straightness_wo_first": None, "path_length_ratio": None}
         lat = latency(model, captions[0], row.steps, row.guidance, a.latency_batch, a.latency_rounds)
         results["rows"][row.name] = {"label": row.label, "model": row.model, "steps": row.steps,
                                      "guidance": row.guidance, "nfe": nfe(row), **score, **pm, **lat,
