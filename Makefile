@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
-.PHONY: help venv data train-vae train-teacher-unet train-teacher train-evaluator eval-teacher floors \
+.PHONY: help venv data data-chain train-vae train-teacher-unet train-teacher train-evaluator eval-teacher floors \
         gen-pairs train-2rf train-distill eval generate train-reflow test test-full tensorboard clean
 
 help: ## list every target with one line each
@@ -25,7 +25,10 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 venv: $(VENV)/.installed ## create .venv with the pinned dependencies (every other target depends on it)
 
 data: $(VENV)/.installed ## write the embedded world's LAION-layout shards (train 40k / val 2k / test 4k) to runs/data
-	$(PY) -m lightning_modules.timed runs/embedded/timings data -- $(PY) -m data.shapes --out $(DATA)
+	$(PY) -m data.shapes --out $(DATA)
+
+data-chain: $(VENV)/.installed ## only the shards the InstaFlow chain reads (train 00000-00003, val, test); same bytes as `make data`
+	$(PY) -m lightning_modules.timed runs/embedded/timings data -- $(PY) -m data.shapes --out $(DATA) --train 4000
 
 train-vae: data ## embedded teacher, part 1: train the AutoencoderKL (32x32 RGB -> 8x8x4), then its decoder alone
 	$(CLI) fit -c $(BASE) -c experiments/embedded/vae.yaml
@@ -55,7 +58,7 @@ FIT = $(CLI) fit -c $(BASE)
 # records each stage's wall time in runs/embedded/timings/<stage>.json (read by the results table)
 TIMED = $(PY) -m lightning_modules.timed runs/embedded/timings
 
-$(PAIRS)/teacher/.done: | data
+$(PAIRS)/teacher/.done: | data-chain
 	$(TIMED) pairs_teacher -- $(CLI) predict -c $(BASE) -c $(EMB)/pairs_teacher.yaml && touch $@
 $(MODELS)/rf2/model_index.json: $(PAIRS)/teacher/.done
 	$(TIMED) reflow -- $(FIT) -c $(EMB)/reflow.yaml
@@ -72,7 +75,7 @@ gen-pairs: $(PAIRS)/teacher/.done ## stage 1: teacher ODE couplings (25-step DPM
 train-2rf: $(MODELS)/rf2/model_index.json ## stage 2: reflow from the teacher's weights -> the 2-RF
 train-distill: $(MODELS)/instaflow/model_index.json $(MODELS)/direct/model_index.json $(MODELS)/direct_rfinit/model_index.json ## stage 3: 2-RF couplings, one-step InstaFlow, direct distillation and its control
 eval: $(VENV)/.installed ## evaluate every model on the test protocol; writes runs/embedded/results/results.{md,json}
-	$(PY) -m lightning_modules.evaluate --out runs/embedded/results --timings runs/embedded/timings --bf16
+	$(PY) -m lightning_modules.evaluate --out runs/embedded/results --timings runs/embedded/timings --bf16 --straightness-n 128
 
 # make generate MODEL=runs/embedded/models/instaflow STEPS=1 PROMPT="a big red circle on the left on a white background"
 MODEL ?= runs/embedded/models/instaflow

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -25,13 +26,14 @@ class SampleQuality(Callback):
             runs would plug Inception features and CLIP score here.
         steps: solver steps to score; guidance ``guidance`` applies above one step (one-step
             models run conditional only, as the paper samples them).
+        bf16: bf16 autocast while sampling (the ODE state stays fp32).
     """
 
     def __init__(self, test: str, evaluator: str = "assets/embedded-evaluator", n: int = 256,
-                 steps: list[int] | None = None, guidance: float = 1.5, seed: int = 0) -> None:
+                 steps: list[int] | None = None, guidance: float = 1.5, seed: int = 0, bf16: bool = False) -> None:
         self.test, self.evaluator_path, self.n = test, evaluator, n
         self.steps = steps or [1]
-        self.guidance, self.seed = guidance, seed
+        self.guidance, self.seed, self.bf16 = guidance, seed, bf16
         self._proto = None
 
     def _protocol(self):
@@ -61,7 +63,8 @@ class SampleQuality(Callback):
         for steps in self.steps:
             w = self.guidance if steps > 1 else 1.0
             t0 = time.perf_counter()
-            images = pl_module.sample_images(proto["captions"], steps, w, seeds)
+            with torch.autocast(pl_module.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                images = pl_module.sample_images(proto["captions"], steps, w, seeds).float()
             s = score_images(images, proto["scenes"], proto["ref_features"], evaluator, n_bootstrap=0)
             tag = f"euler{steps}_w{w:g}"
             metrics[f"quality/fid_{tag}"] = s["fid"]
