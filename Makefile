@@ -37,7 +37,7 @@ train-vae: data ## embedded teacher, part 1: train the AutoencoderKL (32x32 RGB 
 train-teacher-unet: data ## embedded teacher, part 2: train the epsilon UNet on the VAE of part 1; exports assets/embedded-sd
 	$(CLI) fit -c $(BASE) -c experiments/embedded/teacher.yaml
 
-train-teacher: train-vae train-teacher-unet ## retrain the committed miniature SD teacher from scratch (about 1.5 h on 2 cores)
+train-teacher: train-vae train-teacher-unet ## retrain the committed miniature SD teacher from scratch (about 2.5 h on 2 cores)
 
 train-evaluator: data ## retrain the committed embedded evaluator (FID features + prompt alignment)
 	$(CLI) fit -c $(BASE) -c experiments/embedded/evaluator.yaml
