@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
 .PHONY: help venv data data-chain train-vae train-teacher-unet train-teacher train-evaluator eval-teacher floors \
-        gen-pairs train-2rf train-distill eval generate train-reflow test test-full tensorboard clean
+        gen-pairs train-2rf train-distill eval report generate train-reflow test test-full tensorboard clean
 
 help: ## list every target with one line each
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-20s\033[0m %s\n", $$1, $$2}'
@@ -76,6 +76,9 @@ train-2rf: $(MODELS)/rf2/model_index.json ## stage 2: reflow from the teacher's 
 train-distill: $(MODELS)/instaflow/model_index.json $(MODELS)/direct/model_index.json $(MODELS)/direct_rfinit/model_index.json ## stage 3: 2-RF couplings, one-step InstaFlow, direct distillation and its control
 eval: $(VENV)/.installed ## evaluate every model on the test protocol; writes runs/embedded/results/results.{md,json}
 	$(PY) -m lightning_modules.evaluate --out runs/embedded/results --timings runs/embedded/timings --bf16 --straightness-n 128
+
+report: $(VENV)/.installed ## after make train-reflow: write results/embedded.{md,json} (the committed record of the run)
+	$(PY) -m lightning_modules.report --run runs/embedded --out results/embedded $(if $(NOTES),--notes $(NOTES))
 
 # make generate MODEL=runs/embedded/models/instaflow STEPS=1 PROMPT="a big red circle on the left on a white background"
 MODEL ?= runs/embedded/models/instaflow

@@ -69,13 +69,19 @@ def _summary(x0: torch.Tensor, x1: torch.Tensor, segs: list) -> dict:
 
 
 @torch.no_grad()
-def latency(model: TextToImage, prompt: str, steps: int, guidance: float, batch_size: int, rounds: int) -> dict:
-    """Median seconds per image over ``rounds``: end to end, and UNet evaluations only."""
+def latency(model: TextToImage, prompt: str, steps: int, guidance: float, batch_size: int, rounds: int,
+            min_seconds: float = 5.0, warmup: int = 3) -> dict:
+    """Median seconds per image: end to end, and UNet evaluations only.
+
+    At least ``rounds`` rounds and at least ``min_seconds`` of end-to-end time, after ``warmup``
+    untimed calls: a one-step model's ~40 ms rounds are noisy, so cheap models get more rounds.
+    """
     prompts = [prompt] * batch_size
     seeds = list(range(batch_size))
-    model.sample(prompts, steps, guidance, seed=0)  # warm-up
+    for _ in range(warmup):
+        model.sample(prompts, steps, guidance, seed=0, batch_size=batch_size)
     e2e, unet = [], []
-    for _ in range(rounds):
+    while len(e2e) < rounds or sum(e2e) * batch_size < min_seconds:
         t0 = time.perf_counter()
         model.sample(prompts, steps, guidance, seed=0, batch_size=batch_size)
         e2e.append((time.perf_counter() - t0) / batch_size)
@@ -85,7 +91,7 @@ def latency(model: TextToImage, prompt: str, steps: int, guidance: float, batch_
         t0 = time.perf_counter()
         model.sample_latents(prompts, steps, guidance, x0=x0, states=(cond, uncond))
         unet.append((time.perf_counter() - t0) / batch_size)
-    return {"latency_s": statistics.median(e2e), "latency_unet_s": statistics.median(unet)}
+    return {"latency_s": statistics.median(e2e), "latency_unet_s": statistics.median(unet), "latency_rounds": len(e2e)}
 
 
 def nfe(row: Row) -> int:
@@ -172,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
         "alignment": "share of images whose predicted scene (cells, shapes, colours, background) matches the prompt",
         "straightness": f"S = sum dt ||(x1 - x0) - v||^2 (mean over elements) along the model's own solver path in flow time, {a.straightness_n} prompts",
         "precision": "bf16 autocast for UNet evaluations, fp32 ODE state and VAE" if a.bf16 else "fp32",
-        "latency": f"median of {a.latency_rounds} rounds, batch {a.latency_batch}, end to end on this machine ({torch.get_num_threads()} threads); UNet-only beside it",
+        "latency": f"median of at least {a.latency_rounds} rounds and 5 s (after 3 warm-up calls), batch {a.latency_batch}, end to end on this machine ({torch.get_num_threads()} threads); UNet-only beside it",
     }, "rows": {}}
     encoders: dict = {}
     for row in rows:
@@ -197,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
                 else {"straightness": None, "straightness_wo_first": None, "path_length_ratio": None}
         cache, model.text_encoder.cache_size = model.text_encoder.cache_size, 0
         lat = latency(model, captions[0], row.steps, row.guidance, a.latency_batch, a.latency_rounds) \
-            if a.latency_rounds else {"latency_s": None, "latency_unet_s": None}
+            if a.latency_rounds else {"latency_s": None, "latency_unet_s": None, "latency_rounds": 0}
         model.text_encoder.cache_size = cache
         results["rows"][row.name] = {"label": row.label, "model": row.model, "steps": row.steps,
                                      "guidance": row.guidance, "nfe": nfe(row), **score, **pm, **lat,
@@ -205,7 +211,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{row.name}: FID {score['fid']:.2f} alignment {score['alignment']:.3f} {pm} {lat}", flush=True)
     from lightning_modules.timed import read_timings
 
-    stage = {k: v["wall_s"] for k, v in read_timings(a.timings).items()} if a.timings else {}
+    records = sorted(read_timings(a.timings).values(), key=lambda r: r["start"]) if a.timings else []
+    stage = {r["stage"]: r["wall_s"] for r in records}  # in the order the stages ran
     stage["eval"] = round(time.time() - t_eval, 1)
     results["stage_wall_s"] = stage
     # the sum of the stages' own wall times (make's sub-second bookkeeping between them excluded)
