@@ -15,8 +15,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 
 def main(argv: list[str] | None = None) -> Path:
     from callbacks.image_grid import make_grid, save_png
@@ -46,8 +44,7 @@ def main(argv: list[str] | None = None) -> Path:
     seeds = [a.seed + j for _ in prompts for j in range(k)]
     t0 = time.perf_counter()
     flat = [q for q in prompts for _ in range(k)]
-    images = torch.cat([model.sample_images(flat[i:i + 256], a.steps, a.guidance, seeds[i:i + 256])
-                        for i in range(0, len(flat), 256)])  # (P*k, 3, H, W)
+    images = model.sample_images(flat, a.steps, a.guidance, seeds)  # (P*k, 3, H, W)
     seconds = time.perf_counter() - t0
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -227,11 +227,11 @@ class DiffusionVelocity(nn.Module):
         self.unet = unet
         self.prediction_type = prediction_type
         self.register_buffer("alphas_cumprod", alphas_cumprod.to(torch.float64), persistent=False)
+        # below the schedule's noisiest level the teacher knows nothing more: hold its boundary
+        self.t_min = float(flows.alpha_bar_to_t(self.alphas_cumprod[-1]))  # once, not per UNet call
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-        # below the schedule's noisiest level the teacher knows nothing more: hold its boundary
-        t_min = float(flows.alpha_bar_to_t(self.alphas_cumprod[-1]))
-        t64 = t.to(torch.float64).clamp(t_min, 1 - 1e-6)
+        t64 = t.to(torch.float64).clamp(self.t_min, 1 - 1e-6)
         ab = flows.t_to_alpha_bar(t64)
         timestep = flows.ddpm_timestep(ab, self.alphas_cumprod)  # (B,)
         x_s = x_t * flows._bcast(flows.flow_to_diffusion_scale(t64), x_t)  # same SNR, unit noise

@@ -74,16 +74,15 @@ class TextToImage:
         return models.DiffusionVelocity(self.unet, alphas, self.scheduler_config.get("prediction_type", "epsilon"))
 
     @torch.no_grad()
-    def sample_images(self, prompts: list[str], steps: int, guidance: float, seeds: list[int]) -> torch.Tensor:
-        """Images (N, 3, H, W) in [0, 1], prompt i from noise seed ``seeds[i]``."""
-        return sampling.decode(self.vae, self.sample_latents(prompts, steps, guidance, seeds))
+    def sample_images(self, prompts: list[str], steps: int, guidance: float, seeds: list[int],
+                      batch_size: int = 256) -> torch.Tensor:
+        """Images (N, 3, H, W) in [0, 1], prompt i from noise seed ``seeds[i]``, in chunks of ``batch_size``."""
+        return torch.cat([sampling.decode(self.vae, self.sample_latents(prompts[i:i + batch_size], steps, guidance,
+                                                                         seeds[i:i + batch_size]))
+                          for i in range(0, len(prompts), batch_size)])
 
     @torch.no_grad()
     def sample(self, prompts: list[str], steps: int = 25, guidance: float = 1.0, seed: int = 0,
                batch_size: int = 256) -> torch.Tensor:
         """Images (N, 3, H, W) in [0, 1]; prompt i uses noise seed ``seed + i``."""
-        out = []
-        for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i:i + batch_size]
-            out.append(self.sample_images(chunk, steps, guidance, list(range(seed + i, seed + i + len(chunk)))))
-        return torch.cat(out)
+        return self.sample_images(prompts, steps, guidance, list(range(seed, seed + len(prompts))), batch_size)
