@@ -49,7 +49,7 @@ def path_metrics(model: TextToImage, prompts: list[str], steps: int, guidance: f
     """Straightness S (with and without the first step) and path-length ratio along the model's own path."""
     x0 = sampling.seeded_noise(seeds, model.latent_shape)
     cond = model.text_encoder(prompts)
-    uncond = model.text_encoder([""] * len(prompts)) if guidance > 1.0 else None
+    uncond = model.text_encoder.empty(len(prompts)) if guidance > 1.0 else None
     if model.kind != "ddpm":  # Euler's finite differences are the velocities it used
         traj: list = []
         x1 = flows.sample_euler(flows.guided(model.velocity(), cond, uncond, guidance), x0, flows.time_grid(steps), traj)
@@ -87,7 +87,7 @@ def latency(model: TextToImage, prompt: str, steps: int, guidance: float, batch_
         e2e.append((time.perf_counter() - t0) / batch_size)
         x0 = sampling.seeded_noise(seeds, model.latent_shape)
         cond = model.text_encoder(prompts)
-        uncond = model.text_encoder([""] * batch_size) if guidance > 1.0 else None
+        uncond = model.text_encoder.empty(batch_size) if guidance > 1.0 else None
         t0 = time.perf_counter()
         model.sample_latents(prompts, steps, guidance, x0=x0, states=(cond, uncond))
         unet.append((time.perf_counter() - t0) / batch_size)

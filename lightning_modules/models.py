@@ -102,6 +102,7 @@ class TextEncoder(nn.Module):
         self.max_length = max_length or min(int(tokenizer.model_max_length), 512)
         self.cache_size = cache_size
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._empty: torch.Tensor | None = None
 
     @property
     def hidden_size(self) -> int:
@@ -119,6 +120,13 @@ class TextEncoder(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def empty(self, n: int) -> torch.Tensor:
+        """States of the empty caption, guidance's unconditional input, (n, L, D): encoded once, not n times."""
+        if self._empty is None or self._empty.device != self.device:
+            self._empty = self._encode([""])  # (1, L, D)
+        return self._empty.expand(n, -1, -1)
 
     @torch.no_grad()
     def forward(self, captions: list[str]) -> torch.Tensor:

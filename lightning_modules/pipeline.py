@@ -55,7 +55,7 @@ class TextToImage:
         x0 = x0.to(device)
         if states is None:
             cond = self.text_encoder(prompts)
-            uncond = self.text_encoder([""] * len(prompts)) if guidance > 1.0 else None
+            uncond = self.text_encoder.empty(len(prompts)) if guidance > 1.0 else None
         else:
             cond, uncond = states
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):

@@ -76,7 +76,7 @@ class CouplingGeneration(L.LightningModule):
         seeds = [sample_seed(k, h.base_seed) for k in batch["key"]]
         x0 = sampling.seeded_noise(seeds, self.pipe.latent_shape).to(self.device)  # (B, 4, h, w)
         cond = self.pipe.text_encoder(batch["caption"])
-        uncond = self.pipe.text_encoder([""] * len(seeds)) if h.guidance > 1.0 else None
+        uncond = self.pipe.text_encoder.empty(len(seeds)) if h.guidance > 1.0 else None
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=h.bf16):
             if self.pipe.kind == "ddpm":
                 x1 = sampling.sample_dpm_solver(self.pipe.unet, self.pipe.scheduler_config, x0, cond, uncond,

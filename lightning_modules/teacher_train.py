@@ -106,7 +106,7 @@ class DiffusionTraining(L.LightningModule):
     def sample_grid(self, prompts: list[str], seed: int = 0) -> dict:
         x0 = sampling.seeded_noise(range(seed, seed + len(prompts)), (4, *self._latent_hw())).to(self.device)
         cond = self.text_encoder(prompts)
-        uncond = self.text_encoder([""] * len(prompts))
+        uncond = self.text_encoder.empty(len(prompts))
         x1 = sampling.sample_dpm_solver(self.unet, self.scheduler_config, x0, cond, uncond,
                                         self.hparams.sample_guidance, self.hparams.sample_steps)
         return {f"teacher_dpm{self.hparams.sample_steps}_w{self.hparams.sample_guidance:g}": sampling.decode(self.vae, x1)}

@@ -221,3 +221,16 @@ def test_trained_evaluator_aligns_real_test_images():
     images, scenes, _ = real_test_set(str(TEST_SHARDS / "00000.tar"), n=256)
     preds = predict_scenes(load_evaluator(ASSET), images.float() / 127.5 - 1)
     assert alignment_score(preds, scenes) >= 0.95
+
+
+def test_frechet_to_reference_matches_clean_fid():
+    from cleanfid.fid import frechet_distance
+
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(400, 16)) @ rng.normal(size=(16, 16))
+    to_ref = metrics.FrechetToReference(*metrics.feature_stats(ref))
+    for shift in (0.0, 0.3, 2.0):
+        gen = rng.normal(size=(300, 16)) * 1.3 + shift
+        expected = frechet_distance(*metrics.feature_stats(gen), *metrics.feature_stats(ref))
+        assert to_ref(*metrics.feature_stats(gen)) == pytest.approx(expected, rel=1e-7, abs=1e-9)
+

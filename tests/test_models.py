@@ -128,6 +128,20 @@ def test_text_encoder_cache_matches_uncached(tiny_sd_components):
 
 # --- sampling -----------------------------------------------------------------------------
 
+def test_text_encoder_empty_caption_encoded_once(tiny_sd_components, monkeypatch):
+    tok, model = tiny_sd_components["tokenizer"], tiny_sd_components["text_encoder"]
+    enc = models.TextEncoder(tok, model, max_length=16)
+    ref = enc([""] * 5)  # (5, 16, D): what guidance's unconditional branch used to encode
+    calls = []
+    real = enc._encode
+    monkeypatch.setattr(enc, "_encode", lambda caps: calls.append(len(caps)) or real(caps))
+    out = enc.empty(5)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+    assert enc.empty(300).shape[0] == 300
+    assert calls == [1]  # one caption encoded once, whatever the batch
+
+
 def test_seeded_noise_reproducible_and_batch_independent():
     a = sampling.seeded_noise([1, 2, 3], (4, 8, 8))
     assert a.shape == (3, 4, 8, 8) and a.dtype == torch.float32
