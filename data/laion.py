@@ -15,6 +15,11 @@ how many were skipped before it in its worker (the last one also those after it)
 ``skipped`` of all batches sums to the exact count. A tar that breaks off counts once as
 ``unreadable_tar``; the samples read before the break are kept, and a sample cut short by it is
 decoded with the members it has (no ``.txt``: skipped as ``missing_caption``).
+
+Caption filters (``CaptionFilters``: caption length, LAION's ``punsafe``, ``pwatermark`` and
+``similarity`` from each sample's ``.json``) drop samples the same way, each under its own reason
+(``filtered_<what>``, never a corrupt-data reason): ``skipped`` counts every dropped sample,
+``filtered`` the part of it that the filters dropped.
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import random
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import lightning as L
@@ -65,8 +72,59 @@ def load_image(data: bytes, resolution: int) -> torch.Tensor:
     return x.permute(2, 0, 1).float().div(127.5).sub(1.0)  # (3, H, W)
 
 
+@dataclass
+class CaptionFilters:
+    """Bounds on a sample's caption and LAION metadata (img2dataset's ``.json``); None = not filtered.
+
+    Caption length is in characters of the stripped caption. ``missing_field`` decides a sample
+    whose ``.json`` is absent or lacks a bounded field (or holds null/NaN there): "drop" (the
+    default: a sample that cannot be shown to pass is not used; counted as
+    ``filtered_missing_<field>``) or "keep".
+    """
+
+    min_caption_chars: int | None = None
+    max_caption_chars: int | None = None
+    max_punsafe: float | None = None      # LAION's NSFW probability
+    max_pwatermark: float | None = None   # LAION's watermark probability
+    min_similarity: float | None = None   # CLIP image-text cosine similarity (LAION's filter was 0.28)
+    missing_field: str = "drop"
+
+    def __post_init__(self) -> None:
+        if self.missing_field not in ("keep", "drop"):
+            raise ValueError(f"missing_field must be 'keep' or 'drop', got {self.missing_field!r}")
+
+    def reason(self, caption: str, meta: dict | None) -> str | None:
+        """The ``filtered_*`` reason that drops this sample, or None to keep it."""
+        n = len(caption)
+        if (self.min_caption_chars is not None and n < self.min_caption_chars) or (
+                self.max_caption_chars is not None and n > self.max_caption_chars):
+            return "filtered_caption_length"
+        for field, bound, is_max in (("punsafe", self.max_punsafe, True), ("pwatermark", self.max_pwatermark, True),
+                                     ("similarity", self.min_similarity, False)):
+            if bound is None:
+                continue
+            value = _number(meta.get(field) if isinstance(meta, dict) else None)
+            if value is None:
+                if self.missing_field == "drop":
+                    return f"filtered_missing_{field}"
+            elif (value > bound) if is_max else (value < bound):
+                return f"filtered_{field}"
+        return None
+
+
+def _number(value: Any) -> float | None:
+    """A finite float from a metadata value, else None (absent, null, NaN, not a number)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
 class LaionStream(IterableDataset):
-    """Samples ``{key, caption, meta, pixel_values?, skipped}`` from img2dataset shards."""
+    """Samples ``{key, caption, meta, pixel_values?, skipped, filtered}`` from img2dataset shards."""
 
     def __init__(
         self,
@@ -79,9 +137,11 @@ class LaionStream(IterableDataset):
         seed: int = 0,
         epoch: int = 0,
         exclude: set[str] | frozenset[str] = frozenset(),
+        filters: CaptionFilters | dict | None = None,
     ) -> None:
         super().__init__()
         self.exclude = set(exclude)
+        self.filters = CaptionFilters(**filters) if isinstance(filters, dict) else filters
         self.urls = expand_shards(shards)
         if not self.urls:
             raise ValueError(f"no shards match {shards!r}")
@@ -94,6 +154,7 @@ class LaionStream(IterableDataset):
         self.epoch = epoch
         self.skips: Counter = Counter()  # per process; in workers, reported through `skipped`
         self._pending = 0
+        self._pending_filtered = 0
         self._shard_failed = False
 
     # -- shard selection -------------------------------------------------------------------
@@ -118,7 +179,9 @@ class LaionStream(IterableDataset):
         self._pending += 1
         n = self.skips[reason]
         if n <= 5 or n & (n - 1) == 0:  # first few, then at powers of two
-            log.warning("skipped a sample (%s, %d so far): %s", reason, n, detail)
+            # a filter doing its job is not a data problem: info, not warning
+            level = logging.INFO if reason.startswith("filtered_") else logging.WARNING
+            log.log(level, "skipped a sample (%s, %d so far): %s", reason, n, detail)
 
     def _handler(self, exn: Exception) -> bool:
         if not self._shard_failed:  # a cut tar raises twice (member data, then next header): count once
@@ -145,6 +208,11 @@ class LaionStream(IterableDataset):
                 meta = None
         if meta is None and self.require_meta:
             return self._skip("missing_meta", key)
+        if self.filters is not None:
+            reason = self.filters.reason(caption, meta)
+            if reason is not None:
+                self._pending_filtered += 1
+                return self._skip(reason, key)
         # url + worker let a writer know when an input shard is complete (coupling generation)
         sample = {"key": key, "caption": caption, "meta": meta, "url": raw.get("__url__"), "worker": self._worker}
         if not self.captions_only:
@@ -158,7 +226,7 @@ class LaionStream(IterableDataset):
         return sample
 
     def __iter__(self) -> Iterator[dict]:
-        self._pending = 0
+        self._pending = self._pending_filtered = 0
         self._worker = pytorch_worker_info()[2]
         select = (lambda f: not f.lower().endswith(tuple("." + k for k in IMAGE_KEYS))) if self.captions_only else None
         files = self._expand(self._open(self._shard_urls()), select)
@@ -168,11 +236,13 @@ class LaionStream(IterableDataset):
         prev = None  # one sample of lookahead, so skips after the last sample are reported too
         for s in samples:
             s["skipped"], self._pending = self._pending, 0
+            s["filtered"], self._pending_filtered = self._pending_filtered, 0
             if prev is not None:
                 yield prev
             prev = s
         if prev is not None:
             prev["skipped"], self._pending = prev["skipped"] + self._pending, 0
+            prev["filtered"], self._pending_filtered = prev["filtered"] + self._pending_filtered, 0
             yield prev
         elif self._pending:
             log.warning("%d samples skipped and no sample left to report them on", self._pending)
@@ -220,7 +290,8 @@ def collate(samples: list[dict]) -> dict:
         "key": [s["key"] for s in samples],
         "caption": [s["caption"] for s in samples],
         "meta": [s["meta"] for s in samples],
-        "skipped": sum(s["skipped"] for s in samples),
+        "skipped": sum(s["skipped"] for s in samples),  # filtered samples included
+        "filtered": sum(s.get("filtered", 0) for s in samples),
         "url": [s.get("url") for s in samples],
         "worker": [s.get("worker", 0) for s in samples],
     }
@@ -238,6 +309,7 @@ class LaionDataModule(L.LightningDataModule):
         resolution: images are resized (shorter side) and centre-cropped to this size.
         captions_only: never read or decode images (teacher ODE solving needs prompts only).
         require_meta: skip samples without a readable ``.json`` (the embedded world's ground truth).
+        filters: caption / metadata filters (``CaptionFilters``) for every stage; None keeps all.
     """
 
     def __init__(
@@ -253,9 +325,11 @@ class LaionDataModule(L.LightningDataModule):
         shuffle_buffer: int = 1000,
         captions_only: bool = False,
         require_meta: bool = False,
+        filters: CaptionFilters | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
+        self.filters = filters
         self.shards = {"train": train, "val": val, "test": test, "predict": predict}
         self.resolution = resolution
         self.batch_size = batch_size
@@ -275,7 +349,7 @@ class LaionDataModule(L.LightningDataModule):
         train = stage == "train"
         kw = dict(
             resolution=self.resolution, resampled=train, shuffle_buffer=self.shuffle_buffer if train else 0,
-            captions_only=self.captions_only, require_meta=self.require_meta, seed=self.seed,
+            captions_only=self.captions_only, require_meta=self.require_meta, filters=self.filters, seed=self.seed,
             # a restarted run must not replay the stream it has already seen
             epoch=self.trainer.global_step if self.trainer is not None else 0,
         )

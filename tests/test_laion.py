@@ -380,3 +380,105 @@ def test_cut_sample_never_merges_into_the_next_shard(tmp_path):
     assert [s["key"] for s in samples] == ["000070000", "000070001", "000070002", "000070003", "000070003"]
     assert samples[3]["meta"] is None and samples[4]["meta"]["key"] == "000070003"
     assert stream.skips == Counter(unreadable_tar=1)
+
+
+# -- caption filters on LAION metadata ------------------------------------------------------------
+
+def _laion_shard(tmp_path: Path) -> str:
+    """One shard with LAION-style metadata: every sample fails exactly one filter, or none."""
+    rows = [  # key, caption, meta (None: no .json)
+        ("k0", "a dog running on a beach", {"punsafe": 0.01, "pwatermark": 0.1, "similarity": 0.33}),  # kept
+        ("k1", "tiny", {"punsafe": 0.01, "pwatermark": 0.1, "similarity": 0.33}),  # too short
+        ("k2", "x" * 81, {"punsafe": 0.01, "pwatermark": 0.1, "similarity": 0.33}),  # too long
+        ("k3", "a nude painting of someone", {"punsafe": 0.9, "pwatermark": 0.1, "similarity": 0.33}),
+        ("k4", "stock photo of a city street", {"punsafe": 0.01, "pwatermark": 0.8, "similarity": 0.33}),
+        ("k5", "unrelated words in the alt text", {"punsafe": 0.01, "pwatermark": 0.1, "similarity": 0.1}),
+        ("k6", "a cat on a sofa with no punsafe", {"pwatermark": 0.1, "similarity": 0.33}),  # field missing
+        ("k7", "a red car parked near a tree", {"punsafe": None, "pwatermark": 0.1, "similarity": 0.33}),  # null
+        ("k8", "a bowl of fruit on a table", None),  # no .json at all
+        ("k9", "a man riding a horse at sunset", {"punsafe": 0.1, "pwatermark": 0.5, "similarity": 0.28}),  # on the bounds
+    ]
+    members = []
+    for i, (key, caption, meta) in enumerate(rows):
+        members += [(f"{key}.jpg", _jpg(i)), (f"{key}.txt", caption.encode())]
+        if meta is not None:
+            members.append((f"{key}.json", json.dumps(meta).encode()))
+    return _write_tar(tmp_path / "laion.tar", members)
+
+
+FILTERS = dict(min_caption_chars=5, max_caption_chars=80, max_punsafe=0.1, max_pwatermark=0.5, min_similarity=0.28)
+
+
+@pytest.mark.parametrize("missing, kept", [("drop", ["k0", "k9"]), ("keep", ["k0", "k6", "k7", "k8", "k9"])])
+def test_caption_filters_drop_by_their_own_reason(tmp_path, missing, kept, caplog):
+    shard = _laion_shard(tmp_path)
+    with caplog.at_level(logging.INFO, logger="data.laion"):
+        stream = LaionStream(shard, resolution=16, filters={**FILTERS, "missing_field": missing})
+        samples = list(stream)
+    assert [s["key"] for s in samples] == kept
+    expected = Counter(filtered_caption_length=2, filtered_punsafe=1, filtered_pwatermark=1, filtered_similarity=1)
+    # k8 has no json: its first bounded field decides (punsafe); k6, k7 lack only punsafe
+    expected += Counter({"filtered_missing_punsafe": 3} if missing == "drop" else {})
+    assert stream.skips == expected
+    assert not any(r in stream.skips for r in ("bad_image", "missing_caption", "missing_meta"))
+    n_filtered = sum(expected.values())
+    assert sum(s["skipped"] for s in samples) == sum(s["filtered"] for s in samples) == n_filtered
+    batch = collate(samples)
+    assert batch["skipped"] == batch["filtered"] == n_filtered
+    # a filter doing its job is reported at INFO, corrupt data at WARNING
+    recs = [r for r in caplog.records if "filtered_punsafe" in r.getMessage()]
+    assert recs and all(r.levelno == logging.INFO for r in recs)
+
+
+def test_caption_filters_counted_apart_from_corrupt_data(tiny_shards, tmp_path):
+    shards, corrupt = _bad_inputs(tmp_path, tiny_shards.paths)
+    # the shapes world's captions are 20-120 characters: bound them so some are filtered
+    stream = LaionStream(shards, resolution=32, filters=dict(max_caption_chars=50))
+    samples = list(stream)
+    n_filtered = stream.skips["filtered_caption_length"]
+    assert n_filtered > 0 and all(len(s["caption"]) <= 50 for s in samples)
+    assert +Counter({k: v for k, v in stream.skips.items() if not k.startswith("filtered_")}) == corrupt
+    assert sum(s["filtered"] for s in samples) == n_filtered
+    assert sum(s["skipped"] for s in samples) == n_filtered + sum(corrupt.values())
+    # no filters: the behaviour (and the counts) of before
+    plain = LaionStream(shards, resolution=32)
+    plain_samples = list(plain)
+    assert plain.skips == corrupt and sum(s["filtered"] for s in plain_samples) == 0
+    assert len(plain_samples) == len(samples) + n_filtered
+
+
+def test_caption_filters_caption_only_and_datamodule(tmp_path, monkeypatch):
+    from data.laion import CaptionFilters
+
+    shard = _laion_shard(tmp_path)
+    monkeypatch.setattr(laion, "load_image", lambda *a, **k: pytest.fail("image decoded in captions_only mode"))
+    dm = LaionDataModule(predict=shard, captions_only=True, eval_batch_size=4, num_workers=0,
+                         filters=CaptionFilters(**FILTERS))
+    batches = list(dm.predict_dataloader())
+    assert [k for b in batches for k in b["key"]] == ["k0", "k9"]
+    assert sum(b["filtered"] for b in batches) == sum(b["skipped"] for b in batches) == 8
+    assert dm.stream("predict").filters == CaptionFilters(**FILTERS)
+    with pytest.raises(ValueError, match="missing_field must be 'keep' or 'drop'"):
+        CaptionFilters(missing_field="ignore")
+    # NaN and non-numbers count as missing; bounds are inclusive
+    f = CaptionFilters(max_punsafe=0.5, missing_field="drop")
+    assert f.reason("ok caption", {"punsafe": float("nan")}) == "filtered_missing_punsafe"
+    assert f.reason("ok caption", {"punsafe": "high"}) == "filtered_missing_punsafe"
+    assert f.reason("ok caption", {"punsafe": 0.5}) is None
+    assert f.reason("ok caption", {"punsafe": 0.51}) == "filtered_punsafe"
+    assert CaptionFilters().reason("", None) is None  # nothing set: nothing filtered
+
+
+def test_caption_filters_from_yaml_and_misspelled_key(tmp_path, capsys):
+    from conftest import ROOT
+    from data.laion import CaptionFilters
+    from lightning_modules.cli import main
+
+    base = str(ROOT / "experiments" / "base" / "default.yaml")
+    exp = str(ROOT / "experiments" / "embedded" / "pairs_teacher.yaml")
+    c = main(["-c", base, "-c", exp, "--data.init_args.filters.max_punsafe", "0.1",
+              "--data.init_args.filters.missing_field", "keep"], run=False)
+    assert c.datamodule.filters == CaptionFilters(max_punsafe=0.1, missing_field="keep")
+    with pytest.raises(SystemExit):
+        main(["-c", base, "-c", exp, "--data.init_args.filters.max_punsfe", "0.1"], run=False)
+    assert "max_punsfe" in capsys.readouterr().err
