@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
 .PHONY: help venv data data-chain train-vae train-teacher-unet train-teacher train-evaluator eval-teacher floors \
-        gen-pairs train-2rf train-distill eval report generate train-reflow test test-full tensorboard clean
+        gen-pairs train-2rf train-distill eval report generate export train-reflow sweep test test-full tensorboard clean
 
 help: ## list every target with one line each
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-20s\033[0m %s\n", $$1, $$2}'
@@ -88,8 +88,51 @@ PROMPT ?= a large red circle in the center on a white background
 generate: $(VENV)/.installed ## PNGs and a grid for PROMPT from MODEL (STEPS, W=guidance) into runs/generate/
 	$(PY) -m lightning_modules.generate --model $(MODEL) --steps $(STEPS) --guidance $(W) --prompt "$(PROMPT)" --out runs/generate
 
-train-reflow: train-distill ## the whole InstaFlow chain on the embedded default, then the results table
+# make export MODEL=runs/embedded/models/instaflow OUT=runs/export/instaflow
+OUT ?= runs/export/$(notdir $(MODEL))
+export: $(VENV)/.installed ## MODEL (2-RF or one-step) as a diffusers folder in OUT, loadable without this project; checks it reloads
+	$(PY) -m lightning_modules.export_diffusers --model $(MODEL) --out $(OUT)
+
+# --- the same chain on a cluster (lightning_modules/launch.py, README "Clusters"): with NODES or PARTITION set,
+# train-reflow submits ONE SLURM job whose script runs the stage commands below (the same text as the recipes
+# above, checked by tests/test_launch.py) in order, each skipped when its output exists, so a requeued job
+# resumes; DRY_RUN=1 prints the script, REQUEUE=0 turns requeue off. LAUNCHER=torchrun RDZV=host:port runs them through torchrun instead
+# (run it on every node with NODE_RANK set). Nothing is rescaled: the global batch is batch_size x NODES x GPUS.
+NODES ?=
+PARTITION ?=
+GPUS_PER_NODE ?= 1
+TIME_LIMIT ?=
+JOB_NAME ?= instaflow
+SLURM_DIR ?= runs/slurm
+LAUNCHER ?= slurm
+RDZV ?= localhost:29500
+CHAIN_STAGES = \
+  --stage data - '$(TIMED) data -- $(PY) -m data.shapes --out $(DATA) --train 4000' \
+  --stage pairs_teacher $(PAIRS)/teacher/.done '$(TIMED) pairs_teacher -- $(CLI) predict -c $(BASE) -c $(EMB)/pairs_teacher.yaml' \
+  --stage reflow $(MODELS)/rf2/model_index.json '$(TIMED) reflow -- $(FIT) -c $(EMB)/reflow.yaml' \
+  --stage pairs_rf2 $(PAIRS)/rf2/.done '$(TIMED) pairs_rf2 -- $(CLI) predict -c $(BASE) -c $(EMB)/pairs_rf2.yaml' \
+  --stage distill_instaflow $(MODELS)/instaflow/model_index.json '$(TIMED) distill_instaflow -- $(FIT) -c $(EMB)/distill.yaml' \
+  --stage distill_direct $(MODELS)/direct/model_index.json '$(TIMED) distill_direct -- $(FIT) -c $(EMB)/distill.yaml -c $(EMB)/distill_direct.yaml' \
+  --stage distill_direct_rfinit $(MODELS)/direct_rfinit/model_index.json '$(TIMED) distill_direct_rfinit -- $(FIT) -c $(EMB)/distill.yaml -c $(EMB)/distill_direct_rfinit.yaml' \
+  --stage eval - '$(PY) -m lightning_modules.evaluate --out runs/embedded/results --timings runs/embedded/timings --bf16 --straightness-n 128'
+WORLD_ARGS = --nodes $(or $(NODES),1) --gpus-per-node $(GPUS_PER_NODE) $(if $(filter-out 0,$(DRY_RUN)),--dry-run) \
+  $(if $(filter torchrun,$(LAUNCHER)),--rdzv-endpoint $(RDZV),--job-name $(JOB_NAME) --dir $(SLURM_DIR) \
+  $(if $(PARTITION),--partition $(PARTITION)) $(if $(TIME_LIMIT),--time $(TIME_LIMIT)) $(if $(filter 0,$(REQUEUE)),--no-requeue))
+
+ifeq ($(NODES)$(PARTITION),)
+train-reflow: train-distill ## the whole InstaFlow chain, then the results table (NODES=.. GPUS_PER_NODE=.. PARTITION=..: one SLURM job)
 	$(MAKE) eval
+else
+train-reflow: $(VENV)/.installed
+	$(PY) -m lightning_modules.launch $(LAUNCHER) $(WORLD_ARGS) $(CHAIN_STAGES)
+endif
+
+# make sweep SWEEP=experiments/sweeps/reflow_lr.yaml [NODES=.. GPUS_PER_NODE=.. PARTITION=.. [DRY_RUN=1]]
+SWEEP_SLURM = $(if $(NODES)$(PARTITION),--slurm --nodes $(or $(NODES),1) --gpus-per-node $(GPUS_PER_NODE) --dir $(SLURM_DIR) \
+  $(if $(PARTITION),--partition $(PARTITION)) $(if $(TIME_LIMIT),--time $(TIME_LIMIT)))
+sweep: $(VENV)/.installed ## grid/random search of SWEEP=<file>: runs here one by one, or a SLURM array with NODES/PARTITION; ranked summary
+	$(if $(SWEEP),,$(error give the sweep file: make sweep SWEEP=experiments/sweeps/<name>.yaml))
+	$(PY) -m lightning_modules.sweep $(SWEEP) $(SWEEP_SLURM) $(if $(filter-out 0,$(DRY_RUN)),--dry-run)
 
 test: $(VENV)/.installed ## fast offline tests (a few minutes on 2 cores)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
