@@ -70,7 +70,7 @@ def _summary(x0: torch.Tensor, x1: torch.Tensor, segs: list) -> dict:
 
 @torch.no_grad()
 def latency(model: TextToImage, prompt: str, steps: int, guidance: float, batch_size: int, rounds: int,
-            min_seconds: float = 5.0, warmup: int = 3) -> dict:
+            min_seconds: float = 3.0, warmup: int = 3) -> dict:
     """Median seconds per image: end to end, and UNet evaluations only.
 
     At least ``rounds`` rounds and at least ``min_seconds`` of end-to-end time, after ``warmup``
@@ -158,8 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rows", default=None, help="JSON list of {name,label,model,steps,guidance}; default: the six rows")
     p.add_argument("--straightness-n", type=int, default=256)
     p.add_argument("--latency-batch", type=int, default=1)
-    p.add_argument("--latency-rounds", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--latency-rounds", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--out", default="runs/embedded/results")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for every UNet evaluation (all rows alike)")
     p.add_argument("--timings", default=None, help="folder of lightning_modules.timed records (stage wall times)")
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
         "alignment": "share of images whose predicted scene (cells, shapes, colours, background) matches the prompt",
         "straightness": f"S = sum dt ||(x1 - x0) - v||^2 (mean over elements) along the model's own solver path in flow time, {a.straightness_n} prompts",
         "precision": "bf16 autocast for UNet evaluations, fp32 ODE state and VAE" if a.bf16 else "fp32",
-        "latency": f"median of at least {a.latency_rounds} rounds and 5 s (after 3 warm-up calls), batch {a.latency_batch}, end to end on this machine ({torch.get_num_threads()} threads); UNet-only beside it",
+        "latency": f"median of at least {a.latency_rounds} rounds and 3 s (after 3 warm-up calls), batch {a.latency_batch}, end to end on this machine ({torch.get_num_threads()} threads); UNet-only beside it",
     }, "rows": {}}
     encoders: dict = {}
     for row in rows:
