@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
 .PHONY: help venv data data-chain train-vae train-teacher-unet train-teacher train-evaluator eval-teacher floors \
-        gen-pairs train-2rf train-distill eval report generate export train-reflow sweep test test-full tensorboard clean
+        gen-pairs train-2rf train-distill eval report generate export train-reflow sweep test test-full bench bench-gpu tensorboard clean
 
 help: ## list every target with one line each
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-20s\033[0m %s\n", $$1, $$2}'
@@ -139,6 +139,12 @@ test: $(VENV)/.installed ## fast offline tests (a few minutes on 2 cores)
 
 test-full: $(VENV)/.installed ## all tests, including the slow ones
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+bench: $(VENV)/.installed ## CPU couplings/s and reflow steps/s (embedded default + tiny SD, ~20 s each) -> benchmarks/results_cpu.json
+	$(PY) -m benchmarks.bench_cpu
+
+bench-gpu: $(VENV)/.installed ## SD-1.5-sized reflow step time/memory/MFU (bf16, FSDP2), couplings/s, one-step latency; needs CUDA
+	$(PY) -m benchmarks.bench_gpu
 
 tensorboard: $(VENV)/.installed ## TensorBoard over every run in runs/
 	$(VENV)/bin/tensorboard --logdir runs

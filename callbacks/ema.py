@@ -29,9 +29,17 @@ class EMA(Callback):
         return [p for p in getattr(pl_module, self.attr).parameters() if p.requires_grad]
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._init_shadow(pl_module)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # strategies that restore after setup (ModelParallelStrategy) load the checkpoint after on_fit_start
+        if self._loaded is not None:
+            self._init_shadow(pl_module)
+
+    def _init_shadow(self, pl_module: L.LightningModule) -> None:
         params = self._params(pl_module)
         if self._loaded is not None:
-            self.shadow = [s.to(p.device, p.dtype) for s, p in zip(self._loaded["shadow"], params)]
+            self.shadow = [_like(s, p) for s, p in zip(self._loaded["shadow"], params)]
             self.num_updates = self._loaded["num_updates"]
             self._loaded = None
         elif self.shadow is None:
@@ -75,11 +83,28 @@ class EMA(Callback):
             self._ctx = None
 
     def state_dict(self) -> dict:
-        return {"shadow": [s.cpu() for s in self.shadow] if self.shadow else None, "num_updates": self.num_updates}
+        # FSDP2 shards are gathered (a collective: Lightning asks every rank), so rank 0 saves whole tensors
+        return {"shadow": [_full(s).cpu() for s in self.shadow] if self.shadow else None,
+                "num_updates": self.num_updates}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if state_dict.get("shadow") is not None:
             self._loaded = state_dict
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _like(saved: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A saved whole tensor placed like parameter ``p`` (re-sharded when ``p`` is an FSDP2 DTensor)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(p, DTensor):
+        return distribute_tensor(saved.to(p.device, p.dtype), p.device_mesh, p.placements)
+    return saved.to(p.device, p.dtype)
 
 
 def find_ema(trainer: L.Trainer) -> EMA | None:

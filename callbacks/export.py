@@ -11,6 +11,9 @@ from callbacks.ema import find_ema
 class Export(Callback):
     """Call ``pl_module.export(dirpath)`` at the end of ``fit``, on rank zero, inside the EMA swap.
 
+    A module with ``export_unet()`` (``FlowStudent``) first gathers its weights on every rank, so
+    an FSDP2-sharded UNet is exported whole.
+
     Without ``dirpath`` the module's ``export_dir`` hyperparameter is used, so an experiment that
     overrides another changes one model key instead of the whole callback list.
     """
@@ -30,7 +33,9 @@ class Export(Callback):
         dirpath = self.dirpath or getattr(pl_module.hparams, "export_dir", None)
         if not dirpath:
             raise ValueError("Export needs a dirpath, or a module with an export_dir hyperparameter")
+        # a sharded (FSDP2) module gathers its full weights first: a collective, so every rank calls it
+        unet = pl_module.export_unet() if hasattr(pl_module, "export_unet") else None
         if trainer.is_global_zero:
-            path = pl_module.export(dirpath)
+            path = pl_module.export(dirpath) if unet is None else pl_module.export(dirpath, unet=unet)
             print(f"exported to {path}")
         trainer.strategy.barrier()

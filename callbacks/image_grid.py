@@ -45,15 +45,16 @@ class ImageGrid(Callback):
         if trainer.sanity_checking or not hasattr(pl_module, "sample_grid"):
             return
         grids = pl_module.sample_grid(self.prompts, seed=self.seed)
-        self._log(trainer, grids)
+        # trainer.log_dir broadcasts from rank 0: read it on every rank, or rank 0 waits forever
+        self._log(trainer, grids, trainer.log_dir)
 
     @rank_zero_only
-    def _log(self, trainer: L.Trainer, grids: dict) -> None:
+    def _log(self, trainer: L.Trainer, grids: dict, log_dir: str | None) -> None:
         for name, images in grids.items():
             grid = make_grid(images, self.nrow)
             for logger in trainer.loggers:
                 exp = getattr(logger, "experiment", None)
                 if hasattr(exp, "add_image"):
                     exp.add_image(f"samples/{name}", grid, trainer.global_step)
-            if trainer.log_dir:
-                save_png(grid, Path(trainer.log_dir) / "grids" / f"{name}_{trainer.global_step:06d}.png", self.png_scale)
+            if log_dir:
+                save_png(grid, Path(log_dir) / "grids" / f"{name}_{trainer.global_step:06d}.png", self.png_scale)

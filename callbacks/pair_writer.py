@@ -3,7 +3,9 @@
 Output shard k holds exactly the samples of input shard k (same file name), written by the rank
 that read it, to a temporary name and renamed when complete, with ``{name}_stats.json`` last. A
 rerun excludes the input shards whose outputs are complete, so a killed job loses and duplicates
-nothing: a half-written shard is simply regenerated.
+nothing: a half-written shard is simply regenerated. Each shard's stats file lists its keys and the
+rank that wrote it, and each rank writes ``manifest_rank{r}.json`` (the shards and keys it wrote in
+this run) when it finishes.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ class CouplingWriter(BasePredictionWriter):
         self._buffers: dict[str, list[dict]] = defaultdict(list)
         self._current: dict[int, str] = {}
         self._names: dict[str, str] = {}
+        self._written: dict[str, list[str]] = {}  # this run's shards -> keys, for the rank's manifest
+        self._rank, self._world = 0, 1
 
     # -- resume ----------------------------------------------------------------------------
     def is_done(self, url: str) -> bool:
@@ -81,6 +85,8 @@ class CouplingWriter(BasePredictionWriter):
         self.output_dir.mkdir(parents=True, exist_ok=True)
         done = {u for u in urls if self.is_done(u)}
         dm.exclude_shards["predict"] = done
+        self._rank, self._world = trainer.global_rank, trainer.world_size
+        self._written = {}
         self._total = len(urls)
         self._skipped_done = len(done)
         if trainer.is_global_zero:
@@ -132,16 +138,24 @@ class CouplingWriter(BasePredictionWriter):
                 members.append((f"{key}.states.npy", npy_bytes(s["text_states"], "float16")))
         path = self.output_dir / name
         write_tar(path, members)
-        stats = {"count": len(samples), "source": url, "written_at": time.time()}
+        keys = sorted(s["key"] for s in samples)
+        stats = {"count": len(samples), "source": url, "written_at": time.time(), "rank": self._rank,
+                 "world_size": self._world, "keys": keys}
         tmp = self.output_dir / f"{Path(name).stem}_stats.json.tmp"
         tmp.write_text(json.dumps(stats))
         os.replace(tmp, self.output_dir / f"{Path(name).stem}_stats.json")  # marks the shard complete
+        self._written[name] = keys
 
     def on_predict_end(self, trainer, pl_module) -> None:
         for url in list(self._buffers):
             self._flush(url)
         self._current.clear()
         self._bar.close()
+        manifest = {"rank": self._rank, "world_size": self._world, "shards": self._written,
+                    "count": sum(len(k) for k in self._written.values()), "skipped_complete": self._skipped_done}
+        tmp = self.output_dir / f"manifest_rank{self._rank}.json.tmp"
+        tmp.write_text(json.dumps(manifest, indent=1))
+        os.replace(tmp, self.output_dir / f"manifest_rank{self._rank}.json")
         if trainer.is_global_zero:
             wall = time.time() - self._t0
             print(f"wrote {self._n} couplings in {wall:.1f}s ({self._n / max(wall, 1e-9):.1f}/s) on rank 0; "

@@ -18,6 +18,13 @@ def pseudo_huber_loss(pred: torch.Tensor, target: torch.Tensor, c: float = 0.03)
     return ((d2 + c * c).sqrt() - c).mean()
 
 
+def resize_images(images: torch.Tensor, size: int | None) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, 3, size, size), bilinear with antialiasing (differentiable); None or same size: unchanged."""
+    if size is None or tuple(images.shape[-2:]) == (size, size):
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
 class VAEEncoderFeatures(nn.Module):
     """Multi-scale activations of a (frozen) VAE encoder: the embedded world's stand-in for VGG.
 

@@ -165,10 +165,27 @@ def load_vae(pretrained: str):
     return from_pretrained(AutoencoderKL, pretrained, "vae", what="VAE").eval().requires_grad_(False)
 
 
+def load_tiny_decoder(pretrained: str):
+    """A frozen diffusers ``AutoencoderTiny`` (e.g. TAESD, ``madebyollin/taesd``) from a folder or hub id."""
+    from diffusers import AutoencoderTiny
+
+    return from_pretrained(AutoencoderTiny, pretrained, what="AutoencoderTiny (perceptual_decoder)").eval() \
+        .requires_grad_(False)
+
+
 def load_unet(pretrained: str, subfolder: str = "unet"):
+    """The folder's UNet: a UNet2DConditionModel, or the stacked U-Net when ``unet/config.json`` names it."""
     from diffusers import UNet2DConditionModel
 
-    return from_pretrained(UNet2DConditionModel, pretrained, subfolder, what="UNet")
+    from lightning_modules.stacked_unet import CLASS_NAME, StackedUNet2DConditionModel
+
+    try:  # the config alone (local, or the hub cache) says which class; failures surface in from_pretrained
+        stacked = UNet2DConditionModel.load_config(resolve_path(pretrained), subfolder=subfolder).get(
+            "_class_name") == CLASS_NAME
+    except (OSError, ValueError):
+        stacked = False
+    cls = StackedUNet2DConditionModel if stacked else UNet2DConditionModel
+    return from_pretrained(cls, pretrained, subfolder, what="stacked UNet" if stacked else "UNet")
 
 
 def load_scheduler_config(pretrained: str) -> dict:
@@ -179,10 +196,22 @@ def load_scheduler_config(pretrained: str) -> dict:
 
 
 def build_unet(config: dict):
-    """A UNet2DConditionModel from a config dict (how tests and the embedded teacher build one)."""
+    """A UNet2DConditionModel (or a stacked U-Net, whose config holds ``unet``) from a config dict."""
     from diffusers import UNet2DConditionModel
 
+    from lightning_modules.stacked_unet import StackedUNet2DConditionModel
+
+    if isinstance(config.get("unet"), dict):
+        return StackedUNet2DConditionModel.from_config(config)
     return UNet2DConditionModel(**config)
+
+
+def unet_index_entry(unet: nn.Module) -> list[str]:
+    """``model_index.json``'s [library, class] for a UNet: the stacked U-Net is a custom component (unet/*.py)."""
+    from lightning_modules.stacked_unet import CLASS_NAME, MODULE_NAME, StackedUNet2DConditionModel
+
+    return [MODULE_NAME, CLASS_NAME] if isinstance(unet, StackedUNet2DConditionModel) else \
+        ["diffusers", "UNet2DConditionModel"]
 
 
 def save_pipeline(folder: str | Path, unet: nn.Module, vae: nn.Module, scheduler_config: dict,
@@ -203,7 +232,7 @@ def save_pipeline(folder: str | Path, unet: nn.Module, vae: nn.Module, scheduler
     DDPMScheduler.from_config(scheduler_config).save_pretrained(folder / "scheduler")
     index = {
         "_class_name": "StableDiffusionPipeline", "_diffusers_version": __version__,
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "unet": unet_index_entry(unet), "vae": ["diffusers", "AutoencoderKL"],
         "scheduler": ["diffusers", "DDPMScheduler"],
         "text_encoder": ["transformers", "BertModel" if text_encoder else "CLIPTextModel"],
         "tokenizer": ["transformers", "BertTokenizerFast" if text_encoder else "CLIPTokenizer"],  # SD layout

@@ -23,13 +23,14 @@ UNet gives v:
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 from pathlib import Path
 
 import torch
 import transformers
-from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, ImagePipelineOutput, ModelMixin
 
 KINDS = ("flow", "ddpm_velocity")
 PIPELINE_FILE = "pipeline_rectified_flow.py"  # the name this file has inside an exported folder
@@ -82,12 +83,14 @@ class RectifiedFlowPipeline(DiffusionPipeline):
         kind: "flow" (UNet fed 1000 (1 - t); released InstaFlow / 2-RF) or "ddpm_velocity" (a DDPM
             UNet seen through the analytic epsilon/v -> velocity conversion; needs the scheduler).
         max_length: text padding length (default: the tokenizer's, at most 512).
+        unet: a UNet2DConditionModel, or any model called like one (the stacked U-Net of InstaFlow-1.7B,
+            a custom component in ``unet/stacked_unet.py``).
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
     _optional_components = ["scheduler"]
 
-    def __init__(self, vae: AutoencoderKL, text_encoder, tokenizer, unet: UNet2DConditionModel, scheduler=None,
+    def __init__(self, vae: AutoencoderKL, text_encoder, tokenizer, unet: ModelMixin, scheduler=None,
                  kind: str = "flow", max_length: int | None = None):
         super().__init__()
         if kind not in KINDS:
@@ -246,4 +249,10 @@ class RectifiedFlowPipeline(DiffusionPipeline):
         if library == "transformers" and not name.endswith("Fast") and hasattr(transformers, name + "Fast"):
             # the folder holds tokenizer.json only, which transformers < 5 reads through the Fast class
             index["tokenizer"] = [library, name + "Fast"]
+        for name, module in self.components.items():
+            stem = Path(inspect.getfile(type(module))).stem if isinstance(module, torch.nn.Module) else None
+            if stem and (Path(save_directory) / name / f"{stem}.py").exists():
+                # a custom component that saved its own code (the stacked U-Net): name it by that file,
+                # not by the module path it was imported under here
+                index[name] = [stem, type(module).__name__]
         index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

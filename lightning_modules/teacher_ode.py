@@ -7,6 +7,7 @@ generator, so a coupling can store the seed instead of the noise and any machine
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 
 import lightning as L
@@ -65,10 +66,16 @@ class CouplingGeneration(L.LightningModule):
     def metadata(self) -> dict:
         """What produced the couplings; written next to them (formula and w included, see PITFALLS.md)."""
         h = self.hparams
-        return {"model": h.model, "kind": self.pipe.kind, "solver": h.solver, "steps": h.steps, "guidance": h.guidance,
+        meta = {"model": h.model, "kind": self.pipe.kind, "solver": h.solver, "steps": h.steps, "guidance": h.guidance,
                 "guidance_formula": "out_u + w * (out_c - out_u), applied when w > 1", "base_seed": h.base_seed,
                 "seed_rule": "crc32(f'{base_seed}/{key}') & 0x7FFFFFFF; x0 = randn(latent_shape, CPU generator)",
-                "latent_shape": list(self.pipe.latent_shape), "time_convention": "t=0 noise, t=1 data"}
+                "latent_shape": list(self.pipe.latent_shape), "time_convention": "t=0 noise, t=1 data",
+                "prediction_type": self.pipe.scheduler_config.get("prediction_type", "epsilon")}
+        dm = getattr(self._trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "filters"):  # which captions were kept (data.init_args.filters); null = all
+            f = dm.filters
+            meta["data_filters"] = dataclasses.asdict(f) if dataclasses.is_dataclass(f) else f
+        return meta
 
     @torch.no_grad()
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
