@@ -28,7 +28,7 @@ data: $(VENV)/.installed ## write the embedded world's LAION-layout shards (trai
 	$(PY) -m data.shapes --out $(DATA)
 
 data-chain: $(VENV)/.installed ## only the shards the InstaFlow chain reads (train 00000-00003, val, test); same bytes as `make data`
-	$(PY) -m lightning_modules.timed runs/embedded/timings data -- $(PY) -m data.shapes --out $(DATA) --train 4000
+	$(CMD_data)
 
 train-vae: data ## embedded teacher, part 1: train the AutoencoderKL (32x32 RGB -> 8x8x4), then its decoder alone
 	$(CLI) fit -c $(BASE) -c experiments/embedded/vae.yaml
@@ -58,24 +58,34 @@ FIT = $(CLI) fit -c $(BASE)
 # records each stage's wall time in runs/embedded/timings/<stage>.json (read by the results table)
 TIMED = $(PY) -m lightning_modules.timed runs/embedded/timings
 
+# each stage's command, once: the file rules below and the cluster launch (CHAIN_STAGES) both use them
+CMD_data = $(TIMED) data -- $(PY) -m data.shapes --out $(DATA) --train 4000
+CMD_pairs_teacher = $(TIMED) pairs_teacher -- $(CLI) predict -c $(BASE) -c $(EMB)/pairs_teacher.yaml
+CMD_reflow = $(TIMED) reflow -- $(FIT) -c $(EMB)/reflow.yaml
+CMD_pairs_rf2 = $(TIMED) pairs_rf2 -- $(CLI) predict -c $(BASE) -c $(EMB)/pairs_rf2.yaml
+CMD_distill_instaflow = $(TIMED) distill_instaflow -- $(FIT) -c $(EMB)/distill.yaml
+CMD_distill_direct = $(TIMED) distill_direct -- $(FIT) -c $(EMB)/distill.yaml -c $(EMB)/distill_direct.yaml
+CMD_distill_direct_rfinit = $(TIMED) distill_direct_rfinit -- $(FIT) -c $(EMB)/distill.yaml -c $(EMB)/distill_direct_rfinit.yaml
+CMD_eval = $(PY) -m lightning_modules.evaluate --out runs/embedded/results --timings runs/embedded/timings --bf16 --straightness-n 128
+
 $(PAIRS)/teacher/.done: | data-chain
-	$(TIMED) pairs_teacher -- $(CLI) predict -c $(BASE) -c $(EMB)/pairs_teacher.yaml && touch $@
+	$(CMD_pairs_teacher) && touch $@
 $(MODELS)/rf2/model_index.json: $(PAIRS)/teacher/.done
-	$(TIMED) reflow -- $(FIT) -c $(EMB)/reflow.yaml
+	$(CMD_reflow)
 $(PAIRS)/rf2/.done: $(MODELS)/rf2/model_index.json
-	$(TIMED) pairs_rf2 -- $(CLI) predict -c $(BASE) -c $(EMB)/pairs_rf2.yaml && touch $@
+	$(CMD_pairs_rf2) && touch $@
 $(MODELS)/instaflow/model_index.json: $(PAIRS)/rf2/.done
-	$(TIMED) distill_instaflow -- $(FIT) -c $(EMB)/distill.yaml
+	$(CMD_distill_instaflow)
 $(MODELS)/direct/model_index.json: $(PAIRS)/teacher/.done
-	$(TIMED) distill_direct -- $(FIT) -c $(EMB)/distill.yaml -c $(EMB)/distill_direct.yaml
+	$(CMD_distill_direct)
 $(MODELS)/direct_rfinit/model_index.json: $(PAIRS)/teacher/.done $(MODELS)/rf2/model_index.json
-	$(TIMED) distill_direct_rfinit -- $(FIT) -c $(EMB)/distill.yaml -c $(EMB)/distill_direct_rfinit.yaml
+	$(CMD_distill_direct_rfinit)
 
 gen-pairs: $(PAIRS)/teacher/.done ## stage 1: teacher ODE couplings (25-step DPM-Solver++, w=3) for train prompts
 train-2rf: $(MODELS)/rf2/model_index.json ## stage 2: reflow from the teacher's weights -> the 2-RF
 train-distill: $(MODELS)/instaflow/model_index.json $(MODELS)/direct/model_index.json $(MODELS)/direct_rfinit/model_index.json ## stage 3: 2-RF couplings, one-step InstaFlow, direct distillation and its control
 eval: $(VENV)/.installed ## evaluate every model on the test protocol; writes runs/embedded/results/results.{md,json}
-	$(PY) -m lightning_modules.evaluate --out runs/embedded/results --timings runs/embedded/timings --bf16 --straightness-n 128
+	$(CMD_eval)
 
 report: $(VENV)/.installed ## after make train-reflow: write results/embedded.{md,json} (the committed record of the run)
 	$(PY) -m lightning_modules.report --run runs/embedded --out results/embedded $(if $(NOTES),--notes $(NOTES))
@@ -94,8 +104,8 @@ export: $(VENV)/.installed ## MODEL (2-RF or one-step) as a diffusers folder in 
 	$(PY) -m lightning_modules.export_diffusers --model $(MODEL) --out $(OUT)
 
 # --- the same chain on a cluster (lightning_modules/launch.py, README "Clusters"): with NODES or PARTITION set,
-# train-reflow submits ONE SLURM job whose script runs the stage commands below (the same text as the recipes
-# above, checked by tests/test_launch.py) in order, each skipped when its output exists, so a requeued job
+# train-reflow submits ONE SLURM job whose script runs the stage commands (the CMD_* variables of the recipes
+# above) in order, each skipped when its output exists, so a requeued job
 # resumes; DRY_RUN=1 prints the script, REQUEUE=0 turns requeue off. LAUNCHER=torchrun RDZV=host:port runs them through torchrun instead
 # (run it on every node with NODE_RANK set). Nothing is rescaled: the global batch is batch_size x NODES x GPUS.
 NODES ?=
@@ -107,14 +117,14 @@ SLURM_DIR ?= runs/slurm
 LAUNCHER ?= slurm
 RDZV ?= localhost:29500
 CHAIN_STAGES = \
-  --stage data - '$(TIMED) data -- $(PY) -m data.shapes --out $(DATA) --train 4000' \
-  --stage pairs_teacher $(PAIRS)/teacher/.done '$(TIMED) pairs_teacher -- $(CLI) predict -c $(BASE) -c $(EMB)/pairs_teacher.yaml' \
-  --stage reflow $(MODELS)/rf2/model_index.json '$(TIMED) reflow -- $(FIT) -c $(EMB)/reflow.yaml' \
-  --stage pairs_rf2 $(PAIRS)/rf2/.done '$(TIMED) pairs_rf2 -- $(CLI) predict -c $(BASE) -c $(EMB)/pairs_rf2.yaml' \
-  --stage distill_instaflow $(MODELS)/instaflow/model_index.json '$(TIMED) distill_instaflow -- $(FIT) -c $(EMB)/distill.yaml' \
-  --stage distill_direct $(MODELS)/direct/model_index.json '$(TIMED) distill_direct -- $(FIT) -c $(EMB)/distill.yaml -c $(EMB)/distill_direct.yaml' \
-  --stage distill_direct_rfinit $(MODELS)/direct_rfinit/model_index.json '$(TIMED) distill_direct_rfinit -- $(FIT) -c $(EMB)/distill.yaml -c $(EMB)/distill_direct_rfinit.yaml' \
-  --stage eval - '$(PY) -m lightning_modules.evaluate --out runs/embedded/results --timings runs/embedded/timings --bf16 --straightness-n 128'
+  --stage data - '$(CMD_data)' \
+  --stage pairs_teacher $(PAIRS)/teacher/.done '$(CMD_pairs_teacher)' \
+  --stage reflow $(MODELS)/rf2/model_index.json '$(CMD_reflow)' \
+  --stage pairs_rf2 $(PAIRS)/rf2/.done '$(CMD_pairs_rf2)' \
+  --stage distill_instaflow $(MODELS)/instaflow/model_index.json '$(CMD_distill_instaflow)' \
+  --stage distill_direct $(MODELS)/direct/model_index.json '$(CMD_distill_direct)' \
+  --stage distill_direct_rfinit $(MODELS)/direct_rfinit/model_index.json '$(CMD_distill_direct_rfinit)' \
+  --stage eval - '$(CMD_eval)'
 WORLD_ARGS = --nodes $(or $(NODES),1) --gpus-per-node $(GPUS_PER_NODE) $(if $(filter-out 0,$(DRY_RUN)),--dry-run) \
   $(if $(filter torchrun,$(LAUNCHER)),--rdzv-endpoint $(RDZV),--job-name $(JOB_NAME) --dir $(SLURM_DIR) \
   $(if $(PARTITION),--partition $(PARTITION)) $(if $(TIME_LIMIT),--time $(TIME_LIMIT)) $(if $(filter 0,$(REQUEUE)),--no-requeue))
