@@ -238,7 +238,6 @@ def test_sharded_checkpoint_resumes_step_count_loss_and_ema(runs, tiny_sd_folder
     assert_same_model(root, "resumed", ref="fsdp")  # optimizer, scheduler and EMA state all came back
 
 
-@pytest.mark.slow
 def test_lightning_launcher_ddp_matches_one_process(runs, tiny_sd_folder):
     """DDP on 2 processes x batch B == 1 process x batch 2B (loss curve and exported EMA UNet)."""
     root, pairs = runs
