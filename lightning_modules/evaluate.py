@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -69,29 +70,38 @@ def _summary(x0: torch.Tensor, x1: torch.Tensor, segs: list) -> dict:
 
 
 @torch.no_grad()
-def latency(model: TextToImage, prompt: str, steps: int, guidance: float, batch_size: int, rounds: int,
-            min_seconds: float = 3.0, warmup: int = 3) -> dict:
-    """Median seconds per image: end to end, and UNet evaluations only.
+def latency(models_: dict, prompt: str, batch_size: int, rounds: int, warmup: int = 3,
+            min_round_s: float = 0.25) -> dict:
+    """Median seconds per image of several models, end to end and UNet evaluations only.
 
-    At least ``rounds`` rounds and at least ``min_seconds`` of end-to-end time, after ``warmup``
-    untimed calls: a one-step model's ~40 ms rounds are noisy, so cheap models get more rounds.
+    ``models_``: name -> (model, steps, guidance). Rounds are interleaved (each round times every
+    model), so load changes on a shared machine hit all models alike and their ratios stay
+    meaningful. Within a round a cheap model is timed repeatedly, for about ``min_round_s``, so a
+    one-step model's ~40 ms calls get as many samples as its noise needs.
     """
     prompts = [prompt] * batch_size
     seeds = list(range(batch_size))
-    for _ in range(warmup):
-        model.sample(prompts, steps, guidance, seed=0, batch_size=batch_size)
-    e2e, unet = [], []
-    while len(e2e) < rounds or sum(e2e) * batch_size < min_seconds:
-        t0 = time.perf_counter()
-        model.sample(prompts, steps, guidance, seed=0, batch_size=batch_size)
-        e2e.append((time.perf_counter() - t0) / batch_size)
-        x0 = sampling.seeded_noise(seeds, model.latent_shape)
-        cond = model.text_encoder(prompts)
-        uncond = model.text_encoder.empty(batch_size) if guidance > 1.0 else None
-        t0 = time.perf_counter()
-        model.sample_latents(prompts, steps, guidance, x0=x0, states=(cond, uncond))
-        unet.append((time.perf_counter() - t0) / batch_size)
-    return {"latency_s": statistics.median(e2e), "latency_unet_s": statistics.median(unet), "latency_rounds": len(e2e)}
+    repeats = {}
+    for name, (model, steps, w) in models_.items():
+        for _ in range(warmup):
+            t0 = time.perf_counter()
+            model.sample(prompts, steps, w, seed=0, batch_size=batch_size)
+        repeats[name] = max(1, math.ceil(min_round_s / (time.perf_counter() - t0)))
+    e2e: dict = {k: [] for k in models_}
+    unet: dict = {k: [] for k in models_}
+    for _ in range(rounds):
+        for name, (model, steps, w) in models_.items():
+            for _ in range(repeats[name]):
+                t0 = time.perf_counter()
+                model.sample(prompts, steps, w, seed=0, batch_size=batch_size)
+                e2e[name].append((time.perf_counter() - t0) / batch_size)
+                x0 = sampling.seeded_noise(seeds, model.latent_shape)
+                states = (model.text_encoder(prompts), model.text_encoder.empty(batch_size) if w > 1.0 else None)
+                t0 = time.perf_counter()
+                model.sample_latents(prompts, steps, w, x0=x0, states=states)
+                unet[name].append((time.perf_counter() - t0) / batch_size)
+    return {k: {"latency_s": statistics.median(e2e[k]), "latency_unet_s": statistics.median(unet[k]),
+                "latency_rounds": len(e2e[k])} for k in models_}
 
 
 def nfe(row: Row) -> int:
@@ -158,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rows", default=None, help="JSON list of {name,label,model,steps,guidance}; default: the six rows")
     p.add_argument("--straightness-n", type=int, default=256)
     p.add_argument("--latency-batch", type=int, default=1)
-    p.add_argument("--latency-rounds", type=int, default=5)
+    p.add_argument("--latency-rounds", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--out", default="runs/embedded/results")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for every UNet evaluation (all rows alike)")
@@ -178,9 +188,10 @@ def main(argv: list[str] | None = None) -> dict:
         "alignment": "share of images whose predicted scene (cells, shapes, colours, background) matches the prompt",
         "straightness": f"S = sum dt ||(x1 - x0) - v||^2 (mean over elements) along the model's own solver path in flow time, {a.straightness_n} prompts",
         "precision": "bf16 autocast for UNet evaluations, fp32 ODE state and VAE" if a.bf16 else "fp32",
-        "latency": f"median of at least {a.latency_rounds} rounds and 3 s (after 3 warm-up calls), batch {a.latency_batch}, end to end on this machine ({torch.get_num_threads()} threads); UNet-only beside it",
+        "latency": f"median over {a.latency_rounds} rounds interleaving all models (each model timed for >= 0.25 s per round; 3 warm-up calls), batch {a.latency_batch}, end to end on this machine ({torch.get_num_threads()} threads); UNet-only beside it",
     }, "rows": {}}
     encoders: dict = {}
+    loaded: dict = {}  # name -> (model, steps, guidance), for the interleaved latency rounds
     for row in rows:
         if not Path(row.model).exists() and not row.model.count("/") == 1:
             results["rows"][row.name] = {"label": row.label, "missing": f"{row.model} not found"}
@@ -201,14 +212,22 @@ def main(argv: list[str] | None = None) -> dict:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.bf16):
             pm = path_metrics(model, captions[:n_s], row.steps, row.guidance, list(range(n_s))) if row.steps > 1 and n_s \
                 else {"straightness": None, "straightness_wo_first": None, "path_length_ratio": None}
-        cache, model.text_encoder.cache_size = model.text_encoder.cache_size, 0
-        lat = latency(model, captions[0], row.steps, row.guidance, a.latency_batch, a.latency_rounds) \
-            if a.latency_rounds else {"latency_s": None, "latency_unet_s": None, "latency_rounds": 0}
-        model.text_encoder.cache_size = cache
         results["rows"][row.name] = {"label": row.label, "model": row.model, "steps": row.steps,
-                                     "guidance": row.guidance, "nfe": nfe(row), **score, **pm, **lat,
+                                     "guidance": row.guidance, "nfe": nfe(row), **score, **pm,
                                      "eval_wall_s": round(time.time() - t0, 1)}
-        print(f"{row.name}: FID {score['fid']:.2f} alignment {score['alignment']:.3f} {pm} {lat}", flush=True)
+        loaded[row.name] = (model, row.steps, row.guidance)
+        print(f"{row.name}: FID {score['fid']:.2f} alignment {score['alignment']:.3f} {pm}", flush=True)
+    # latency of all rows in interleaved rounds, text cache off (every call pays for its encoding)
+    for enc in encoders.values():
+        enc.cache_size = 0
+        enc._cache.clear()
+    t0 = time.time()
+    lat = latency(loaded, captions[0], a.latency_batch, a.latency_rounds) if a.latency_rounds and loaded else {}
+    for name in loaded:
+        results["rows"][name].update(lat.get(name, {"latency_s": None, "latency_unet_s": None, "latency_rounds": 0}))
+    if lat:
+        print(f"latency ({time.time() - t0:.0f} s): " + ", ".join(
+            f"{k} {v['latency_s'] * 1e3:.1f} ms ({v['latency_unet_s'] * 1e3:.1f})" for k, v in lat.items()), flush=True)
     from lightning_modules.timed import read_timings
 
     records = sorted(read_timings(a.timings).values(), key=lambda r: r["start"]) if a.timings else []

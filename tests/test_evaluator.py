@@ -234,3 +234,42 @@ def test_frechet_to_reference_matches_clean_fid():
         expected = frechet_distance(*metrics.feature_stats(gen), *metrics.feature_stats(ref))
         assert to_ref(*metrics.feature_stats(gen)) == pytest.approx(expected, rel=1e-7, abs=1e-9)
 
+
+
+def test_latency_interleaves_models_and_repeats_cheap_ones(monkeypatch):
+    import time as _time
+
+    from lightning_modules import evaluate
+
+    calls = []
+
+    class Enc:
+        def __call__(self, prompts):
+            return torch.zeros(len(prompts), 2, 3)
+
+        def empty(self, n):
+            return torch.zeros(n, 2, 3)
+
+    class Fake:
+        latent_shape = (4, 2, 2)
+        text_encoder = Enc()
+
+        def __init__(self, name, seconds):
+            self.name, self.seconds = name, seconds
+
+        def sample(self, prompts, steps, w, seed=0, batch_size=1):
+            calls.append(self.name)
+            _time.sleep(self.seconds)
+
+        def sample_latents(self, prompts, steps, w, x0=None, states=None):
+            assert (states[1] is not None) == (w > 1.0)  # guidance gets the empty caption's states
+            _time.sleep(self.seconds / 2)
+
+    models_ = {"slow": (Fake("slow", 0.04), 25, 3.0), "fast": (Fake("fast", 0.004), 1, 1.0)}
+    out = evaluate.latency(models_, "a prompt", batch_size=1, rounds=3, warmup=1, min_round_s=0.02)
+    timed = calls[2:]  # after one warm-up call each
+    assert timed[:1] == ["slow"] and timed.count("slow") == 3  # one slow call per round ...
+    assert timed.index("fast") == 1 and timed[-1] == "fast"  # ... then the fast model, round after round
+    assert out["fast"]["latency_rounds"] == timed.count("fast") > 3  # cheap model repeated within rounds
+    assert out["slow"]["latency_s"] > out["fast"]["latency_s"] > 0
+    assert out["slow"]["latency_unet_s"] < out["slow"]["latency_s"]
