@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,6 +27,34 @@ torch.set_num_threads(1)  # the machine is shared with a training job: stay on o
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def one_rank_device_mesh():
+    """A 1-process gloo group and its (data_parallel, tensor_parallel) mesh: FSDP2 in-process on CPU."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
+    finally:
+        dist.destroy_process_group()
+
+
+def tiny_coupling_batch() -> dict:
+    """Four seeded couplings of the tiny SD's latent shape, (4, 4, 8, 8) each, with captions."""
+    g = torch.Generator().manual_seed(0)
+    return {"x0": torch.randn(4, 4, 8, 8, generator=g), "x1": torch.randn(4, 4, 8, 8, generator=g),
+            "caption": ["a red circle", "a blue square", "a cat", "a dog"]}
+
 
 # SD 1.x's scaled-linear DDPM schedule (same dict as lightning_modules/teacher_train.py SD_SCHEDULE).
 SD_SCHEDULE = {

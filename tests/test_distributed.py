@@ -20,7 +20,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, IterableDataset
 
-from conftest import ROOT
+from conftest import ROOT, one_rank_device_mesh, tiny_coupling_batch
 from test_chain import BASE, cli, read_pairs, tiny_yaml
 
 FSDP2 = str(ROOT / "experiments" / "sharding" / "fsdp2.yaml")
@@ -103,12 +103,6 @@ def reflow_yaml(tmp_path: Path, tiny_sd_folder: Path, pairs: Path, name: str, ma
     return src
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_2proc(args: list[str], timeout: float = 300) -> None:
@@ -129,8 +123,6 @@ def unet_weights(folder: Path) -> dict[str, torch.Tensor]:
 def test_sharded_unet_bf16_policy_optimizer_and_export(tiny_sd_folder):
     """In one gloo process: per-block FSDP2 with the bf16 policy (timestep kept fp32), activation checkpointing,
     only UNet parameters in the optimizer, frozen parts unsharded, and a whole UNet gathered for export."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 
     from lightning_modules.reflow import ReflowTraining
@@ -140,15 +132,12 @@ def test_sharded_unet_bf16_policy_optimizer_and_export(tiny_sd_folder):
               time_distribution="logit_normal", time_kwargs={"mean": 0.0, "std": 0.0})
     ref = ReflowTraining(**kw)
     ref.configure_model()
-    g = torch.Generator().manual_seed(0)
-    batch = {"x0": torch.randn(4, 4, 8, 8, generator=g), "x1": torch.randn(4, 4, 8, 8, generator=g),
-             "caption": ["a red circle", "a blue square", "a cat", "a dog"]}
+    batch = tiny_coupling_batch()
     ref_loss = ref.loss(batch, torch.Generator(), 0.0)
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    try:
+    with one_rank_device_mesh() as mesh:
         model = ReflowTraining(**kw, fsdp_mixed_precision="bf16", activation_checkpointing=True)
-        model._device_mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
+        model._device_mesh = mesh
         model.configure_model()
         assert is_sharded(model.unet) and model.unet.is_gradient_checkpointing
         assert not any(isinstance(p, DTensor) for m in (model.vae, model.text_encoder) for p in m.parameters())
@@ -173,8 +162,6 @@ def test_sharded_unet_bf16_policy_optimizer_and_export(tiny_sd_folder):
         assert not is_sharded(whole)
         for k, v in ref.unet.state_dict().items():
             assert torch.equal(whole.state_dict()[k], v), k
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

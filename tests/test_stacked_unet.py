@@ -165,25 +165,19 @@ def test_tiny_distillation_with_a_stacked_student_exports_a_loadable_folder(tiny
 def test_stacked_student_under_fsdp2_gathers_for_export(tiny_sd_folder):
     """One gloo process: the stacked student shards per block (both halves) with the bf16 policy and activation
     checkpointing, its loss matches the unsharded one, and export_unet gathers a whole stacked U-Net."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
+    from conftest import one_rank_device_mesh, tiny_coupling_batch
     from lightning_modules.reflow import DistillTraining
     from lightning_modules.sharding import is_sharded
     from lightning_modules.stacked_unet import StackedUNet2DConditionModel
-    from test_distributed import free_port
 
     kw = dict(init=str(tiny_sd_folder), parameterization="flow", student="stacked")
     ref = DistillTraining(**kw)
     ref.configure_model()
-    g = torch.Generator().manual_seed(0)
-    batch = {"x0": torch.randn(4, 4, 8, 8, generator=g), "x1": torch.randn(4, 4, 8, 8, generator=g),
-             "caption": ["a red circle", "a blue square", "a cat", "a dog"]}
+    batch = tiny_coupling_batch()
     ref_loss = ref.loss(batch, torch.Generator(), 0.0)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    try:
+    with one_rank_device_mesh() as mesh:
         model = DistillTraining(**kw, fsdp_mixed_precision="bf16", activation_checkpointing=True)
-        model._device_mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
+        model._device_mesh = mesh
         model.configure_model()
         assert is_sharded(model.unet) and is_sharded(model.unet.unet_2.up_blocks[1])
         loss = model.loss(batch, torch.Generator(), 0.0)
@@ -193,5 +187,3 @@ def test_stacked_student_under_fsdp2_gathers_for_export(tiny_sd_folder):
         assert isinstance(whole, StackedUNet2DConditionModel) and not is_sharded(whole)
         for k, v in ref.unet.state_dict().items():
             assert torch.equal(whole.state_dict()[k], v), k
-    finally:
-        dist.destroy_process_group()
