@@ -45,21 +45,27 @@ DEFAULT_ROWS = [
 ]
 
 
-@torch.no_grad()
-def path_metrics(model: TextToImage, prompts: list[str], steps: int, guidance: float, seeds: list[int]) -> dict:
-    """Straightness S (with and without the first step) and path-length ratio along the model's own path."""
-    x0 = sampling.seeded_noise(seeds, model.latent_shape)
-    cond = model.text_encoder(prompts)
-    uncond = model.text_encoder.empty(len(prompts)) if guidance > 1.0 else None
-    if model.kind != "ddpm":  # Euler's finite differences are the velocities it used
-        traj: list = []
-        x1 = flows.sample_euler(flows.guided(model.velocity(), cond, uncond, guidance), x0, flows.time_grid(steps), traj)
-        return _summary(x0, x1, traj)
-    path: list = [(0.0, x0)]
-    sampling.sample_dpm_solver(model.unet, model.scheduler_config, x0, cond, uncond, guidance, steps, path=path)
-    x1 = path[-1][1]
+def path_metrics(path: list) -> dict:
+    """Straightness S (with and without the first step) and path-length ratio from a solver's states
+    [(t, x_t), ...] in flow time, x0 first (finite differences: for Euler, exactly the velocities it used)."""
+    x0, x1 = path[0][1], path[-1][1]
     segs = [(t0, t1 - t0, (xb - xa) / (t1 - t0)) for (t0, xa), (t1, xb) in zip(path[:-1], path[1:]) if t1 > t0]
     return _summary(x0, x1, segs)
+
+
+@torch.no_grad()
+def sample_row(model: TextToImage, prompts: list[str], steps: int, guidance: float, batch_size: int,
+               path_n: int) -> tuple[torch.Tensor, dict]:
+    """Images of prompt i from noise seed i, and path metrics of the first ``path_n`` prompts, read off
+    the same solve (the first chunk keeps its solver states) instead of solving those prompts twice."""
+    no_path = {"straightness": None, "straightness_wo_first": None, "path_length_ratio": None}
+    path_n = min(path_n, len(prompts)) if steps > 1 else 0
+    if not path_n:
+        return model.sample(prompts, steps, guidance, seed=0, batch_size=batch_size), no_path
+    path: list = []
+    head = model.decode(model.sample_latents(prompts[:path_n], steps, guidance, list(range(path_n)), path=path))
+    rest = model.sample_images(prompts[path_n:], steps, guidance, list(range(path_n, len(prompts))), batch_size)
+    return torch.cat([head, rest]), path_metrics(path)
 
 
 def _summary(x0: torch.Tensor, x1: torch.Tensor, segs: list) -> dict:
@@ -70,19 +76,47 @@ def _summary(x0: torch.Tensor, x1: torch.Tensor, segs: list) -> dict:
 
 
 @torch.no_grad()
+def faster_unet_bf16(model: TextToImage, prompt: str, steps: int, guidance: float, batch_size: int,
+                     calls: int = 5) -> bool:
+    """Whether this model's sampling at ``batch_size`` is faster with its UNet under bf16 autocast than
+    in fp32 on this machine (median of ``calls`` after a warm-up): small batches on a CPU can be
+    slower in bf16 (conversion overhead), large batches and GPUs faster."""
+    prompts = [prompt] * batch_size
+    x0 = sampling.seeded_noise(list(range(batch_size)), model.latent_shape)
+    states = model.encode(prompts, guidance)
+    times = {}
+    for bf16 in (False, True):
+        model.unet_bf16 = bf16
+        model.sample_latents(prompts, steps, guidance, x0=x0, states=states)
+        ts = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            model.sample_latents(prompts, steps, guidance, x0=x0, states=states)
+            ts.append(time.perf_counter() - t0)
+        times[bf16] = statistics.median(ts)
+    model.unet_bf16 = None
+    return times[True] < times[False]
+
+
+@torch.no_grad()
 def latency(models_: dict, prompt: str, batch_size: int, rounds: int, warmup: int = 3,
-            min_round_s: float = 0.25) -> dict:
+            min_round_s: float = 0.25, choose_precision: bool = True) -> dict:
     """Median seconds per image of several models, end to end and UNet evaluations only.
 
     ``models_``: name -> (model, steps, guidance). Rounds are interleaved (each round times every
     model), so load changes on a shared machine hit all models alike and their ratios stay
     meaningful. Within a round a cheap model is timed repeatedly, for about ``min_round_s``, so a
-    one-step model's ~40 ms calls get as many samples as its noise needs.
+    one-step model's ~40 ms calls get as many samples as its noise needs. ``choose_precision``:
+    each model's UNet runs in whichever of fp32 and bf16 autocast is faster for it at this batch
+    size (``faster_unet_bf16``), the same rule for every row; text encoding and decoding keep the
+    model's ``bf16`` setting.
     """
     prompts = [prompt] * batch_size
     seeds = list(range(batch_size))
-    repeats = {}
+    repeats, unet_bf16 = {}, {}
     for name, (model, steps, w) in models_.items():
+        unet_bf16[name] = faster_unet_bf16(model, prompt, steps, w, batch_size) if choose_precision else model.bf16
+        model.unet_bf16 = unet_bf16[name]
         for _ in range(warmup):
             t0 = time.perf_counter()
             model.sample(prompts, steps, w, seed=0, batch_size=batch_size)
@@ -96,12 +130,15 @@ def latency(models_: dict, prompt: str, batch_size: int, rounds: int, warmup: in
                 model.sample(prompts, steps, w, seed=0, batch_size=batch_size)
                 e2e[name].append((time.perf_counter() - t0) / batch_size)
                 x0 = sampling.seeded_noise(seeds, model.latent_shape)
-                states = (model.text_encoder(prompts), model.text_encoder.empty(batch_size) if w > 1.0 else None)
+                states = model.encode(prompts, w)
                 t0 = time.perf_counter()
                 model.sample_latents(prompts, steps, w, x0=x0, states=states)
                 unet[name].append((time.perf_counter() - t0) / batch_size)
+    for model, _, _ in models_.values():
+        model.unet_bf16 = None
     return {k: {"latency_s": statistics.median(e2e[k]), "latency_unet_s": statistics.median(unet[k]),
-                "latency_rounds": len(e2e[k])} for k in models_}
+                "latency_rounds": len(e2e[k]), "latency_unet_precision": "bf16" if unet_bf16[k] else "fp32"}
+            for k in models_}
 
 
 def nfe(row: Row) -> int:
@@ -187,8 +224,8 @@ def main(argv: list[str] | None = None) -> dict:
         "fid": f"clean-fid Frechet distance on embedded-evaluator features ({a.evaluator}) vs real test images [{a.n}, {2 * a.n}); 95% bootstrap CI",
         "alignment": "share of images whose predicted scene (cells, shapes, colours, background) matches the prompt",
         "straightness": f"S = sum dt ||(x1 - x0) - v||^2 (mean over elements) along the model's own solver path in flow time, {a.straightness_n} prompts",
-        "precision": "bf16 autocast for UNet evaluations, fp32 ODE state and VAE" if a.bf16 else "fp32",
-        "latency": f"median over {a.latency_rounds} rounds interleaving all models (each model timed for >= 0.25 s per round; 3 warm-up calls), batch {a.latency_batch}, end to end on this machine ({torch.get_num_threads()} threads); UNet-only beside it",
+        "precision": "bf16 autocast for text encoding, UNet evaluations and VAE decoding; fp32 ODE state" if a.bf16 else "fp32",
+        "latency": f"median over {a.latency_rounds} rounds interleaving all models (each model timed for >= 0.25 s per round; 3 warm-up calls), batch {a.latency_batch}, end to end on this machine ({torch.get_num_threads()} threads); UNet-only beside it; each model's UNet in whichever of fp32 and bf16 autocast is faster for it at this batch size (measured first, latency_unet_precision), text encoding and decoding as under precision",
     }, "rows": {}}
     encoders: dict = {}
     loaded: dict = {}  # name -> (model, steps, guidance), for the interleaved latency rounds
@@ -206,12 +243,8 @@ def main(argv: list[str] | None = None) -> dict:
             model.text_encoder.cache_size = a.n + 1
         model.text_encoder = encoders[te_key]
         t0 = time.time()
-        images = model.sample(captions, row.steps, row.guidance, seed=0, batch_size=a.batch_size)
+        images, pm = sample_row(model, captions, row.steps, row.guidance, a.batch_size, a.straightness_n)
         score = score_images(images, scenes, proto["ref_features"], evaluator)
-        n_s = min(a.straightness_n, len(captions))
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.bf16):
-            pm = path_metrics(model, captions[:n_s], row.steps, row.guidance, list(range(n_s))) if row.steps > 1 and n_s \
-                else {"straightness": None, "straightness_wo_first": None, "path_length_ratio": None}
         results["rows"][row.name] = {"label": row.label, "model": row.model, "steps": row.steps,
                                      "guidance": row.guidance, "nfe": nfe(row), **score, **pm,
                                      "eval_wall_s": round(time.time() - t0, 1)}

@@ -24,7 +24,8 @@ class TextToImage:
     text_encoder: models.TextEncoder
     scheduler_config: dict
     kind: str = "ddpm"
-    bf16: bool = False  # bf16 autocast for the UNet (CPUs with AVX512-BF16/AMX and GPUs); latents stay fp32
+    bf16: bool = False  # bf16 autocast for text encoding, UNet and VAE decoding (CPUs with AVX512-BF16/AMX, GPUs); ODE state fp32
+    unet_bf16: bool | None = None  # the UNet's own setting where it differs (None: follow ``bf16``)
 
     @classmethod
     def from_pretrained(cls, pretrained: str, kind: str | None = None, text_cache_size: int = 0) -> "TextToImage":
@@ -44,27 +45,56 @@ class TextToImage:
         h, w = (s, s) if isinstance(s, int) else tuple(s)
         return (self.unet.config.in_channels, h, w)
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def _autocast(self, enabled: bool):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], guidance: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text states (cond, uncond) of ``prompts``; uncond (the empty caption) only under guidance."""
+        with self._autocast(self.bf16):
+            cond = self.text_encoder(prompts)  # (B, L, D)
+            uncond = self.text_encoder.empty(len(prompts)) if guidance > 1.0 else None
+        return cond, uncond
+
     @torch.no_grad()
     def sample_latents(self, prompts: list[str], steps: int, guidance: float, seeds: list[int] | None = None,
-                       x0: torch.Tensor | None = None, states: tuple | None = None) -> torch.Tensor:
+                       x0: torch.Tensor | None = None, states: tuple | None = None,
+                       path: list | None = None) -> torch.Tensor:
         """x1 latents for ``prompts`` from seeded noise x0 (one seed per prompt); ``states`` =
-        precomputed (cond, uncond) text states, to time the UNet alone."""
+        precomputed (cond, uncond) text states, to time the UNet alone; ``path`` (optional) receives
+        the solver's states (t, x_t) in flow time, x0 first, for straightness."""
         if x0 is None:
             x0 = sampling.seeded_noise(seeds, self.latent_shape)
-        device = next(self.unet.parameters()).device
-        x0 = x0.to(device)
-        if states is None:
-            cond = self.text_encoder(prompts)
-            uncond = self.text_encoder.empty(len(prompts)) if guidance > 1.0 else None
-        else:
-            cond, uncond = states
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            return self._solve(x0, cond, uncond, steps, guidance).float()
+        x0 = x0.to(self.device)
+        cond, uncond = self.encode(prompts, guidance) if states is None else states
+        with self._autocast(self.bf16 if self.unet_bf16 is None else self.unet_bf16):
+            return self._solve(x0, cond, uncond, steps, guidance, path).float()
 
-    def _solve(self, x0, cond, uncond, steps: int, guidance: float) -> torch.Tensor:
+    def _solve(self, x0, cond, uncond, steps: int, guidance: float, path: list | None = None) -> torch.Tensor:
         if self.kind == "ddpm":
-            return sampling.sample_dpm_solver(self.unet, self.scheduler_config, x0, cond, uncond, guidance, steps)
-        return flows.sample_euler(flows.guided(self.velocity(), cond, uncond, guidance), x0, flows.time_grid(steps))
+            if path is not None:
+                path.append((0.0, x0))
+            return sampling.sample_dpm_solver(self.unet, self.scheduler_config, x0, cond, uncond, guidance, steps,
+                                              path=path)
+        traj: list | None = [] if path is not None else None
+        x1 = flows.sample_euler(flows.guided(self.velocity(), cond, uncond, guidance), x0, flows.time_grid(steps), traj)
+        if path is not None:  # Euler's states: x0 + the running sum of dt * v
+            x = x0
+            path.append((0.0, x0))
+            for t, dt, v in traj:
+                x = x + dt * v
+                path.append((t + dt, x))
+        return x1
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (B, 4, h, w) -> images (B, 3, H, W) in [0, 1]."""
+        with self._autocast(self.bf16):
+            return sampling.decode(self.vae, latents).float()
 
     def velocity(self) -> torch.nn.Module:
         """The model as a velocity field v(x_t, t, states) in flow time, whatever its parameterization."""
@@ -77,8 +107,8 @@ class TextToImage:
     def sample_images(self, prompts: list[str], steps: int, guidance: float, seeds: list[int],
                       batch_size: int = 256) -> torch.Tensor:
         """Images (N, 3, H, W) in [0, 1], prompt i from noise seed ``seeds[i]``, in chunks of ``batch_size``."""
-        return torch.cat([sampling.decode(self.vae, self.sample_latents(prompts[i:i + batch_size], steps, guidance,
-                                                                         seeds[i:i + batch_size]))
+        return torch.cat([self.decode(self.sample_latents(prompts[i:i + batch_size], steps, guidance,
+                                                          seeds[i:i + batch_size]))
                           for i in range(0, len(prompts), batch_size)])
 
     @torch.no_grad()

@@ -45,7 +45,7 @@ class CouplingGeneration(L.LightningModule):
         store_noise: also write x0 itself (it can always be regenerated from the seed).
         store_text_states: also write the text encoder's token states (saves encoding later).
         latent_dtype: "float16" or "float32" for the stored latents (numpy has no bf16).
-        bf16: bf16 autocast for the UNet evaluations (the ODE state stays fp32).
+        bf16: bf16 autocast for text encoding and the UNet evaluations (the ODE state stays fp32).
     """
 
     def __init__(self, model: str, kind: str | None = None, solver: str = "dpm_solver++", steps: int = 25,
@@ -62,6 +62,7 @@ class CouplingGeneration(L.LightningModule):
             self.pipe = TextToImage.from_pretrained(self.hparams.model, kind=self.hparams.kind)
             _check_solver(self.pipe.kind, self.hparams.solver)
             self.pipe.unet.to(self.device)
+            self.pipe.bf16 = self.hparams.bf16  # text encoding under the same autocast as the UNet
 
     def metadata(self) -> dict:
         """What produced the couplings; written next to them (formula and w included, see PITFALLS.md)."""
@@ -82,8 +83,7 @@ class CouplingGeneration(L.LightningModule):
         h = self.hparams
         seeds = [sample_seed(k, h.base_seed) for k in batch["key"]]
         x0 = sampling.seeded_noise(seeds, self.pipe.latent_shape).to(self.device)  # (B, 4, h, w)
-        cond = self.pipe.text_encoder(batch["caption"])
-        uncond = self.pipe.text_encoder.empty(len(seeds)) if h.guidance > 1.0 else None
+        cond, uncond = self.pipe.encode(batch["caption"], h.guidance)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=h.bf16):
             if self.pipe.kind == "ddpm":
                 x1 = sampling.sample_dpm_solver(self.pipe.unet, self.pipe.scheduler_config, x0, cond, uncond,

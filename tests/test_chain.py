@@ -218,12 +218,22 @@ def test_path_metrics_and_results_table(tiny_sd_folder):
     from lightning_modules import evaluate
     from lightning_modules.pipeline import TextToImage
 
-    prompts = ["a red circle in the center on a white background"] * 3
+    prompts = ["a red circle in the center on a white background", "a blue square", "a green cross"] * 2
     for kind in ("ddpm", "flow"):
         model = TextToImage.from_pretrained(str(tiny_sd_folder), kind=kind)
-        m = evaluate.path_metrics(model, prompts, steps=4, guidance=2.0, seeds=[0, 1, 2])
+        # paths read off the main solve: the images are exactly the plain sample's, chunking included
+        images, m = evaluate.sample_row(model, prompts, steps=4, guidance=2.0, batch_size=4, path_n=4)
+        torch.testing.assert_close(images, model.sample(prompts, 4, 2.0, seed=0, batch_size=4), atol=0, rtol=0)
         assert m["straightness"] > 0 and m["path_length_ratio"] >= 1.0 - 1e-6
         assert m["straightness_wo_first"] is not None
+        _, none = evaluate.sample_row(model, prompts, steps=1, guidance=1.0, batch_size=4, path_n=3)
+        assert none["straightness"] is None
+    # a straight path: S = 0 and ratio 1; a detour: S > 0 and ratio > 1
+    x0, x1 = torch.zeros(2, 4), torch.ones(2, 4)
+    straight = evaluate.path_metrics([(0.0, x0), (0.5, 0.5 * x1), (1.0, x1)])
+    assert straight["straightness"] == pytest.approx(0.0) and straight["path_length_ratio"] == pytest.approx(1.0)
+    bent = evaluate.path_metrics([(0.0, x0), (0.5, torch.tensor([[1.0, 0.0, 0.5, 0.5]] * 2)), (1.0, x1)])
+    assert bent["straightness"] > 0 and bent["path_length_ratio"] > 1.0
     row = {"label": "x", "steps": 1, "guidance": 1.0, "fid": 1.0, "fid_low": 0.9, "fid_high": 1.1, "alignment": 0.5,
            "straightness": None, "straightness_wo_first": None, "path_length_ratio": None, "nfe": 1,
            "latency_s": 0.01, "latency_unet_s": 0.005}

@@ -243,29 +243,29 @@ def test_latency_interleaves_models_and_repeats_cheap_ones(monkeypatch):
 
     calls = []
 
-    class Enc:
-        def __call__(self, prompts):
-            return torch.zeros(len(prompts), 2, 3)
-
-        def empty(self, n):
-            return torch.zeros(n, 2, 3)
-
     class Fake:
         latent_shape = (4, 2, 2)
-        text_encoder = Enc()
+        bf16 = True
 
-        def __init__(self, name, seconds):
-            self.name, self.seconds = name, seconds
+        def __init__(self, name, seconds, bf16_factor):
+            self.name, self.seconds, self.bf16_factor, self.unet_bf16 = name, seconds, bf16_factor, None
+
+        def encode(self, prompts, w):
+            return torch.zeros(len(prompts), 2, 3), (torch.zeros(len(prompts), 2, 3) if w > 1.0 else None)
+
+        def _unet_s(self):  # the UNet half of a call, slower or faster under bf16 autocast
+            return self.seconds / 2 * (self.bf16_factor if self.unet_bf16 else 1.0)
 
         def sample(self, prompts, steps, w, seed=0, batch_size=1):
             calls.append(self.name)
-            _time.sleep(self.seconds)
+            _time.sleep(self.seconds / 2 + self._unet_s())
 
         def sample_latents(self, prompts, steps, w, x0=None, states=None):
             assert (states[1] is not None) == (w > 1.0)  # guidance gets the empty caption's states
-            _time.sleep(self.seconds / 2)
+            _time.sleep(self._unet_s())
 
-    models_ = {"slow": (Fake("slow", 0.04), 25, 3.0), "fast": (Fake("fast", 0.004), 1, 1.0)}
+    # the slow model's UNet is slower in bf16 (fp32 is chosen), the fast one's faster (bf16 is chosen)
+    models_ = {"slow": (Fake("slow", 0.04, 2.0), 25, 3.0), "fast": (Fake("fast", 0.004, 0.25), 1, 1.0)}
     out = evaluate.latency(models_, "a prompt", batch_size=1, rounds=3, warmup=1, min_round_s=0.02)
     timed = calls[2:]  # after one warm-up call each
     assert timed[:1] == ["slow"] and timed.count("slow") == 3  # one slow call per round ...
@@ -273,3 +273,5 @@ def test_latency_interleaves_models_and_repeats_cheap_ones(monkeypatch):
     assert out["fast"]["latency_rounds"] == timed.count("fast") > 3  # cheap model repeated within rounds
     assert out["slow"]["latency_s"] > out["fast"]["latency_s"] > 0
     assert out["slow"]["latency_unet_s"] < out["slow"]["latency_s"]
+    assert out["slow"]["latency_unet_precision"] == "fp32" and out["fast"]["latency_unet_precision"] == "bf16"
+    assert all(m.unet_bf16 is None for m, _, _ in models_.values())  # restored afterwards
