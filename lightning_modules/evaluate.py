@@ -77,7 +77,7 @@ def _summary(x0: torch.Tensor, x1: torch.Tensor, segs: list) -> dict:
 
 @torch.no_grad()
 def faster_unet_bf16(model: TextToImage, prompt: str, steps: int, guidance: float, batch_size: int,
-                     calls: int = 5) -> bool:
+                     calls: int = 3) -> bool:
     """Whether this model's sampling at ``batch_size`` is faster with its UNet under bf16 autocast than
     in fp32 on this machine (median of ``calls`` after a warm-up): small batches on a CPU can be
     slower in bf16 (conversion overhead), large batches and GPUs faster."""
