@@ -214,3 +214,31 @@ def test_committed_embedded_teacher_loads_through_the_generic_path():
     centre, corner = images[0, :, 14:18, 14:18].mean((1, 2)), images[0, :, :3, :3].mean((1, 2))
     assert corner.min() > 0.8  # white background
     assert centre[0] > centre[1] + 0.2 and centre[0] > centre[2] + 0.2  # a red object in the centre
+
+
+def test_bf16_mode_covers_text_encoding_and_decoding(tiny_sd_folder):
+    """``bf16`` runs text encoding, UNet and decoding under bf16 autocast; ``unet_bf16`` overrides the UNet
+    alone (the latency protocol's precision choice); outputs stay fp32 and close to the fp32 pipeline's."""
+    from lightning_modules.pipeline import TextToImage
+
+    prompts = ["a red circle in the center on a white background", "a blue square"]
+    model = TextToImage.from_pretrained(str(tiny_sd_folder))
+    ref_cond, _ = model.encode(prompts, 1.0)
+    ref_images = model.sample(prompts, steps=2, guidance=2.0)
+    model.bf16 = True
+    calls = []
+    hook = model.text_encoder.model.register_forward_hook(lambda m, i, o: calls.append(torch.is_autocast_enabled("cpu")))
+    cond, uncond = model.encode(prompts, 2.0)
+    hook.remove()
+    assert calls and all(calls)  # the text model ran under autocast
+    assert cond.shape == ref_cond.shape and uncond.shape == ref_cond.shape
+    assert (cond.float() - ref_cond).norm() / ref_cond.norm() < 0.05
+    seen = []
+    hook = model.unet.register_forward_hook(lambda m, i, o: seen.append(torch.is_autocast_enabled("cpu")))
+    images = model.sample(prompts, steps=2, guidance=2.0)
+    model.unet_bf16 = False
+    model.sample(prompts, steps=2, guidance=2.0)
+    hook.remove()
+    assert seen == [True, True, False, False]  # two solver steps each: bf16, then the fp32 override
+    assert images.dtype == torch.float32 and images.min() >= 0 and images.max() <= 1
+    assert (images - ref_images).abs().mean() < 0.05
