@@ -54,10 +54,13 @@ class CouplingWriter(BasePredictionWriter):
     a new shard, its previous shard is complete; everything left is written at the end.
     """
 
-    def __init__(self, output_dir: str, latent_dtype: str = "float16") -> None:
+    def __init__(self, output_dir: str, latent_dtype: str = "float16", grid_size: int = 16) -> None:
+        """``grid_size``: decode this many x1 of the first batch into an image grid for the logger
+        (TensorBoard ``couplings/x1``, captions in ``couplings/captions``); 0 turns it off."""
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
         self.latent_dtype = latent_dtype
+        self.grid_size = grid_size
         self._buffers: dict[str, list[dict]] = defaultdict(list)
         self._current: dict[int, str] = {}
         self._names: dict[str, str] = {}
@@ -99,7 +102,7 @@ class CouplingWriter(BasePredictionWriter):
             meta = pl_module.metadata() if hasattr(pl_module, "metadata") else {}
             (self.output_dir / "generation.json").write_text(json.dumps(meta, indent=2))
 
-        self._t0, self._n, self._skips = time.time(), 0, 0
+        self._t0, self._n, self._skips, self._grid_logged = time.time(), 0, 0, False
         self._bar = tqdm(desc=f"couplings (rank {trainer.global_rank})", unit="pair",
                          disable=not trainer.is_global_zero, mininterval=2)
 
@@ -119,6 +122,31 @@ class CouplingWriter(BasePredictionWriter):
         rate = self._n / max(time.time() - self._t0, 1e-9)
         self._bar.update(n)
         self._bar.set_postfix(pairs_per_s=f"{rate:.1f}", skipped=self._skips)
+        if trainer.is_global_zero:
+            self._log(trainer, pl_module, prediction, rate)
+
+    def _log(self, trainer, pl_module, prediction: dict, rate: float) -> None:
+        """Rank 0's progress as TensorBoard curves (x = couplings written), and the first batch as a grid."""
+        metrics = {"couplings/written": float(self._n), "couplings/per_second": rate,
+                   "couplings/skipped_inputs": float(self._skips)}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=self._n)
+        if self._grid_logged or not self.grid_size or not hasattr(pl_module, "decode"):
+            return
+        from callbacks.image_grid import make_grid, save_png
+
+        k = min(self.grid_size, len(prediction["key"]))
+        grid = make_grid(pl_module.decode(prediction["x1"][:k]), nrow=8)  # (3, H', W')
+        captions = "  \n".join(f"{i}: {c}" for i, c in enumerate(prediction["caption"][:k]))
+        for logger in trainer.loggers:
+            exp = getattr(logger, "experiment", None)
+            if hasattr(exp, "add_image"):
+                exp.add_image("couplings/x1", grid, 0)
+                exp.add_text("couplings/captions", captions, 0)
+        log_dir = getattr(trainer.loggers[0], "log_dir", None) if trainer.loggers else None  # no broadcast: rank 0 only
+        if log_dir:
+            save_png(grid, Path(log_dir) / "grids" / "couplings_x1.png", 4)
+        self._grid_logged = True
 
     def _flush(self, url: str) -> None:
         samples = self._buffers.pop(url, [])
@@ -156,6 +184,8 @@ class CouplingWriter(BasePredictionWriter):
         tmp = self.output_dir / f"manifest_rank{self._rank}.json.tmp"
         tmp.write_text(json.dumps(manifest, indent=1))
         os.replace(tmp, self.output_dir / f"manifest_rank{self._rank}.json")
+        for logger in trainer.loggers:
+            logger.save()
         if trainer.is_global_zero:
             wall = time.time() - self._t0
             print(f"wrote {self._n} couplings in {wall:.1f}s ({self._n / max(wall, 1e-9):.1f}/s) on rank 0; "

@@ -79,6 +79,11 @@ class CouplingGeneration(L.LightningModule):
         return meta
 
     @torch.no_grad()
+    def decode(self, x1: torch.Tensor) -> torch.Tensor:
+        """x1 latents -> images in [0, 1] (for the coupling writer's grid)."""
+        return self.pipe.decode(x1.to(self.device))
+
+    @torch.no_grad()
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         h = self.hparams
         seeds = [sample_seed(k, h.base_seed) for k in batch["key"]]

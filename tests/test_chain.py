@@ -94,6 +94,17 @@ def test_coupling_generation_writes_every_key_once_and_regenerates_noise(tiny_wo
         assert np.allclose(x0, seeded_noise([info["seed"]], (4, 8, 8))[0].numpy())
         x1 = np.load(io.BytesIO(files["x1.npy"]))
         assert x1.shape == (4, 8, 8) and x1.dtype == np.float16 and np.isfinite(x1).all()
+    # TensorBoard: the rate and count curves (x = couplings written) and a grid of the first batch's x1
+    logdir = tmp_path / "runs" / "pairs_teacher" / "version_0"
+    assert scalars(logdir, "couplings/written") == [8.0 * i for i in range(1, 9)]  # 8 batches of 8
+    assert all(r > 0 for r in scalars(logdir, "couplings/per_second"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(logdir))
+    ea.Reload()
+    assert "couplings/x1" in ea.Tags()["images"]
+    grid = (logdir / "grids" / "couplings_x1.png")
+    assert grid.exists() and grid.stat().st_size > 0
 
 
 def test_killed_coupling_generation_resumes_without_loss_or_duplicates(tiny_world, tiny_sd_folder, tmp_path):
