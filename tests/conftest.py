@@ -56,6 +56,21 @@ def tiny_coupling_batch() -> dict:
             "caption": ["a red circle", "a blue square", "a cat", "a dog"]}
 
 
+@contextmanager
+def reference_and_sharded(module_cls, **kw):
+    """(reference module, its loss on ``tiny_coupling_batch``, the same module sharded by FSDP2 on a one-rank
+    mesh with the bf16 policy and activation checkpointing, the batch): what the FSDP2 unit tests compare."""
+    ref = module_cls(**kw)
+    ref.configure_model()
+    batch = tiny_coupling_batch()
+    ref_loss = ref.loss(batch, torch.Generator(), 0.0)
+    with one_rank_device_mesh() as mesh:
+        model = module_cls(**kw, fsdp_mixed_precision="bf16", activation_checkpointing=True)
+        model._device_mesh = mesh
+        model.configure_model()
+        yield ref, ref_loss, model, batch
+
+
 # SD 1.x's scaled-linear DDPM schedule (same dict as lightning_modules/teacher_train.py SD_SCHEDULE).
 SD_SCHEDULE = {
     "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",

@@ -20,7 +20,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, IterableDataset
 
-from conftest import ROOT, one_rank_device_mesh, tiny_coupling_batch
+from conftest import ROOT, reference_and_sharded
 from test_chain import BASE, cli, read_pairs, tiny_yaml
 
 FSDP2 = str(ROOT / "experiments" / "sharding" / "fsdp2.yaml")
@@ -130,15 +130,7 @@ def test_sharded_unet_bf16_policy_optimizer_and_export(tiny_sd_folder):
 
     kw = dict(init=str(tiny_sd_folder), parameterization="velocity_wrapper", caption_dropout=0.0,
               time_distribution="logit_normal", time_kwargs={"mean": 0.0, "std": 0.0})
-    ref = ReflowTraining(**kw)
-    ref.configure_model()
-    batch = tiny_coupling_batch()
-    ref_loss = ref.loss(batch, torch.Generator(), 0.0)
-
-    with one_rank_device_mesh() as mesh:
-        model = ReflowTraining(**kw, fsdp_mixed_precision="bf16", activation_checkpointing=True)
-        model._device_mesh = mesh
-        model.configure_model()
+    with reference_and_sharded(ReflowTraining, **kw) as (ref, ref_loss, model, batch):
         assert is_sharded(model.unet) and model.unet.is_gradient_checkpointing
         assert not any(isinstance(p, DTensor) for m in (model.vae, model.text_encoder) for p in m.parameters())
         opt = model.configure_optimizers()["optimizer"]

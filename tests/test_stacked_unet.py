@@ -165,20 +165,13 @@ def test_tiny_distillation_with_a_stacked_student_exports_a_loadable_folder(tiny
 def test_stacked_student_under_fsdp2_gathers_for_export(tiny_sd_folder):
     """One gloo process: the stacked student shards per block (both halves) with the bf16 policy and activation
     checkpointing, its loss matches the unsharded one, and export_unet gathers a whole stacked U-Net."""
-    from conftest import one_rank_device_mesh, tiny_coupling_batch
+    from conftest import reference_and_sharded
     from lightning_modules.reflow import DistillTraining
     from lightning_modules.sharding import is_sharded
     from lightning_modules.stacked_unet import StackedUNet2DConditionModel
 
     kw = dict(init=str(tiny_sd_folder), parameterization="flow", student="stacked")
-    ref = DistillTraining(**kw)
-    ref.configure_model()
-    batch = tiny_coupling_batch()
-    ref_loss = ref.loss(batch, torch.Generator(), 0.0)
-    with one_rank_device_mesh() as mesh:
-        model = DistillTraining(**kw, fsdp_mixed_precision="bf16", activation_checkpointing=True)
-        model._device_mesh = mesh
-        model.configure_model()
+    with reference_and_sharded(DistillTraining, **kw) as (ref, ref_loss, model, batch):
         assert is_sharded(model.unet) and is_sharded(model.unet.unet_2.up_blocks[1])
         loss = model.loss(batch, torch.Generator(), 0.0)
         loss.backward()
