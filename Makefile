@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
-.PHONY: help venv data data-chain train-vae train-teacher-unet train-teacher train-evaluator eval-teacher floors \
+.PHONY: help venv data data-chain train-vae train-teacher-unet train-teacher-binding train-teacher train-evaluator eval-teacher floors \
         gen-pairs train-2rf train-distill eval report generate export train-reflow sweep test test-full bench bench-gpu tensorboard clean
 
 help: ## list every target with one line each
@@ -34,10 +34,13 @@ train-vae: data ## embedded teacher, part 1: train the AutoencoderKL (32x32 RGB 
 	$(CLI) fit -c $(BASE) -c experiments/embedded/vae.yaml
 	$(CLI) fit -c $(BASE) -c experiments/embedded/vae_decoder.yaml
 
-train-teacher-unet: data ## embedded teacher, part 2: train the epsilon UNet on the VAE of part 1; exports assets/embedded-sd
+train-teacher-unet: data ## embedded teacher, part 2: train the epsilon UNet on the VAE of part 1; exports runs/embedded/teacher_stage1
 	$(CLI) fit -c $(BASE) -c experiments/embedded/teacher.yaml
 
-train-teacher: train-vae train-teacher-unet ## retrain the committed miniature SD teacher from scratch (about 2.5 h on 2 cores)
+train-teacher-binding: data ## embedded teacher, part 3: grow part 2's UNet (2 transformer layers, 48 tokens) and train on; exports assets/embedded-sd
+	$(CLI) fit -c $(BASE) -c experiments/embedded/teacher.yaml -c experiments/embedded/teacher_binding.yaml
+
+train-teacher: train-vae train-teacher-unet train-teacher-binding ## retrain the committed miniature SD teacher from scratch (about 3.5 h on 2 cores)
 
 train-evaluator: data ## retrain the committed embedded evaluator (FID features + prompt alignment)
 	$(CLI) fit -c $(BASE) -c experiments/embedded/evaluator.yaml

@@ -24,7 +24,7 @@ class SampleQuality(Callback):
         test: test shards (their captions are the prompts, their images the reference).
         evaluator: feature network for FID and the alignment classifier (embedded world); real
             runs would plug Inception features and CLIP score here.
-        steps: solver steps to score; guidance ``guidance`` applies above one step (one-step
+        steps: solver steps to score (Euler, or the module's ``solver_tag`` solver); guidance ``guidance`` applies above one step (one-step
             models run conditional only, as the paper samples them).
         bf16: bf16 autocast while sampling (the ODE state stays fp32).
     """
@@ -66,7 +66,7 @@ class SampleQuality(Callback):
             with torch.autocast(pl_module.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 images = pl_module.sample_images(proto["captions"], steps, w, seeds).float()
             s = score_images(images, proto["scenes"], proto["ref_features"], evaluator, n_bootstrap=0)
-            tag = f"euler{steps}_w{w:g}"
+            tag = f"{getattr(pl_module, 'solver_tag', 'euler')}{steps}_w{w:g}"
             metrics[f"quality/fid_{tag}"] = s["fid"]
             metrics[f"quality/alignment_{tag}"] = s["alignment"]
             metrics[f"quality/seconds_{tag}"] = time.perf_counter() - t0

@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_modules.optim import adamw_with_warmup
 from lightning_modules import models, sampling
@@ -35,7 +36,13 @@ class DiffusionTraining(L.LightningModule):
         text_encoder: folder or ``package:NAME`` of the frozen text encoder.
         unet: ``UNet2DConditionModel`` config.
         scheduler: DDPM schedule config (SD's by default).
+        init_from: pipeline folder whose trained UNet starts this one (``models.warm_start_unet``:
+            the config may add transformer layers; new blocks start as the identity).
+        lr_decay_steps: cosine-decay the learning rate to zero at this step (None: constant).
+        export_dir: where the ``Export`` callback writes the pipeline folder.
     """
+
+    solver_tag = "dpm"  # SampleQuality's curve names: this module samples with DPM-Solver++
 
     def __init__(
         self,
@@ -52,6 +59,9 @@ class DiffusionTraining(L.LightningModule):
         sample_steps: int = 25,
         sample_guidance: float = 3.0,
         seed: int = 0,
+        init_from: str | None = None,
+        lr_decay_steps: int | None = None,
+        export_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -70,6 +80,9 @@ class DiffusionTraining(L.LightningModule):
         self.text_encoder = models.load_text_encoder(self.hparams.text_encoder, self.hparams.max_length,
                                                      cache_size=self.hparams.text_cache_size)
         self.unet = models.build_unet(self.hparams.unet)
+        if self.hparams.init_from:
+            report = models.warm_start_unet(self.unet, models.load_unet(self.hparams.init_from))
+            rank_zero_info(f"UNet warm-started from {self.hparams.init_from}: {report}")
         self.noise_scheduler = DDPMScheduler.from_config(self.scheduler_config)
         self._gen = torch.Generator().manual_seed(self.hparams.seed)
 
@@ -103,13 +116,23 @@ class DiffusionTraining(L.LightningModule):
         self.log("val/loss", self._loss(batch, g), prog_bar=True)
 
     @torch.no_grad()
+    def sample_images(self, prompts: list[str], steps: int, guidance: float, seeds: list[int],
+                      batch_size: int = 256) -> torch.Tensor:
+        """DPM-Solver++ samples (N, 3, H, W) in [0, 1], prompt i from noise seed ``seeds[i]`` (for SampleQuality)."""
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i:i + batch_size]
+            x0 = sampling.seeded_noise(seeds[i:i + batch_size], (4, *self._latent_hw())).to(self.device)
+            x1 = sampling.sample_dpm_solver(self.unet, self.scheduler_config, x0, self.text_encoder(chunk),
+                                            self.text_encoder.empty(len(chunk)), guidance, steps)
+            out.append(sampling.decode(self.vae, x1))
+        return torch.cat(out)
+
+    @torch.no_grad()
     def sample_grid(self, prompts: list[str], seed: int = 0) -> dict:
-        x0 = sampling.seeded_noise(range(seed, seed + len(prompts)), (4, *self._latent_hw())).to(self.device)
-        cond = self.text_encoder(prompts)
-        uncond = self.text_encoder.empty(len(prompts))
-        x1 = sampling.sample_dpm_solver(self.unet, self.scheduler_config, x0, cond, uncond,
-                                        self.hparams.sample_guidance, self.hparams.sample_steps)
-        return {f"teacher_dpm{self.hparams.sample_steps}_w{self.hparams.sample_guidance:g}": sampling.decode(self.vae, x1)}
+        h = self.hparams
+        images = self.sample_images(prompts, h.sample_steps, h.sample_guidance, list(range(seed, seed + len(prompts))))
+        return {f"teacher_dpm{h.sample_steps}_w{h.sample_guidance:g}": images}
 
     def _latent_hw(self) -> tuple[int, int]:
         s = self.unet.config.sample_size
@@ -123,7 +146,7 @@ class DiffusionTraining(L.LightningModule):
 
     def configure_optimizers(self):
         h = self.hparams
-        return adamw_with_warmup(self.unet.parameters(), h.lr, h.weight_decay, h.warmup_steps)
+        return adamw_with_warmup(self.unet.parameters(), h.lr, h.weight_decay, h.warmup_steps, h.lr_decay_steps)
 
     def export(self, dirpath: str) -> Path:
         """Write a diffusers pipeline folder; the text encoder is referenced, not copied."""

@@ -60,13 +60,25 @@ def _scalars(logdir: Path, tag: str) -> list[float]:
     return [e.value for e in ea.Scalars(tag)]
 
 
-def tiny_experiment(name: str, tmp_path: Path, tiny_world, model_args: dict, export_to: Path) -> str:
-    """A copy of experiments/embedded/<name>.yaml pointed at the tiny world, tiny models and tmp folders."""
-    cfg = yaml.safe_load((ROOT / "experiments" / "embedded" / f"{name}.yaml").read_text())
+def _merge(base: dict, override: dict) -> dict:
+    """``override`` on top of ``base``, dicts merged key by key (lists replaced), as ``-c a -c b`` does."""
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def tiny_experiment(name: str, tmp_path: Path, tiny_world, model_args: dict, export_to: Path,
+                    source: Path | None = None) -> str:
+    """A copy of experiments/embedded/<name>.yaml (or ``source``) pointed at the tiny world, tiny models and tmp folders."""
+    source = source or ROOT / "experiments" / "embedded" / f"{name}.yaml"
+    cfg = yaml.safe_load(source.read_text())
     cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "runs")
+    # no evaluator in this test: drop the FID/alignment curves
+    cfg["trainer"]["callbacks"] = [c for c in cfg["trainer"]["callbacks"] if not c["class_path"].endswith("SampleQuality")]
     for cb in cfg["trainer"]["callbacks"]:
         if cb["class_path"].endswith("Export"):
-            cb["init_args"]["dirpath"] = str(export_to)
+            cb.setdefault("init_args", {})["dirpath"] = str(export_to)
         if cb["class_path"].endswith("ModelCheckpoint"):
             cb["init_args"]["dirpath"] = str(tmp_path / "ckpt" / name)
         if cb["class_path"].endswith("ImageGrid") and cb["init_args"]["prompts"]:
@@ -75,7 +87,7 @@ def tiny_experiment(name: str, tmp_path: Path, tiny_world, model_args: dict, exp
     cfg["model"]["init_args"].update(model_args)
     cfg["data"]["init_args"].update(train=tiny_world.train, val=tiny_world.val, resolution=16, batch_size=8,
                                     num_workers=0, shuffle_buffer=16)
-    path = tmp_path / f"{name}.yaml"
+    path = tmp_path / f"tiny_{source.name}"
     path.write_text(yaml.safe_dump(cfg))
     return str(path)
 
@@ -107,3 +119,36 @@ def test_embedded_teacher_recipe_on_tiny_models(tiny_world, tiny_sd_folder, tmp_
     assert images.shape == (2, 3, 16, 16) and 0 <= images.min() and images.max() <= 1
     assert torch.equal(images, model.sample(["a red circle in the center on a white background"] * 2, steps=4,
                                             guidance=3.0, seed=0))  # same seeds, same images
+
+
+def test_embedded_teacher_growth_stage_on_tiny_models(tiny_world, tiny_sd_folder, tmp_path):
+    """teacher_binding.yaml on tiny models: starts from a stage-1 folder, grows the UNet (two transformer
+    layers, longer captions), decays the learning rate to zero, exports a loadable pipeline."""
+    from lightning_modules import models
+    from lightning_modules.pipeline import TextToImage
+
+    stage1 = tmp_path / "stage1"
+    models.save_pipeline(str(stage1), models.build_unet(TINY_UNET), models.load_vae(str(tiny_sd_folder)),
+                         dict(models.load_scheduler_config(str(tiny_sd_folder))))
+    grown_cfg = {**TINY_UNET, "transformer_layers_per_block": 2}
+    teacher = yaml.safe_load((ROOT / "experiments" / "embedded" / "teacher.yaml").read_text())
+    stage2 = yaml.safe_load((ROOT / "experiments" / "embedded" / "teacher_binding.yaml").read_text())
+    assert stage2["model"]["init_args"]["init_from"] == teacher["model"]["init_args"]["export_dir"]
+    assert stage2["model"]["init_args"]["unet"]["transformer_layers_per_block"] == 2
+    assert stage2["model"]["init_args"]["max_length"] > teacher["model"]["init_args"]["max_length"]
+    # stage 2 is teacher.yaml overridden by teacher_binding.yaml, merged here as the CLI merges them
+    merged = tmp_path / "teacher_binding.yaml"
+    merged.write_text(yaml.safe_dump(_merge(teacher, stage2)))
+    out = tmp_path / "grown"
+    args = {"vae": str(tiny_sd_folder), "init_from": str(stage1), "unet": grown_cfg, "text_encoder": str(tiny_sd_folder),
+            "max_length": 20, "lr": 1e-3, "warmup_steps": 5, "lr_decay_steps": 60, "sample_steps": 4,
+            "export_dir": str(out)}
+    cli(["fit", "-c", BASE, "-c", tiny_experiment("teacher", tmp_path, tiny_world, args, out, source=merged)], run=True)
+    logdir = next((tmp_path / "runs" / "teacher_binding").glob("version_*"))
+    loss = _scalars(logdir, "train/loss")
+    assert sum(loss[-3:]) / 3 < sum(loss[:3]) / 3
+    lrs = _scalars(logdir, "lr-AdamW")
+    assert max(lrs) == pytest.approx(1e-3, rel=0.05) and lrs[-1] < 0.05 * max(lrs)  # cosine to zero at step 60
+    model = TextToImage.from_pretrained(str(out))
+    assert model.unet.config.transformer_layers_per_block == 2 and model.text_encoder.max_length == 20
+    assert model.sample(["a red circle"], steps=4, guidance=3.0).shape == (1, 3, 16, 16)

@@ -242,3 +242,56 @@ def test_bf16_mode_covers_text_encoding_and_decoding(tiny_sd_folder):
     assert seen == [True, True, False, False]  # two solver steps each: bf16, then the fp32 override
     assert images.dtype == torch.float32 and images.min() >= 0 and images.max() <= 1
     assert (images - ref_images).abs().mean() < 0.05
+
+
+# --- growing a trained UNet ----------------------------------------------------------------
+
+def test_warm_start_adds_transformer_layers_without_changing_the_function():
+    """Net2Net-style growth: the grown UNet (two transformer layers per block) computes the source's output."""
+    from conftest import TINY_UNET
+
+    torch.manual_seed(0)
+    source = models.build_unet(TINY_UNET).eval()
+    for p in source.parameters():  # a "trained" source: no zero output projections anywhere
+        p.data.add_(0.05 * torch.randn_like(p))
+    grown = models.build_unet({**TINY_UNET, "transformer_layers_per_block": 2}).eval()
+    report = models.warm_start_unet(grown, source)
+    assert report["copied"] == len(source.state_dict())
+    assert report["new"] > 0 and report["zeroed"] > 0
+    for k, v in grown.state_dict().items():
+        if ".transformer_blocks.1." in k and any(o in k for o in ("attn1.to_out.0.", "attn2.to_out.0.", "ff.net.2.")):
+            assert not v.any(), k
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    states = torch.randn(2, 5, TINY_UNET["cross_attention_dim"])
+    with torch.no_grad():
+        ref = source(x, t, encoder_hidden_states=states).sample
+        out = grown(x, t, encoder_hidden_states=states).sample
+    assert torch.allclose(out, ref, atol=1e-6), (out - ref).abs().max()
+    # the new blocks still learn: their output projections receive gradients
+    grown.train()
+    grown(x, t, encoder_hidden_states=states).sample.pow(2).mean().backward()
+    new_out = dict(grown.named_parameters())["down_blocks.0.attentions.0.transformer_blocks.1.attn2.to_out.0.weight"]
+    assert new_out.grad is not None and new_out.grad.abs().sum() > 0
+
+
+def test_warm_start_refuses_to_drop_trained_tensors():
+    from conftest import TINY_UNET
+
+    big = models.build_unet({**TINY_UNET, "transformer_layers_per_block": 2})
+    small = models.build_unet(TINY_UNET)
+    with pytest.raises(ValueError, match="transformer_blocks.1"):
+        models.warm_start_unet(small, big)
+    wider = models.build_unet({**TINY_UNET, "block_out_channels": [4, 16]})
+    with pytest.raises(ValueError, match="other shape"):
+        models.warm_start_unet(wider, small)
+
+
+def test_warmup_cosine_learning_rate_factor():
+    from lightning_modules.optim import warmup_cosine_factor
+
+    assert warmup_cosine_factor(0, 10) == pytest.approx(0.1)
+    assert warmup_cosine_factor(9, 10) == 1.0 and warmup_cosine_factor(5000, 10) == 1.0  # constant without decay
+    assert warmup_cosine_factor(10, 10, 110) == 1.0
+    assert warmup_cosine_factor(60, 10, 110) == pytest.approx(0.5)
+    assert warmup_cosine_factor(110, 10, 110) == pytest.approx(0.0, abs=1e-12)
+    assert warmup_cosine_factor(500, 10, 110) == pytest.approx(0.0, abs=1e-12)  # stays at zero past the end
