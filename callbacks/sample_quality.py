@@ -69,6 +69,8 @@ class SampleQuality(Callback):
             tag = f"{getattr(pl_module, 'solver_tag', 'euler')}{steps}_w{w:g}"
             metrics[f"quality/fid_{tag}"] = s["fid"]
             metrics[f"quality/alignment_{tag}"] = s["alignment"]
+            for k, v in s["by_objects"].items():  # binding shows in the many-object scenes
+                metrics[f"quality/alignment_{tag}_{k}obj"] = v["alignment"]
             metrics[f"quality/seconds_{tag}"] = time.perf_counter() - t0
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)

@@ -8,6 +8,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from lightning_modules.optim import adamw_with_warmup
+
 
 class AutoencoderTraining(L.LightningModule):
     """L1 + MSE reconstruction with a small KL term, as SD's first stage minus the GAN and LPIPS.
@@ -20,10 +22,14 @@ class AutoencoderTraining(L.LightningModule):
         init_from: folder holding ``vae/`` to start from.
         train_encoder: ``False`` fine-tunes the decoder only (as SD's ft-MSE decoder was): the
             latent space, its scaling factor and any UNet trained on it stay valid.
+        warmup_steps, lr_decay_steps: linear warm-up, then cosine decay to zero at ``lr_decay_steps``
+            (None: constant learning rate).
+        export_dir: where the ``Export`` callback writes (``export_dir/vae``) when it names no dirpath.
     """
 
     def __init__(self, vae: dict | None = None, lr: float = 1e-3, kl_weight: float = 1e-6,
-                 weight_decay: float = 0.0, init_from: str | None = None, train_encoder: bool = True) -> None:
+                 weight_decay: float = 0.0, init_from: str | None = None, train_encoder: bool = True,
+                 warmup_steps: int = 0, lr_decay_steps: int | None = None, export_dir: str | None = None) -> None:
         super().__init__()
         if vae is None and init_from is None:
             raise ValueError("give either a `vae` config or `init_from` (a folder holding vae/)")
@@ -84,7 +90,9 @@ class AutoencoderTraining(L.LightningModule):
         return {"vae_real": (real + 1) / 2, "vae_reconstruction": (rec + 1) / 2}
 
     def configure_optimizers(self):
-        return torch.optim.AdamW([p for p in self.vae.parameters() if p.requires_grad], lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        h = self.hparams
+        return adamw_with_warmup([p for p in self.vae.parameters() if p.requires_grad], h.lr, h.weight_decay,
+                                 h.warmup_steps, h.lr_decay_steps)
 
     def export(self, dirpath: str) -> Path:
         """Save ``dirpath/vae`` with the measured scaling factor in its config."""

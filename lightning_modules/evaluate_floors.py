@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lightning_modules.evaluator import attribute_accuracies, load_evaluator, predict_scenes
+from lightning_modules.evaluator import accuracies_by_objects, attribute_accuracies, load_evaluator, predict_scenes
 from lightning_modules.metrics import fid_bootstrap, image_features, to_uint8
 
 
@@ -66,7 +66,8 @@ def score_images(images: torch.Tensor, prompt_scenes: list[dict], ref_features: 
     saved PNG would be. Returns ``fid`` with its bootstrap interval ``fid_low``/``fid_high`` (over
     the generated images, see ``metrics.fid_bootstrap``), ``alignment`` (exact match on cells,
     shape, colour, background; see ``evaluator``) with its binomial standard error,
-    ``size_accuracy`` (per object) and the other per-attribute accuracies.
+    ``size_accuracy`` (per object) and the other per-attribute accuracies, and ``by_objects``
+    (alignment, shape, colour, cells per number of prompt objects).
     """
     if len(images) != len(prompt_scenes):
         raise ValueError(f"{len(images)} images for {len(prompt_scenes)} prompts")
@@ -83,6 +84,7 @@ def score_images(images: torch.Tensor, prompt_scenes: list[dict], ref_features: 
         "alignment_with_size": acc["alignment_with_size"], "size_accuracy": acc["size"],
         "shape_accuracy": acc["shape"], "color_accuracy": acc["color"], "cells_accuracy": acc["cells"],
         "count_accuracy": acc["count"], "background_accuracy": acc["background"],
+        "by_objects": {k: _round(v) for k, v in accuracies_by_objects(preds, prompt_scenes).items()},
     }
 
 
@@ -98,6 +100,18 @@ def degraded(images: torch.Tensor, blur: float = 0.0, noise: float = 0.0, seed: 
     return x.clamp(0, 1)
 
 
+@torch.no_grad()
+def vae_reconstructions(vae, images: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
+    """uint8 images encoded (posterior mode) and decoded by ``vae``: float in [0, 1], what a generator
+    that hit the real images' latents exactly would show. Their scores are the VAE's ceiling."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size].float() / 127.5 - 1.0  # (B, 3, H, W) in [-1, 1]
+        z = vae.encode(x).latent_dist.mode()
+        out.append(((vae.decode(z).sample.float() + 1) / 2).clamp(0, 1))
+    return torch.cat(out)
+
+
 def _round(d: dict, digits: int = 4) -> dict:
     return {k: round(v, digits) if isinstance(v, float) else v for k, v in d.items()}
 
@@ -109,6 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--bootstrap", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae", default="assets/embedded-sd",
+                   help="pipeline folder whose VAE's reconstructions give the alignment ceiling ('' to skip)")
     p.add_argument("--out", default="docs/floors.json")
     a = p.parse_args(argv)
 
@@ -128,6 +144,12 @@ def main(argv: list[str] | None = None) -> dict:
         r = score_images(degraded(images[:a.n], seed=a.seed, **kw), scenes[:a.n], ref_features, evaluator,
                          n_bootstrap=a.bootstrap, seed=a.seed)
         sensitivity[name] = _round({k: r[k] for k in ("fid", "fid_low", "fid_high", "alignment", "size_accuracy")})
+    ceiling = None
+    if a.vae:
+        from lightning_modules.models import load_vae
+
+        rec = vae_reconstructions(load_vae(a.vae), images[:a.n])
+        ceiling = _round(score_images(rec, scenes[:a.n], ref_features, evaluator, n_bootstrap=a.bootstrap, seed=a.seed))
     config = json.loads((Path(a.evaluator) / "config.json").read_text())
     result = {
         "what": "floors of the embedded evaluation: FID real test[0,n) vs real test[n,2n), and the "
@@ -140,6 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
         "test": a.test, "n": a.n, "bootstrap": a.bootstrap, "seed": a.seed,
         "feature_dim": int(ref_features.shape[1]),
         "floor": _round(floor),
+        "vae": a.vae or None,
+        "vae_ceiling": ceiling,  # real test[0,n) through the VAE: no generator on that VAE scores above it
         "accuracies_test_n_2n": _round(acc_b),
         "sensitivity_real_test_0_n_degraded": sensitivity,
         "wall_s": {"read_and_reference_features": round(t_read, 1), "total": round(time.time() - t0, 1)},
@@ -147,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result["floor"], indent=1))
+    print(json.dumps({"floor": result["floor"], "vae_ceiling": ceiling}, indent=1))
     print(f"wrote {out} in {result['wall_s']['total']} s")
     return result
 

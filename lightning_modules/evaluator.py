@@ -222,6 +222,19 @@ def attribute_accuracies(preds: Sequence[dict], prompt_scenes: Sequence[dict]) -
     return out
 
 
+def accuracies_by_objects(preds: Sequence[dict], prompt_scenes: Sequence[dict]) -> dict[str, dict]:
+    """``attribute_accuracies`` per number of prompt objects ("1", "2", "3"): attribute binding fails
+    in the many-object scenes first, which the pooled numbers hide."""
+    groups: dict[int, list] = {}
+    for p, s in zip(preds, prompt_scenes):
+        groups.setdefault(len(s["objects"]), []).append((p, s))
+    out = {}
+    for k, pairs in sorted(groups.items()):
+        acc = attribute_accuracies([p for p, _ in pairs], [s for _, s in pairs])
+        out[str(k)] = {"prompts": len(pairs), **{a: acc[a] for a in ("alignment", "shape", "color", "cells")}}
+    return out
+
+
 # -- training ----------------------------------------------------------------------------------
 
 def augment(x: torch.Tensor, generator: torch.Generator | None = None, brightness: float = 0.06,

@@ -12,7 +12,8 @@ from PIL import Image
 
 from lightning_modules import metrics
 from lightning_modules.evaluator import (
-    EvaluatorTraining, ShapesEvaluator, alignment_score, attribute_accuracies, batch_targets, load_evaluator,
+    EvaluatorTraining, ShapesEvaluator, accuracies_by_objects, alignment_score, attribute_accuracies, batch_targets,
+    load_evaluator,
     logits_to_scenes, predict_scenes, scene_matches, scene_targets,
 )
 
@@ -193,6 +194,26 @@ def test_export_load_round_trip(tmp_path):
     assert torch.equal(module.model.features(x), loaded.features(x))
 
 
+def test_accuracies_by_number_of_objects():
+    one = {"background": "gray", "objects": SCENE["objects"][:1]}
+    swapped = _edit(SCENE, color0="blue", color1="red")  # both colours present, bound to the wrong objects
+    by = accuracies_by_objects([one, SCENE, swapped], [one, SCENE, SCENE])
+    assert set(by) == {"1", "2"}
+    assert by["1"] == {"prompts": 1, "alignment": 1.0, "shape": 1.0, "color": 1.0, "cells": 1.0}
+    assert by["2"]["prompts"] == 2 and by["2"]["alignment"] == 0.5
+    assert by["2"]["color"] == 0.5 and by["2"]["shape"] == by["2"]["cells"] == 1.0
+
+
+def test_vae_reconstructions_are_images_in_unit_range(tiny_sd_folder):
+    from lightning_modules.evaluate_floors import vae_reconstructions
+    from lightning_modules.models import load_vae
+
+    images = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8)
+    rec = vae_reconstructions(load_vae(str(tiny_sd_folder)), images, batch_size=2)
+    assert rec.shape == (5, 3, 16, 16) and rec.dtype == torch.float32 and 0 <= rec.min() and rec.max() <= 1
+    assert torch.equal(rec[2:4], vae_reconstructions(load_vae(str(tiny_sd_folder)), images[2:4]))  # mode: deterministic
+
+
 def test_real_test_set_and_score_images(tmp_path):
     from data.shapes import write_shard
     from lightning_modules.evaluate_floors import real_test_set, score_images
@@ -208,6 +229,7 @@ def test_real_test_set_and_score_images(tmp_path):
     out = score_images(images.float() / 255, scenes, ref, model, n_bootstrap=10)
     assert out["fid_low"] <= out["fid"] <= out["fid_high"] and 0 <= out["alignment"] <= 1
     assert {"size_accuracy", "shape_accuracy", "color_accuracy", "background_accuracy"} <= out.keys()
+    assert sum(v["prompts"] for v in out["by_objects"].values()) == 4
     with pytest.raises(ValueError):
         real_test_set(str(tmp_path / "00000.tar"), n=6, offset=1)
 
