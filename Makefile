@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
-.PHONY: help venv data data-chain train-vae train-teacher-unet train-teacher-binding train-teacher-decoder train-teacher train-evaluator eval-teacher floors \
+.PHONY: help venv data data-chain train-vae train-teacher-unet train-teacher-binding train-teacher train-evaluator eval-teacher floors \
         gen-pairs train-2rf train-distill eval report generate export train-reflow sweep test test-full bench bench-gpu tensorboard clean
 
 help: ## list every target with one line each
@@ -40,10 +40,7 @@ train-teacher-unet: data ## embedded teacher, part 2: train the epsilon UNet on 
 train-teacher-binding: data ## embedded teacher, part 3: grow part 2's UNet (2 transformer layers, 48 tokens) and train on; exports assets/embedded-sd
 	$(CLI) fit -c $(BASE) -c experiments/embedded/teacher.yaml -c experiments/embedded/teacher_binding.yaml
 
-train-teacher-decoder: data ## embedded teacher, part 4: the VAE decoder fine-tune continued (encoder frozen); replaces assets/embedded-sd/vae
-	$(CLI) fit -c $(BASE) -c experiments/embedded/vae_decoder.yaml -c experiments/embedded/vae_decoder_long.yaml
-
-train-teacher: train-vae train-teacher-unet train-teacher-binding train-teacher-decoder ## retrain the committed miniature SD teacher from scratch (about 4 h on 2 cores)
+train-teacher: train-vae train-teacher-unet train-teacher-binding ## retrain the committed miniature SD teacher from scratch (about 3.5 h on 2 cores)
 
 train-evaluator: data ## retrain the committed embedded evaluator (FID features + prompt alignment)
 	$(CLI) fit -c $(BASE) -c experiments/embedded/evaluator.yaml
