@@ -24,8 +24,9 @@ class SampleQuality(Callback):
         test: test shards (their captions are the prompts, their images the reference).
         evaluator: feature network for FID and the alignment classifier (embedded world); real
             runs would plug Inception features and CLIP score here.
-        steps: solver steps to score (Euler, or the module's ``solver_tag`` solver); guidance ``guidance`` applies above one step (one-step
-            models run conditional only, as the paper samples them).
+        steps: solver steps to score (Euler, or the module's ``solver_tag`` solver); guidance
+            ``guidance`` applies above one step (one-step models run conditional only, as the
+            paper samples them). Alignment is also logged per number of prompt objects.
         bf16: bf16 autocast while sampling (the ODE state stays fp32).
     """
 

@@ -103,7 +103,8 @@ def degraded(images: torch.Tensor, blur: float = 0.0, noise: float = 0.0, seed: 
 @torch.no_grad()
 def vae_reconstructions(vae, images: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
     """uint8 images encoded (posterior mode) and decoded by ``vae``: float in [0, 1], what a generator
-    that hit the real images' latents exactly would show. Their scores are the VAE's ceiling."""
+    that hit the real images' latents exactly would show. Their scores are the VAE's ceiling (a practical
+    one: a generator's latents could decode better than the posterior mode, but rarely do)."""
     out = []
     for i in range(0, len(images), batch_size):
         x = images[i:i + batch_size].float() / 127.5 - 1.0  # (B, 3, H, W) in [-1, 1]
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
         "feature_dim": int(ref_features.shape[1]),
         "floor": _round(floor),
         "vae": a.vae or None,
-        "vae_ceiling": ceiling,  # real test[0,n) through the VAE: no generator on that VAE scores above it
+        "vae_ceiling": ceiling,  # real test[0,n) through the VAE: what a teacher on that VAE is read against
         "accuracies_test_n_2n": _round(acc_b),
         "sensitivity_real_test_0_n_degraded": sensitivity,
         "wall_s": {"read_and_reference_features": round(t_read, 1), "total": round(time.time() - t0, 1)},
