@@ -209,7 +209,8 @@ def test_committed_embedded_teacher_loads_through_the_generic_path():
     assert model.kind == "ddpm" and model.latent_shape == (4, 8, 8)
     assert model.text_encoder.hidden_size == 384 == model.unet.config.cross_attention_dim
     assert model.scheduler_config["beta_schedule"] == "scaled_linear"
-    images = model.sample(["a large red circle in the center on a white background"], steps=4, guidance=3.0)
+    # 8 steps, not the 25 it is evaluated at, for speed; at 4 the grown teacher's solve is under-resolved
+    images = model.sample(["a large red circle in the center on a white background"], steps=8, guidance=3.0)
     assert images.shape == (1, 3, 32, 32)
     centre, corner = images[0, :, 14:18, 14:18].mean((1, 2)), images[0, :, :3, :3].mean((1, 2))
     assert corner.min() > 0.8  # white background
