@@ -37,10 +37,14 @@ train-vae: data ## embedded teacher, part 1: train the AutoencoderKL (32x32 RGB 
 train-teacher-unet: data ## embedded teacher, part 2: train the epsilon UNet on the VAE of part 1; exports runs/embedded/teacher_stage1
 	$(CLI) fit -c $(BASE) -c experiments/embedded/teacher.yaml
 
-train-teacher-binding: data ## embedded teacher, part 3: grow part 2's UNet (2 transformer layers, 48 tokens) and train on; exports assets/embedded-sd
+runs/embedded/teacher_stage1/model_index.json:
+	@echo "the growth stage starts from stage 1's export in runs/embedded/teacher_stage1: run 'make train-teacher-unet' first" >&2; exit 1
+
+train-teacher-binding: data runs/embedded/teacher_stage1/model_index.json ## embedded teacher, part 3: grow part 2's UNet (2 transformer layers, 48 tokens) and train on; exports assets/embedded-sd
 	$(CLI) fit -c $(BASE) -c experiments/embedded/teacher.yaml -c experiments/embedded/teacher_binding.yaml
 
-train-teacher: train-vae train-teacher-unet train-teacher-binding ## retrain the committed miniature SD teacher from scratch (about 3.5 h on 2 cores)
+train-teacher: train-vae train-teacher-unet ## retrain the committed miniature SD teacher from scratch (about 3.5 h on 2 cores)
+	$(MAKE) train-teacher-binding  # a sub-make: it must see stage 1's export, written by the step before
 
 train-evaluator: data ## retrain the committed embedded evaluator (FID features + prompt alignment)
 	$(CLI) fit -c $(BASE) -c experiments/embedded/evaluator.yaml
