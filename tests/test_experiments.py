@@ -61,7 +61,8 @@ def _scalars(logdir: Path, tag: str) -> list[float]:
 
 
 def _merge(base: dict, override: dict) -> dict:
-    """``override`` on top of ``base``, dicts merged key by key (lists replaced), as ``-c a -c b`` does."""
+    """``override`` on top of ``base``, mappings merged key by key, lists replaced. Like ``-c a -c b`` for
+    the config's sections; the CLI replaces a dict-typed argument (``unet``) whole, which callers here set."""
     out = dict(base)
     for k, v in override.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
@@ -136,7 +137,7 @@ def test_embedded_teacher_growth_stage_on_tiny_models(tiny_world, tiny_sd_folder
     assert stage2["model"]["init_args"]["init_from"] == teacher["model"]["init_args"]["export_dir"]
     assert stage2["model"]["init_args"]["unet"]["transformer_layers_per_block"] == 2
     assert stage2["model"]["init_args"]["max_length"] > teacher["model"]["init_args"]["max_length"]
-    # stage 2 is teacher.yaml overridden by teacher_binding.yaml, merged here as the CLI merges them
+    # stage 2 is teacher.yaml overridden by teacher_binding.yaml (its unet is restated whole, and set below)
     merged = tmp_path / "teacher_binding.yaml"
     merged.write_text(yaml.safe_dump(_merge(teacher, stage2)))
     out = tmp_path / "grown"
