@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
-.PHONY: help venv data data-chain train-vae train-teacher-unet train-teacher-binding train-teacher train-evaluator eval-teacher floors \
+.PHONY: help venv data data-chain train-vae train-teacher-unet train-teacher-binding train-teacher-decoder train-teacher train-evaluator eval-teacher floors \
         gen-pairs train-2rf train-distill eval report generate export train-reflow sweep test test-full bench bench-gpu tensorboard clean
 
 help: ## list every target with one line each
@@ -40,11 +40,20 @@ train-teacher-unet: data ## embedded teacher, part 2: train the epsilon UNet on 
 runs/embedded/teacher_stage1/model_index.json:
 	@echo "the growth stage starts from stage 1's export in runs/embedded/teacher_stage1: run 'make train-teacher-unet' first" >&2; exit 1
 
-train-teacher-binding: data runs/embedded/teacher_stage1/model_index.json ## embedded teacher, part 3: grow part 2's UNet (2 transformer layers, 48 tokens) and train on; exports assets/embedded-sd
-	$(CLI) fit -c $(BASE) -c experiments/embedded/teacher.yaml -c experiments/embedded/teacher_binding.yaml
+BINDING := -c experiments/embedded/teacher.yaml -c experiments/embedded/teacher_binding.yaml
+train-teacher-binding: data runs/embedded/teacher_stage1/model_index.json ## embedded teacher, part 3: grow part 2's UNet (2 transformer layers, 48 tokens), then a second cosine cycle; exports assets/embedded-sd
+	$(CLI) fit -c $(BASE) $(BINDING)
+	$(CLI) fit -c $(BASE) $(BINDING) -c experiments/embedded/teacher_binding_more.yaml
 
-train-teacher: train-vae train-teacher-unet ## retrain the committed miniature SD teacher from scratch (about 3.5 h on 2 cores)
-	$(MAKE) train-teacher-binding  # a sub-make: it must see stage 1's export, written by the step before
+runs/embedded/teacher_build/vae/config.json:
+	@echo "the decoder refinement starts from part 1's decoder in runs/embedded/teacher_build: run 'make train-vae' first" >&2; exit 1
+
+train-teacher-decoder: data runs/embedded/teacher_build/vae/config.json ## embedded teacher, part 4: refine part 1's decoder (encoder frozen) into assets/embedded-sd/vae
+	$(CLI) fit -c $(BASE) -c experiments/embedded/vae_decoder.yaml -c experiments/embedded/vae_decoder_refine.yaml
+
+train-teacher: train-vae train-teacher-unet ## retrain the committed miniature SD teacher from scratch (about 4.6 h on 2 cores)
+	$(MAKE) train-teacher-binding  # sub-makes: each must see the export the step before wrote
+	$(MAKE) train-teacher-decoder
 
 train-evaluator: data ## retrain the committed embedded evaluator (FID features + prompt alignment)
 	$(CLI) fit -c $(BASE) -c experiments/embedded/evaluator.yaml

@@ -153,3 +153,53 @@ def test_embedded_teacher_growth_stage_on_tiny_models(tiny_world, tiny_sd_folder
     model = TextToImage.from_pretrained(str(out))
     assert model.unet.config.transformer_layers_per_block == 2 and model.text_encoder.max_length == 20
     assert model.sample(["a red circle"], steps=4, guidance=3.0).shape == (1, 3, 16, 16)
+
+
+def test_decoder_refinement_keeps_the_latent_space(tiny_world, tiny_sd_folder, tmp_path):
+    """vae_decoder_refine.yaml on tiny models: trains the decoder alone from a folder's VAE, decays the
+    learning rate to zero, and exports a VAE whose encoder and scaling factor are bit-identical, so a
+    UNet trained on the old latents stays valid."""
+    from lightning_modules import models
+    from lightning_modules.evaluate_floors import real_test_set
+
+    decoder = yaml.safe_load((ROOT / "experiments" / "embedded" / "vae_decoder.yaml").read_text())
+    refine = yaml.safe_load((ROOT / "experiments" / "embedded" / "vae_decoder_refine.yaml").read_text())
+    assert refine["model"]["init_args"]["init_from"] == decoder["model"]["init_args"]["export_dir"]
+    merged = tmp_path / "vae_decoder_refine.yaml"
+    merged.write_text(yaml.safe_dump(_merge(decoder, refine)))
+    out = tmp_path / "refined"
+    args = {"init_from": str(tiny_sd_folder), "lr": 1e-3, "warmup_steps": 5, "lr_decay_steps": 60}
+    cli(["fit", "-c", BASE, "-c", tiny_experiment("vae_decoder", tmp_path, tiny_world, args, out, source=merged)],
+        run=True)
+    logdir = next((tmp_path / "runs" / "vae_decoder_refine").glob("version_*"))
+    lrs = _scalars(logdir, "lr-AdamW")
+    assert lrs[-1] < 0.05 * max(lrs)
+
+    before, after = models.load_vae(str(tiny_sd_folder)), models.load_vae(str(out))
+    # the refined decoder reconstructs the world's images better from the same latents
+    images, _, _ = real_test_set(tiny_world.train, 32, resolution=16)
+    x = images.float() / 127.5 - 1  # (32, 3, 16, 16)
+    with torch.no_grad():
+        z = before.encode(x).latent_dist.mode()
+        err = [float((vae.decode(z).sample - x).abs().mean()) for vae in (before, after)]
+    assert err[1] < 0.97 * err[0], err
+    assert after.config.scaling_factor == before.config.scaling_factor
+    old, new = before.state_dict(), after.state_dict()
+    frozen = [k for k in old if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and all(torch.equal(old[k], new[k]) for k in frozen)
+    assert any(not torch.equal(old[k], new[k]) for k in old if k.startswith("decoder."))
+
+
+def test_teacher_recipe_parts_hand_over_through_their_exports():
+    """make train-teacher's parts chain: each starts from the folder the part before it exports, and
+    the last UNet cycle and the decoder refinement both write the committed teacher's folder."""
+    def args(name: str) -> dict:
+        return yaml.safe_load((ROOT / "experiments" / "embedded" / f"{name}.yaml").read_text())["model"]["init_args"]
+
+    decoder, stage1 = args("vae_decoder"), args("teacher")
+    assert stage1["vae"] == decoder["export_dir"] == args("vae_decoder_refine")["init_from"]
+    previous = stage1["export_dir"]
+    for part in ("teacher_binding", "teacher_binding_more"):
+        assert args(part)["init_from"] == previous, part
+        previous = args(part)["export_dir"]
+    assert previous == args("vae_decoder_refine")["export_dir"] == "assets/embedded-sd"
