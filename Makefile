@@ -41,7 +41,7 @@ runs/embedded/teacher_stage1/model_index.json:
 	@echo "the growth stage starts from stage 1's export in runs/embedded/teacher_stage1: run 'make train-teacher-unet' first" >&2; exit 1
 
 BINDING := -c experiments/embedded/teacher.yaml -c experiments/embedded/teacher_binding.yaml
-train-teacher-binding: data runs/embedded/teacher_stage1/model_index.json ## embedded teacher, part 3: grow part 2's UNet (2 transformer layers, 48 tokens), then a second cosine cycle; exports assets/embedded-sd
+train-teacher-binding: data runs/embedded/teacher_stage1/model_index.json ## embedded teacher, part 3: grow part 2's UNet (2 transformer layers, 48 tokens), then a second cosine cycle; exports assets/embedded-sd with part 1's decoder (part 4 replaces it)
 	$(CLI) fit -c $(BASE) $(BINDING)
 	$(CLI) fit -c $(BASE) $(BINDING) -c experiments/embedded/teacher_binding_more.yaml
 
