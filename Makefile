@@ -24,7 +24,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 venv: $(VENV)/.installed ## create .venv with the pinned dependencies (every other target depends on it)
 
-data: $(VENV)/.installed ## write the embedded world's LAION-layout shards (train 40k / val 2k / test 4k) to runs/data
+data: $(VENV)/.installed ## write the embedded world's LAION-layout shards (train 40k / val 2k / test 4k, and 10k three-object scenes for the teacher) to runs/data
 	$(PY) -m data.shapes --out $(DATA)
 
 data-chain: $(VENV)/.installed ## only the shards the InstaFlow chain reads (train 00000-00003, val, test); same bytes as `make data`
@@ -41,9 +41,10 @@ runs/embedded/teacher_stage1/model_index.json:
 	@echo "the growth stage starts from stage 1's export in runs/embedded/teacher_stage1: run 'make train-teacher-unet' first" >&2; exit 1
 
 BINDING := -c experiments/embedded/teacher.yaml -c experiments/embedded/teacher_binding.yaml
-train-teacher-binding: data runs/embedded/teacher_stage1/model_index.json ## embedded teacher, part 3: grow part 2's UNet (2 transformer layers, 48 tokens), then a second cosine cycle; exports assets/embedded-sd with part 1's decoder (part 4 replaces it)
+train-teacher-binding: data runs/embedded/teacher_stage1/model_index.json ## embedded teacher, part 3: grow part 2's UNet (2 transformer layers, 48 tokens), then two more cosine cycles (the last with three-object scenes oversampled); exports assets/embedded-sd with part 1's decoder (part 4 replaces it)
 	$(CLI) fit -c $(BASE) $(BINDING)
 	$(CLI) fit -c $(BASE) $(BINDING) -c experiments/embedded/teacher_binding_more.yaml
+	$(CLI) fit -c $(BASE) $(BINDING) -c experiments/embedded/teacher_binding_more.yaml -c experiments/embedded/teacher_binding_three.yaml
 
 runs/embedded/teacher_build/vae/config.json:
 	@echo "the decoder refinement starts from part 1's decoder in runs/embedded/teacher_build: run 'make train-vae' first" >&2; exit 1
@@ -51,7 +52,7 @@ runs/embedded/teacher_build/vae/config.json:
 train-teacher-decoder: data runs/embedded/teacher_build/vae/config.json ## embedded teacher, part 4: refine part 1's decoder (encoder frozen) into assets/embedded-sd/vae
 	$(CLI) fit -c $(BASE) -c experiments/embedded/vae_decoder.yaml -c experiments/embedded/vae_decoder_refine.yaml
 
-train-teacher: train-vae train-teacher-unet ## retrain the committed miniature SD teacher from scratch (about 4.6 h on 2 cores)
+train-teacher: train-vae train-teacher-unet ## retrain the committed miniature SD teacher from scratch (about 6 h on 2 cores)
 	$(MAKE) train-teacher-binding  # sub-makes: each must see the export the step before wrote
 	$(MAKE) train-teacher-decoder
 
@@ -75,7 +76,7 @@ FIT = $(CLI) fit -c $(BASE)
 TIMED = $(PY) -m lightning_modules.timed runs/embedded/timings
 
 # each stage's command, once: the file rules below and the cluster launch (CHAIN_STAGES) both use them
-CMD_data = $(TIMED) data -- $(PY) -m data.shapes --out $(DATA) --train 4000
+CMD_data = $(TIMED) data -- $(PY) -m data.shapes --out $(DATA) --train 4000 --train3 0
 CMD_pairs_teacher = $(TIMED) pairs_teacher -- $(CLI) predict -c $(BASE) -c $(EMB)/pairs_teacher.yaml
 CMD_reflow = $(TIMED) reflow -- $(FIT) -c $(EMB)/reflow.yaml
 CMD_pairs_rf2 = $(TIMED) pairs_rf2 -- $(CLI) predict -c $(BASE) -c $(EMB)/pairs_rf2.yaml

@@ -72,7 +72,10 @@ TEMPLATES = (
 )
 COUNT_PROBS = (0.5, 0.35, 0.15)  # one, two, three shapes
 
-SPLIT_OFFSETS = {"train": 0, "val": 1, "test": 2}
+SPLIT_OFFSETS = {"train": 0, "val": 1, "test": 2, "train3": 3}
+# Splits whose scenes all hold a fixed number of objects. "train3" is extra three-object training
+# data for the teacher's last cycle: they are 15% of the world but where its binding fails most.
+SPLIT_OBJECTS = {"train3": 3}
 
 
 @dataclass
@@ -89,9 +92,13 @@ def _pick(rng: np.random.Generator, options):
     return options[int(rng.integers(len(options)))]
 
 
-def sample_scene(rng: np.random.Generator, resolution: int = 32) -> Scene:
-    """Draw the attributes and the caption of one scene."""
+def sample_scene(rng: np.random.Generator, resolution: int = 32, n_objects: int | None = None) -> Scene:
+    """Draw the attributes and the caption of one scene (``n_objects``: fixed count, else COUNT_PROBS)."""
     n = int(rng.choice(len(COUNT_PROBS), p=COUNT_PROBS)) + 1
+    if n_objects is not None:
+        if not 1 <= n_objects <= len(COUNT_PROBS):
+            raise ValueError(f"n_objects must be in 1..{len(COUNT_PROBS)}, got {n_objects}")
+        n = n_objects
     cells = rng.choice(GRID * GRID, size=n, replace=False)
     scene = Scene(background=_pick(rng, BACKGROUNDS))
     step = resolution / GRID
@@ -148,10 +155,11 @@ def render(scene: Scene, resolution: int = 32, supersample: int = 4, rng: np.ran
     return img.resize((resolution, resolution), Image.LANCZOS)
 
 
-def make_sample(split_seed: int, index: int, resolution: int = 32) -> tuple[Image.Image, Scene]:
+def make_sample(split_seed: int, index: int, resolution: int = 32,
+                n_objects: int | None = None) -> tuple[Image.Image, Scene]:
     """The sample ``index`` of a split: a pure function of its seed and index."""
     rng = np.random.default_rng([split_seed, index])
-    scene = sample_scene(rng, resolution)
+    scene = sample_scene(rng, resolution, n_objects)
     return render(scene, resolution, rng=rng), scene
 
 
@@ -162,14 +170,15 @@ def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     tar.addfile(info, io.BytesIO(payload))
 
 
-def write_shard(path: Path, shard: int, split_seed: int, start: int, count: int, resolution: int) -> dict:
+def write_shard(path: Path, shard: int, split_seed: int, start: int, count: int, resolution: int,
+                n_objects: int | None = None) -> dict:
     """Write one img2dataset-layout shard atomically: ``{key}.jpg/.txt/.json`` + ``_stats.json``."""
     t0 = time.time()
     tmp = path.with_suffix(".tar.tmp")
     with tarfile.open(tmp, "w") as tar:
         for i in range(count):
             index = start + i
-            img, scene = make_sample(split_seed, index, resolution)
+            img, scene = make_sample(split_seed, index, resolution, n_objects)
             key = f"{shard:05d}{i:04d}"
             buf = io.BytesIO()
             img.save(buf, format="JPEG", quality=95)
@@ -211,7 +220,8 @@ def write_split(out_dir: str | Path, split: str, num_samples: int, samples_per_s
         if path.exists() and path.with_name(f"{shard:05d}_stats.json").exists():
             continue
         start = shard * samples_per_shard
-        write_shard(path, shard, split_seed, start, min(samples_per_shard, num_samples - start), resolution)
+        write_shard(path, shard, split_seed, start, min(samples_per_shard, num_samples - start), resolution,
+                    SPLIT_OBJECTS.get(split))
     return paths
 
 
@@ -228,11 +238,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train", type=int, default=40_000)
     p.add_argument("--val", type=int, default=2_000)
     p.add_argument("--test", type=int, default=4_000)
+    p.add_argument("--train3", type=int, default=10_000, help="extra three-object training scenes")
     p.add_argument("--per-shard", type=int, default=1_000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resolution", type=int, default=32)
     a = p.parse_args(argv)
-    for split, n in (("train", a.train), ("val", a.val), ("test", a.test)):
+    for split, n in (("train", a.train), ("val", a.val), ("test", a.test), ("train3", a.train3)):
+        if n == 0:
+            continue
         paths = write_split(a.out, split, n, a.per_shard, a.seed, a.resolution)
         print(f"{split}: {n} samples in {len(paths)} shards -> {brace_pattern(Path(a.out) / split, len(paths))}")
 

@@ -199,7 +199,7 @@ def test_teacher_recipe_parts_hand_over_through_their_exports():
     decoder, stage1 = args("vae_decoder"), args("teacher")
     assert stage1["vae"] == decoder["export_dir"] == args("vae_decoder_refine")["init_from"]
     previous = stage1["export_dir"]
-    for part in ("teacher_binding", "teacher_binding_more"):
+    for part in ("teacher_binding", "teacher_binding_more", "teacher_binding_three"):
         assert args(part)["init_from"] == previous, part
         previous = args(part)["export_dir"]
     assert previous == args("vae_decoder_refine")["export_dir"] == "assets/embedded-sd"

@@ -8,6 +8,7 @@ import re
 import tarfile
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -185,9 +186,30 @@ def test_splits_use_different_seeds(tmp_path):
     assert captions["test"][4].decode() == make_sample(2, 4)[1].caption
 
 
+def test_three_object_split_holds_only_three_object_scenes_of_its_own_seed(tmp_path):
+    path = write_split(tmp_path, "train3", 40, samples_per_shard=40, seed=0, progress=False)[0]
+    with tarfile.open(path) as t:
+        metas = [json.load(t.extractfile(n)) for n in t.getnames() if n.endswith(".json")]
+    assert len(metas) == 40 and {len(m["scene"]["objects"]) for m in metas} == {3}
+    for m in metas:  # every object is said in the caption, and the cells are distinct
+        assert len(_parse_caption(m["caption"], m["scene"]["background"])) == 3
+        assert len({o["cell"] for o in m["scene"]["objects"]}) == 3
+    assert json.loads(path.with_name("00000_stats.json").read_text())["split_seed"] == 3
+    train = {make_sample(0, i)[1].caption for i in range(40)}
+    test = {make_sample(2, i)[1].caption for i in range(40)}
+    assert not train & {m["caption"] for m in metas} and not test & {m["caption"] for m in metas}
+    # the default world is unchanged: its object counts still follow COUNT_PROBS
+    counts = np.bincount([len(make_sample(0, i)[1].objects) for i in range(600)], minlength=4)[1:] / 600
+    assert np.allclose(counts, shapes.COUNT_PROBS, atol=0.06)
+    with pytest.raises(ValueError, match="n_objects"):
+        shapes.sample_scene(np.random.default_rng(0), n_objects=4)
+
+
 def test_main_writes_all_splits(tmp_path, capsys):
-    shapes.main(["--out", str(tmp_path), "--train", "4", "--val", "2", "--test", "3", "--per-shard", "2"])
+    shapes.main(["--out", str(tmp_path), "--train", "4", "--val", "2", "--test", "3", "--train3", "2",
+                 "--per-shard", "2"])
     assert sorted(p.name for p in (tmp_path / "train").glob("*.tar")) == ["00000.tar", "00001.tar"]
+    assert sorted(p.name for p in (tmp_path / "train3").glob("*.tar")) == ["00000.tar"]
     assert sorted(p.name for p in (tmp_path / "val").glob("*.tar")) == ["00000.tar"]
     assert sorted(p.name for p in (tmp_path / "test").glob("*.tar")) == ["00000.tar", "00001.tar"]
     assert json.loads((tmp_path / "test" / "00001_stats.json").read_text())["count"] == 1
