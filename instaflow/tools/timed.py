@@ -1,0 +1,46 @@
+"""Run one stage's command and record its wall time, so the results table can report it.
+
+    python -m instaflow.tools.timed runs/embedded/timings reflow -- python -m lightning_modules.cli fit ...
+
+Writes ``<dir>/<stage>.json`` = {stage, command, start, end, wall_s, returncode} only when the
+command succeeds (a failed stage leaves no record, so a rerun is timed afresh); the exit status
+is passed through.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def read_timings(dirpath: str | Path) -> dict[str, dict]:
+    """``{stage: record}`` of every finished stage under ``dirpath`` (empty if none)."""
+    d = Path(dirpath)
+    return {p.stem: json.loads(p.read_text()) for p in sorted(d.glob("*.json"))} if d.is_dir() else {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) < 4 or argv[2] != "--":
+        print("usage: python -m instaflow.tools.timed DIR STAGE -- COMMAND...", file=sys.stderr)
+        return 2
+    out_dir, stage, cmd = Path(argv[0]), argv[1], argv[3:]
+    start = time.time()
+    rc = subprocess.call(cmd)
+    end = time.time()
+    if rc == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        rec = {"stage": stage, "command": " ".join(cmd), "start": start, "end": end,
+               "wall_s": round(end - start, 1), "returncode": rc}
+        tmp = out_dir / f".{stage}.json.tmp"
+        tmp.write_text(json.dumps(rec, indent=2))
+        tmp.replace(out_dir / f"{stage}.json")
+        print(f"[timed] {stage}: {end - start:.1f} s", flush=True)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

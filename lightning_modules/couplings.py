@@ -1,0 +1,103 @@
+"""Stage 1 (and the 2-RF's coupling stage): solve a model's ODE from seeded noise, keep (x0, x1, prompt).
+
+Run through ``trainer.predict``; the ``callbacks.pair_writer.CouplingWriter`` callback writes the
+couplings as WebDataset shards. The noise of each sample comes from its own seed on a CPU
+generator, so a coupling can store the seed instead of the noise and any machine regenerates it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import lightning as L
+import torch
+
+from instaflow.flow.guidance import guided
+from instaflow.flow.noise import sample_seed, seeded_noise
+from instaflow.flow.solvers import sample_dpm_solver, sample_euler, sample_heun, time_grid
+from instaflow.flow.velocity import KINDS
+from instaflow.models.sampler import TextToImage
+
+
+def _check_solver(kind: str, solver: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be 'ddpm', 'flow' or 'ddpm_velocity', got {kind!r}")
+    valid = ("dpm_solver++",) if kind == "ddpm" else ("euler", "heun")
+    if solver not in valid:
+        raise ValueError(f"solver {solver!r} does not fit kind {kind!r}; choose one of {valid}")
+
+
+class CouplingGeneration(L.LightningModule):
+    """Teacher ODE solving: prompts in, couplings out (no training).
+
+    Args:
+        model: pipeline folder or hub id of the model whose ODE is solved.
+        kind: "ddpm" for SD-style teachers (DPM-Solver++ through diffusers' scheduler), "flow"
+            for rectified-flow models (our Euler/Heun, timestep 1000 (1 - t)), or "ddpm_velocity"
+            (a diffusion UNet trained through the velocity conversion: Euler/Heun); default: what
+            the model folder's components file says.
+        solver: "dpm_solver++" (ddpm) or "euler" / "heun" (flow).
+        steps, guidance: ODE steps and classifier-free guidance (out_u + w (out_c - out_u), w > 1).
+        base_seed: noise seeds are crc32("{base_seed}/{key}").
+        store_noise: also write x0 itself (it can always be regenerated from the seed).
+        store_text_states: also write the text encoder's token states (saves encoding later).
+        bf16: bf16 autocast for text encoding and the UNet evaluations (the ODE state stays fp32).
+    """
+
+    def __init__(self, model: str, kind: str | None = None, solver: str = "dpm_solver++", steps: int = 25,
+                 guidance: float = 5.0, base_seed: int = 0, store_noise: bool = False,
+                 store_text_states: bool = False, bf16: bool = False) -> None:
+        super().__init__()
+        if kind is not None:
+            _check_solver(kind, solver)
+        self.save_hyperparameters()
+        self.pipe: TextToImage | None = None
+
+    def configure_model(self) -> None:
+        if self.pipe is None:
+            self.pipe = TextToImage.from_pretrained(self.hparams.model, kind=self.hparams.kind)
+            _check_solver(self.pipe.kind, self.hparams.solver)
+            self.pipe.unet.to(self.device)
+            self.pipe.bf16 = self.hparams.bf16  # text encoding under the same autocast as the UNet
+
+    def metadata(self) -> dict:
+        """What produced the couplings; written next to them (formula and w included, docs/pitfalls.md)."""
+        h = self.hparams
+        meta = {"model": h.model, "kind": self.pipe.kind, "solver": h.solver, "steps": h.steps, "guidance": h.guidance,
+                "guidance_formula": "out_u + w * (out_c - out_u), applied when w > 1", "base_seed": h.base_seed,
+                "seed_rule": "crc32(f'{base_seed}/{key}') & 0x7FFFFFFF; x0 = randn(latent_shape, CPU generator)",
+                "latent_shape": list(self.pipe.latent_shape), "time_convention": "t=0 noise, t=1 data",
+                "prediction_type": self.pipe.scheduler_config.get("prediction_type", "epsilon")}
+        dm = getattr(self._trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "filters"):  # which captions were kept (data.init_args.filters); null = all
+            f = dm.filters
+            meta["data_filters"] = dataclasses.asdict(f) if dataclasses.is_dataclass(f) else f
+        return meta
+
+    @torch.no_grad()
+    def decode(self, x1: torch.Tensor) -> torch.Tensor:
+        """x1 latents -> images in [0, 1] (for the coupling writer's grid)."""
+        return self.pipe.decode(x1.to(self.device))
+
+    @torch.no_grad()
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        h = self.hparams
+        seeds = [sample_seed(k, h.base_seed) for k in batch["key"]]
+        x0 = seeded_noise(seeds, self.pipe.latent_shape).to(self.device)  # (B, 4, h, w)
+        cond, uncond = self.pipe.encode(batch["caption"], h.guidance)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=h.bf16):
+            if self.pipe.kind == "ddpm":
+                x1 = sample_dpm_solver(self.pipe.unet, self.pipe.scheduler_config, x0, cond, uncond,
+                                                h.guidance, h.steps)
+            else:
+                v_fn = guided(self.pipe.velocity(), cond, uncond, h.guidance)
+                solve = sample_euler if h.solver == "euler" else sample_heun
+                x1 = solve(v_fn, x0, time_grid(h.steps))
+        x1 = x1.float()
+        out = {"key": batch["key"], "caption": batch["caption"], "url": batch["url"], "worker": batch["worker"],
+               "seed": seeds, "x1": x1.cpu(), "skipped": batch["skipped"]}
+        if h.store_noise:
+            out["x0"] = x0.cpu()
+        if h.store_text_states:
+            out["text_states"] = cond.cpu()
+        return out

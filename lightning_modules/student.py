@@ -1,0 +1,172 @@
+"""``FlowStudent``: what reflow and distillation share (stages 2 and 3 of InstaFlow).
+
+Both train a copy of a model's UNet on stored couplings (x0, x1, caption); they differ only in
+their ``loss`` (``reflow.py``, ``distill.py``). The math lives in ``instaflow.flow``; this module
+orchestrates: load the init model in ``configure_model``, encode text, sample grids and quality
+images through ``instaflow.models.sampler.TextToImage``, export a pipeline folder.
+"""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from instaflow.flow.guidance import drop_captions
+from instaflow.flow.losses import check_finite
+from instaflow.flow.schedules import adamw_with_warmup
+from instaflow.flow.velocity import velocity_field
+from instaflow.models import loading, sharding
+from instaflow.models.sampler import TextToImage
+from instaflow.models.saving import save_pipeline
+from instaflow.models.text_encoder import load_text_encoder
+from instaflow.models.unet import build_unet
+
+
+class FlowStudent(L.LightningModule, abc.ABC):
+    """Shared plumbing of reflow and distillation: load the init model, encode text, sample, export.
+
+    A subclass says what it regresses by implementing ``loss``; everything else is shared.
+
+    Args:
+        init: pipeline folder (or hub id) whose UNet is the starting point.
+        parameterization: "raw" trains the UNet as a rectified-flow UNet fed 1000 (1 - t) (the
+            paper's choice: an epsilon teacher's raw weights first sit on a plateau while they
+            switch to predicting velocity); "velocity_wrapper" keeps a diffusion UNet's own
+            parameterization and trains it through the analytic epsilon -> velocity conversion;
+            "flow" continues a model that already is a rectified flow (e.g. the 2-RF).
+        export_dir: where ``callbacks.export.Export`` writes the trained pipeline folder.
+        fsdp_mixed_precision: under ModelParallelStrategy (FSDP2), "bf16" all-gathers parameters in
+            bf16 and reduces gradients in fp32 (``MixedPrecisionPolicy``); null keeps fp32.
+        activation_checkpointing: recompute the UNet blocks' activations in the backward pass
+            (diffusers' gradient checkpointing), on any strategy.
+    """
+
+    def __init__(self, init: str, parameterization: str = "raw", export_dir: str | None = None,
+                 caption_dropout: float = 0.1,
+                 lr: float = 1e-4, warmup_steps: int = 100, weight_decay: float = 0.0,
+                 grid_steps: tuple[int, ...] = (1, 25), grid_guidance: float = 1.5, text_cache_size: int = 100_000,
+                 seed: int = 0, fsdp_mixed_precision: str | None = None,
+                 activation_checkpointing: bool = False) -> None:
+        super().__init__()
+        if parameterization not in ("raw", "velocity_wrapper", "flow"):
+            raise ValueError(f"parameterization must be raw, velocity_wrapper or flow, got {parameterization!r}")
+        self.save_hyperparameters()
+        self.unet = None
+        self.strict_loading = False  # checkpoints hold the trainable UNet only
+
+    solver_tag = "euler"  # the quality curves' name for how this module samples (contracts.SamplesImages)
+
+    @abc.abstractmethod
+    def loss(self, batch: dict, generator: torch.Generator, dropout: float) -> torch.Tensor:
+        """The training objective on a batch of couplings {x0, x1, caption}, t drawn from ``generator``,
+        captions dropped with probability ``dropout``."""
+
+    def configure_model(self) -> None:
+        if self.unet is not None:
+            return
+        h = self.hparams
+        self.vae = loading.load_vae(h.init)
+        self.text_encoder = load_text_encoder(h.init, cache_size=h.text_cache_size)
+        self.scheduler_config = loading.load_scheduler_config(h.init)
+        self.components = loading.component_sources(h.init)
+        self.unet = self.student_unet(loading.load_unet(h.init)).train()
+        self.velocity = velocity_field(self.unet, self.kind, self.scheduler_config)
+        # each data-parallel rank draws its own t and caption dropout (rank 0 = the single-device draws)
+        self._gen = torch.Generator().manual_seed(h.seed + self.global_rank)
+        if h.activation_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        mesh = getattr(self, "_device_mesh", None)  # set by ModelParallelStrategy before this hook
+        if mesh is not None:
+            sharding.check_callbacks(self._trainer)
+            sharding.shard_unet(self.unet, mesh, h.fsdp_mixed_precision)
+        elif h.fsdp_mixed_precision is not None:
+            raise ValueError("fsdp_mixed_precision needs trainer.strategy ModelParallelStrategy (FSDP2, see "
+                             "experiments/sharding/fsdp2.yaml); on one device or DDP use trainer.precision: bf16-mixed")
+
+    def student_unet(self, unet: torch.nn.Module) -> torch.nn.Module:
+        """The trainable network built from the init's UNet (the UNet itself; DistillTraining may stack it)."""
+        return unet
+
+    @property
+    def kind(self) -> str:
+        return "ddpm_velocity" if self.hparams.parameterization == "velocity_wrapper" else "flow"
+
+    def text_states(self, captions: list[str], dropout: float = 0.0) -> torch.Tensor:
+        if dropout:
+            captions = drop_captions(captions, dropout, self._gen)
+        return self.text_encoder(captions)  # (B, L, D)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = check_finite(self.loss(batch, self._gen, self.hparams.caption_dropout), self.global_step,
+                            "lower the learning rate or check the couplings")
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the global batch's loss on every strategy
+        self.log("data/skipped", float(batch["skipped"]), reduce_fx="sum")
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        g = torch.Generator().manual_seed(1000 + batch_idx)  # same t every validation
+        self.log("val/loss", self.loss(batch, g, 0.0), prog_bar=True)
+
+    def sampler(self) -> TextToImage:
+        """The module's live networks as a ``TextToImage`` (Euler in flow time, through ``self.velocity``)."""
+        return TextToImage(unet=self.unet, vae=self.vae, text_encoder=self.text_encoder,
+                           scheduler_config=self.scheduler_config, kind=self.kind, velocity_module=self.velocity)
+
+    @torch.no_grad()
+    def sample_images(self, prompts: list[str], steps: int, guidance: float, seeds: list[int],
+                      batch_size: int = 256) -> torch.Tensor:
+        """Decoded samples (N, 3, H, W) in [0, 1], prompt i from noise seed ``seeds[i]``."""
+        return self.sampler().sample_images(prompts, steps, guidance, seeds, batch_size)
+
+    @torch.no_grad()
+    def sample_grid(self, prompts: list[str], seed: int = 0) -> dict:
+        seeds = list(range(seed, seed + len(prompts)))
+        out = {}
+        for n in self.hparams.grid_steps:
+            w = self.hparams.grid_guidance if n > 1 else 1.0
+            out[f"euler{n}_w{w:g}"] = self.sample_images(prompts, n, w, seeds, batch_size=len(prompts))
+        return out
+
+    def configure_optimizers(self):
+        h = self.hparams
+        # the UNet only: VAE and text encoder are frozen and never reach the optimizer
+        return adamw_with_warmup([p for p in self.unet.parameters() if p.requires_grad], h.lr, h.weight_decay,
+                                 h.warmup_steps)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if sharding.is_sharded(self.unet):
+            # a distributed checkpoint is loaded into the whole module's state dict, which fails on any
+            # missing key: keep the frozen parts (saved once, not per rank: they are replicated)
+            return
+        sd = checkpoint["state_dict"]
+        for k in [k for k in sd if not k.startswith("unet.")]:
+            del sd[k]
+
+    def export_unet(self) -> torch.nn.Module | None:
+        """The UNet with full weights for ``export``; under FSDP2 a gathered copy on rank 0 (None elsewhere).
+
+        Collective under sharding: every rank must call it (``callbacks.export.Export`` does).
+        """
+        if not sharding.is_sharded(self.unet):
+            return self.unet
+        state = sharding.full_state_dict(self.unet)
+        if self.global_rank != 0:
+            return None
+        unet = build_unet(dict(self.unet.config))
+        unet.load_state_dict(state)
+        return unet
+
+    def export(self, dirpath: str, unet: torch.nn.Module | None = None) -> Path:
+        if unet is None:
+            if sharding.is_sharded(self.unet):
+                raise RuntimeError("the UNet is FSDP2-sharded: gather it first on every rank with export_unet() "
+                                   "and pass it as export(dirpath, unet=...) on rank 0 (the Export callback does)")
+            unet = self.unet
+        te = self.components["text_encoder"]
+        package = te if isinstance(te, str) and te.startswith(loading.PACKAGE_PREFIX) else None
+        return save_pipeline(dirpath, unet, self.vae, self.scheduler_config, text_encoder=package,
+                                    max_length=self.text_encoder.max_length, text_encoder_module=self.text_encoder,
+                                    kind=self.kind)
