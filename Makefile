@@ -4,16 +4,18 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 CLI := $(PY) -m lightning_modules.cli
-BASE := experiments/base/default.yaml
 DATA := runs/data/shapes
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
 .PHONY: help venv data data-chain train-vae train-teacher-unet train-teacher-binding train-teacher-decoder train-teacher train-evaluator eval-teacher floors \
-        gen-pairs train-2rf train-distill eval report generate export train-reflow sweep test test-full bench bench-gpu tensorboard clean
+        gen-pairs train-2rf train-distill eval report generate export run train-reflow sweep test test-full bench bench-gpu tensorboard clean
 
 help: ## list every target with one line each
+	@echo "InstaFlow training framework. Layout (docs/architecture.md): lightning_modules/ the stages and CLI;"
+	@echo "instaflow/ the library (flow/ math, models/, evaluation/, tools/ command-line mains); data/ streams and"
+	@echo "shards; callbacks/ side effects; experiments/ one YAML per experiment (run one: make run EXP=<dir>/<name>)."
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-20s\033[0m %s\n", $$1, $$2}'
 
 $(VENV)/.installed: setup.cfg pyproject.toml
@@ -31,59 +33,56 @@ data-chain: $(VENV)/.installed ## only the shards the InstaFlow chain reads (tra
 	$(CMD_data)
 
 train-vae: data ## embedded teacher, part 1: train the AutoencoderKL (32x32 RGB -> 8x8x4), then its decoder alone
-	$(CLI) fit -c $(BASE) -c experiments/embedded/vae.yaml
-	$(CLI) fit -c $(BASE) -c experiments/embedded/vae_decoder.yaml
+	$(CLI) --experiment embedded/vae
+	$(CLI) --experiment embedded/vae_decoder
 
 train-teacher-unet: data ## embedded teacher, part 2: train the epsilon UNet on the VAE of part 1; exports runs/embedded/teacher_stage1
-	$(CLI) fit -c $(BASE) -c experiments/embedded/teacher.yaml
+	$(CLI) --experiment embedded/teacher
 
 runs/embedded/teacher_stage1/model_index.json:
 	@echo "the growth stage starts from stage 1's export in runs/embedded/teacher_stage1: run 'make train-teacher-unet' first" >&2; exit 1
 
-BINDING := -c experiments/embedded/teacher.yaml -c experiments/embedded/teacher_binding.yaml
 train-teacher-binding: data runs/embedded/teacher_stage1/model_index.json ## embedded teacher, part 3: grow part 2's UNet (2 transformer layers, 48 tokens), then two more cosine cycles (the last with three-object scenes oversampled); exports assets/embedded-sd with part 1's decoder (part 4 replaces it)
-	$(CLI) fit -c $(BASE) $(BINDING)
-	$(CLI) fit -c $(BASE) $(BINDING) -c experiments/embedded/teacher_binding_more.yaml
-	$(CLI) fit -c $(BASE) $(BINDING) -c experiments/embedded/teacher_binding_more.yaml -c experiments/embedded/teacher_binding_three.yaml
+	$(CLI) --experiment embedded/teacher_binding
+	$(CLI) --experiment embedded/teacher_binding_more
+	$(CLI) --experiment embedded/teacher_binding_three
 
 runs/embedded/teacher_build/vae/config.json:
 	@echo "the decoder refinement starts from part 1's decoder in runs/embedded/teacher_build: run 'make train-vae' first" >&2; exit 1
 
 train-teacher-decoder: data runs/embedded/teacher_build/vae/config.json ## embedded teacher, part 4: refine part 1's decoder (encoder frozen) into assets/embedded-sd/vae
-	$(CLI) fit -c $(BASE) -c experiments/embedded/vae_decoder.yaml -c experiments/embedded/vae_decoder_refine.yaml
+	$(CLI) --experiment embedded/vae_decoder_refine
 
 train-teacher: train-vae train-teacher-unet ## retrain the committed miniature SD teacher from scratch (about 6 h on 2 cores)
 	$(MAKE) train-teacher-binding  # sub-makes: each must see the export the step before wrote
 	$(MAKE) train-teacher-decoder
 
 train-evaluator: data ## retrain the committed embedded evaluator (FID features + prompt alignment)
-	$(CLI) fit -c $(BASE) -c experiments/embedded/evaluator.yaml
+	$(CLI) --experiment embedded/evaluator
 
 floors: data ## measure the evaluation floors on real test images (FID real-vs-real, alignment of real images)
-	$(PY) -m lightning_modules.evaluate_floors --evaluator assets/embedded-evaluator \
+	$(PY) -m instaflow.tools.floors --evaluator assets/embedded-evaluator \
 	  --test '$(DATA)/test/{00000..00003}.tar' --n 2000 --out docs/floors.json
 
 eval-teacher: data ## score the committed teacher (FID, alignment, sample grid) into docs/
-	$(PY) -m lightning_modules.evaluate_teacher --teacher assets/embedded-sd --evaluator assets/embedded-evaluator \
+	$(PY) -m instaflow.tools.eval_teacher --teacher assets/embedded-sd --evaluator assets/embedded-evaluator \
 	  --test '$(DATA)/test/{00000..00003}.tar' --n 2000 --out docs/teacher_eval.json --grid docs/teacher_samples.png
 
 # --- InstaFlow on the embedded default: each stage is skipped when its output exists ---------------
-EMB := experiments/embedded
 MODELS := runs/embedded/models
 PAIRS := runs/embedded/pairs
-FIT = $(CLI) fit -c $(BASE)
 # records each stage's wall time in runs/embedded/timings/<stage>.json (read by the results table)
-TIMED = $(PY) -m lightning_modules.timed runs/embedded/timings
+TIMED = $(PY) -m instaflow.tools.timed runs/embedded/timings
 
 # each stage's command, once: the file rules below and the cluster launch (CHAIN_STAGES) both use them
 CMD_data = $(TIMED) data -- $(PY) -m data.shapes --out $(DATA) --train 4000 --train3 0
-CMD_pairs_teacher = $(TIMED) pairs_teacher -- $(CLI) predict -c $(BASE) -c $(EMB)/pairs_teacher.yaml
-CMD_reflow = $(TIMED) reflow -- $(FIT) -c $(EMB)/reflow.yaml
-CMD_pairs_rf2 = $(TIMED) pairs_rf2 -- $(CLI) predict -c $(BASE) -c $(EMB)/pairs_rf2.yaml
-CMD_distill_instaflow = $(TIMED) distill_instaflow -- $(FIT) -c $(EMB)/distill.yaml
-CMD_distill_direct = $(TIMED) distill_direct -- $(FIT) -c $(EMB)/distill.yaml -c $(EMB)/distill_direct.yaml
-CMD_distill_direct_rfinit = $(TIMED) distill_direct_rfinit -- $(FIT) -c $(EMB)/distill.yaml -c $(EMB)/distill_direct_rfinit.yaml
-CMD_eval = $(PY) -m lightning_modules.evaluate --out runs/embedded/results --timings runs/embedded/timings --bf16 --straightness-n 128
+CMD_pairs_teacher = $(TIMED) pairs_teacher -- $(CLI) --experiment embedded/pairs_teacher
+CMD_reflow = $(TIMED) reflow -- $(CLI) --experiment embedded/reflow
+CMD_pairs_rf2 = $(TIMED) pairs_rf2 -- $(CLI) --experiment embedded/pairs_rf2
+CMD_distill_instaflow = $(TIMED) distill_instaflow -- $(CLI) --experiment embedded/distill
+CMD_distill_direct = $(TIMED) distill_direct -- $(CLI) --experiment embedded/distill_direct
+CMD_distill_direct_rfinit = $(TIMED) distill_direct_rfinit -- $(CLI) --experiment embedded/distill_direct_rfinit
+CMD_eval = $(PY) -m instaflow.tools.evaluate --out runs/embedded/results --timings runs/embedded/timings --bf16 --straightness-n 128
 
 $(PAIRS)/teacher/.done: | data-chain
 	$(CMD_pairs_teacher) && touch $@
@@ -105,7 +104,7 @@ eval: $(VENV)/.installed ## evaluate every model on the test protocol; writes ru
 	$(CMD_eval)
 
 report: $(VENV)/.installed ## after make train-reflow: write results/embedded.{md,json} (the committed record of the run)
-	$(PY) -m lightning_modules.report --run runs/embedded --out results/embedded $(if $(NOTES),--notes $(NOTES))
+	$(PY) -m instaflow.tools.report --run runs/embedded --out results/embedded $(if $(NOTES),--notes $(NOTES))
 
 # make generate MODEL=runs/embedded/models/instaflow STEPS=1 PROMPT="a big red circle on the left on a white background"
 MODEL ?= runs/embedded/models/instaflow
@@ -113,14 +112,21 @@ STEPS ?= 1
 W ?= 1.0
 PROMPT ?= a large red circle in the center on a white background
 generate: $(VENV)/.installed ## PNGs and a grid for PROMPT from MODEL (STEPS, W=guidance) into runs/generate/
-	$(PY) -m lightning_modules.generate --model $(MODEL) --steps $(STEPS) --guidance $(W) --prompt "$(PROMPT)" --out runs/generate
+	$(PY) -m instaflow.tools.generate --model $(MODEL) --steps $(STEPS) --guidance $(W) --prompt "$(PROMPT)" --out runs/generate
 
 # make export MODEL=runs/embedded/models/instaflow OUT=runs/export/instaflow
 OUT ?= runs/export/$(notdir $(MODEL))
 export: $(VENV)/.installed ## MODEL (2-RF or one-step) as a diffusers folder in OUT, loadable without this project; checks it reloads
-	$(PY) -m lightning_modules.export_diffusers --model $(MODEL) --out $(OUT)
+	$(PY) -m instaflow.tools.export --model $(MODEL) --out $(OUT)
 
-# --- the same chain on a cluster (lightning_modules/launch.py, README "Clusters"): with NODES or PARTITION set,
+# make run EXP=embedded/distill_direct [ARGS="--trainer.max_steps 10"]
+EXP ?=
+ARGS ?=
+run: $(VENV)/.installed ## any experiment by name (EXP=embedded/reflow): its -c chain and subcommand from its header
+	$(if $(EXP),,$(error give the experiment: make run EXP=<folder>/<name>, e.g. EXP=embedded/distill_direct))
+	$(CLI) --experiment $(EXP) $(ARGS)
+
+# --- the same chain on a cluster (instaflow/tools/launch.py, README "Clusters"): with NODES or PARTITION set,
 # train-reflow submits ONE SLURM job whose script runs the stage commands (the CMD_* variables of the recipes
 # above) in order, each skipped when its output exists, so a requeued job
 # resumes; DRY_RUN=1 prints the script, REQUEUE=0 turns requeue off. LAUNCHER=torchrun RDZV=host:port runs them through torchrun instead
@@ -151,7 +157,7 @@ train-reflow: train-distill ## the whole InstaFlow chain, then the results table
 	$(MAKE) eval
 else
 train-reflow: $(VENV)/.installed
-	$(PY) -m lightning_modules.launch $(LAUNCHER) $(WORLD_ARGS) $(CHAIN_STAGES)
+	$(PY) -m instaflow.tools.launch $(LAUNCHER) $(WORLD_ARGS) $(CHAIN_STAGES)
 endif
 
 # make sweep SWEEP=experiments/sweeps/reflow_lr.yaml [NODES=.. GPUS_PER_NODE=.. PARTITION=.. [DRY_RUN=1]]
@@ -159,7 +165,7 @@ SWEEP_SLURM = $(if $(NODES)$(PARTITION),--slurm --nodes $(or $(NODES),1) --gpus-
   $(if $(PARTITION),--partition $(PARTITION)) $(if $(TIME_LIMIT),--time $(TIME_LIMIT)))
 sweep: $(VENV)/.installed ## grid/random search of SWEEP=<file>: runs here one by one, or a SLURM array with NODES/PARTITION; ranked summary
 	$(if $(SWEEP),,$(error give the sweep file: make sweep SWEEP=experiments/sweeps/<name>.yaml))
-	$(PY) -m lightning_modules.sweep $(SWEEP) $(SWEEP_SLURM) $(if $(filter-out 0,$(DRY_RUN)),--dry-run)
+	$(PY) -m instaflow.tools.sweep $(SWEEP) $(SWEEP_SLURM) $(if $(filter-out 0,$(DRY_RUN)),--dry-run)
 
 test: $(VENV)/.installed ## fast offline tests (a few minutes on 2 cores)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"

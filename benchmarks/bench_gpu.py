@@ -6,7 +6,7 @@
 
 1. reflow training step at 64x64x4 latents (512 px), batch ``--batch``: step time, peak memory and
    MFU for (a) fp32 weights + bf16 autocast, (b) FSDP2 on 1 GPU with the bf16 MixedPrecisionPolicy
-   (``lightning_modules.sharding.shard_unet``, the code sharded runs use), (c) (b) + activation
+   (``instaflow.models.sharding.shard_unet``, the code sharded runs use), (c) (b) + activation
    checkpointing. FLOPs of one step are counted with ``torch.utils.flop_counter``;
 2. coupling throughput: 25-step DPM-Solver++ with guidance (``sampling.sample_dpm_solver``), bf16;
 3. one-step 512 px latency at batch 1: text encoder, UNet, VAE decode (bf16).
@@ -23,6 +23,9 @@ import time
 from pathlib import Path
 
 import torch
+
+from instaflow.evaluation.throughput import peak_flops_for
+from instaflow.flow.diffusion import SD_SCHEDULE
 
 # runwayml/stable-diffusion-v1-5 unet/config.json (860M parameters)
 SD15_UNET = {
@@ -43,8 +46,6 @@ SD15_VAE = {
 # text_encoder/config.json (CLIP ViT-L/14 text tower, 123M parameters)
 SD15_TEXT = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
              "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu", "projection_dim": 768}
-SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-               "prediction_type": "epsilon", "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
 
 TINY_UNET = {**SD15_UNET, "sample_size": 8, "block_out_channels": [32, 64, 64, 64], "layers_per_block": 1,
              "norm_num_groups": 8, "cross_attention_dim": 32, "attention_head_dim": 4}
@@ -52,9 +53,6 @@ TINY_VAE = {**SD15_VAE, "sample_size": 64, "block_out_channels": [8, 16, 16, 16]
             "norm_num_groups": 8}
 TINY_TEXT = {**SD15_TEXT, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
              "projection_dim": 32}
-
-PEAK_BF16_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "L40S": 362.0, "A10G": 125.0}  # dense
-
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -92,19 +90,21 @@ def build(cfgs: dict, device: torch.device):
 
 
 def reflow_step_fn(unet, batch: int, size: int, states_dim: int, device, autocast: bool, opt):
-    from lightning_modules import flows, losses, models
+    from instaflow.flow.losses import l2_loss
+    from instaflow.flow.paths import interpolate, velocity_target
+    from instaflow.flow.velocity import RectifiedFlowVelocity
 
     g = torch.Generator(device="cpu").manual_seed(0)
     x0 = torch.randn(batch, 4, size, size, generator=g).to(device)  # (B, 4, 64, 64)
     x1 = torch.randn(batch, 4, size, size, generator=g).to(device)
     states = torch.randn(batch, 77, states_dim, generator=g).to(device)  # (B, 77, 768)
-    velocity = models.RectifiedFlowVelocity(unet)
+    velocity = RectifiedFlowVelocity(unet)
 
     def step():
         t = torch.rand(batch, generator=g).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            v_pred = velocity(flows.interpolate(x0, x1, t), t, states)
-        loss = losses.l2_loss(v_pred.float(), flows.velocity_target(x0, x1))
+            v_pred = velocity(interpolate(x0, x1, t), t, states)
+        loss = l2_loss(v_pred.float(), velocity_target(x0, x1))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -123,7 +123,7 @@ def count_flops(fn) -> float:
 
 def bench_reflow(cfgs, device, batch, iters, peak_tflops, variant: str, model_flops: float | None = None) -> dict:
     """One variant's median step; MFU counts ``model_flops`` (no recomputation) when given."""
-    from lightning_modules import sharding
+    from instaflow.models import sharding
 
     unet = build_unet(cfgs, device).train()
     if variant in ("fsdp2_bf16", "fsdp2_bf16_ac"):
@@ -153,7 +153,7 @@ def bench_reflow(cfgs, device, batch, iters, peak_tflops, variant: str, model_fl
 
 
 def bench_couplings(cfgs, device, batch, steps, guidance, iters) -> dict:
-    from lightning_modules import sampling
+    from instaflow.flow.solvers import sample_dpm_solver
 
     unet = build_unet(cfgs, device).eval().requires_grad_(False)
     size, dim = cfgs["unet"]["sample_size"], cfgs["unet"]["cross_attention_dim"]
@@ -164,7 +164,7 @@ def bench_couplings(cfgs, device, batch, steps, guidance, iters) -> dict:
     @torch.no_grad()
     def solve():
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            return sampling.sample_dpm_solver(unet, SD_SCHEDULE, x0, cond, uncond, guidance, steps)
+            return sample_dpm_solver(unet, SD_SCHEDULE, x0, cond, uncond, guidance, steps)
 
     t = statistics.median(measure(solve, device, warmup=1, iters=iters))
     return {"batch": batch, "steps": steps, "guidance": guidance, "seconds_per_batch": t, "couplings_per_s": batch / t}
@@ -212,7 +212,8 @@ def main(argv: list[str] | None = None) -> dict:
                              "on a GPU node, or `python -m benchmarks.bench_gpu --smoke` to check the code on CPU")
         device, cfgs = torch.device("cuda", 0), {"unet": SD15_UNET, "vae": SD15_VAE, "text": SD15_TEXT}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke)"
-    peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    known = peak_flops_for(device)  # dense bf16 datasheet figure of this card (None when unknown)
+    peak = args.peak_tflops or (known / 1e12 if known else None)
 
     import torch.distributed as dist
 

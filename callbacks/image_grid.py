@@ -5,31 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 
-
-def make_grid(images: torch.Tensor, nrow: int) -> torch.Tensor:
-    """(N, 3, H, W) in [0, 1] -> (3, rows*H, nrow*W) with a 1-pixel gap."""
-    from torchvision.utils import make_grid as tv_grid
-
-    return tv_grid(images.float().clamp(0, 1), nrow=nrow, padding=1, pad_value=1.0)
-
-
-def save_png(grid: torch.Tensor, path: str | Path, scale: int = 1) -> None:
-    from PIL import Image
-
-    arr = (grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-    img = Image.fromarray(arr)
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+from instaflow.contracts import SamplesGrid
+from instaflow.evaluation.grids import make_grid, save_png
 
 
 class ImageGrid(Callback):
-    """After each validation, ask the module for ``sample_grid(prompts, seed)`` and log every grid.
+    """After each validation, ask the module for ``sample_grid(prompts, seed)`` (``contracts.SamplesGrid``)
+    and log every grid.
 
     ``sample_grid`` returns ``{name: (N, 3, H, W) in [0, 1]}`` (e.g. one-step beside multi-step),
     one image per prompt, from the same seeds every time so grids are comparable across steps.
@@ -41,8 +26,13 @@ class ImageGrid(Callback):
         self.nrow = nrow
         self.png_scale = png_scale
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not isinstance(pl_module, SamplesGrid):
+            raise TypeError(f"ImageGrid needs a module with sample_grid(prompts, seed) (contracts.SamplesGrid); "
+                            f"{type(pl_module).__name__} has none: drop the callback or implement it")
+
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not hasattr(pl_module, "sample_grid"):
+        if trainer.sanity_checking:
             return
         grids = pl_module.sample_grid(self.prompts, seed=self.seed)
         # trainer.log_dir broadcasts from rank 0: read it on every rank, or rank 0 waits forever

@@ -10,7 +10,6 @@ this run) when it finishes.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import time
@@ -19,32 +18,18 @@ from collections import defaultdict
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+
+from data.laion import expand_shards
+from data.shards import npy_bytes, write_tar
+from instaflow.contracts import DescribesCouplings
+from instaflow.evaluation.grids import make_grid, save_png
 
 
 def shard_name(url: str) -> str:
     """Output file name of an input shard URL (``pipe:`` commands use their last token)."""
     return os.path.basename(url.split()[-1]) if url.startswith("pipe:") else os.path.basename(url)
-
-
-def npy_bytes(x: torch.Tensor, dtype: str) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, x.to(torch.float32).numpy().astype(dtype))
-    return buf.getvalue()
-
-
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    import tarfile
-
-    tmp = path.with_name(path.name + ".tmp")
-    with tarfile.open(tmp, "w") as tar:
-        for name, payload in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime = len(payload), 0
-            tar.addfile(info, io.BytesIO(payload))
-    os.replace(tmp, path)
 
 
 class CouplingWriter(BasePredictionWriter):
@@ -77,8 +62,6 @@ class CouplingWriter(BasePredictionWriter):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "predict":
             return
-        from data.laion import expand_shards
-
         dm = trainer.datamodule
         urls = expand_shards(dm.shards["predict"])
         names = [shard_name(u) for u in urls]
@@ -99,7 +82,7 @@ class CouplingWriter(BasePredictionWriter):
         from tqdm.auto import tqdm
 
         if trainer.is_global_zero:  # the model is configured by now
-            meta = pl_module.metadata() if hasattr(pl_module, "metadata") else {}
+            meta = pl_module.metadata() if isinstance(pl_module, DescribesCouplings) else {}
             (self.output_dir / "generation.json").write_text(json.dumps(meta, indent=2))
 
         self._t0, self._n, self._skips, self._grid_logged = time.time(), 0, 0, False
@@ -131,10 +114,8 @@ class CouplingWriter(BasePredictionWriter):
                    "couplings/skipped_inputs": float(self._skips)}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=self._n)
-        if self._grid_logged or not self.grid_size or not hasattr(pl_module, "decode"):
+        if self._grid_logged or not self.grid_size or not isinstance(pl_module, DescribesCouplings):
             return
-        from callbacks.image_grid import make_grid, save_png
-
         k = min(self.grid_size, len(prediction["key"]))
         grid = make_grid(pl_module.decode(prediction["x1"][:k]), nrow=8)  # (3, H', W')
         captions = "  \n".join(f"{i}: {c}" for i, c in enumerate(prediction["caption"][:k]))

@@ -9,13 +9,18 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 
+from instaflow.contracts import SamplesImages
+from instaflow.evaluation.protocol import eval_protocol, score_images
+from instaflow.evaluation.shapes_evaluator import load_evaluator
+
 
 class SampleQuality(Callback):
     """Sample fixed test prompts from fixed seeds and log ``quality/fid_*`` and ``quality/alignment_*``.
 
     Runs when training starts (the initialisation's score) and after every validation (inside the
-    EMA swap, so the curve is the averaged weights', as exported). The module provides
-    ``sample_images(prompts, steps, guidance, seeds) -> (N, 3, H, W) in [0, 1]``.
+    EMA swap, so the curve is the averaged weights', as exported). The module is
+    ``contracts.SamplesImages``: ``sample_images(prompts, steps, guidance, seeds) -> (N, 3, H, W) in
+    [0, 1]`` and a ``solver_tag`` that names its solver in the metric names.
 
     FID here uses ``n`` images against real test images [n, 2n) and is biased upward at small
     ``n``: compare it along one curve or between runs, not with the results table (n = 2000).
@@ -39,12 +44,18 @@ class SampleQuality(Callback):
 
     def _protocol(self):
         if self._proto is None:
-            from lightning_modules.evaluate_floors import eval_protocol
-            from lightning_modules.evaluator import load_evaluator
-
             evaluator = load_evaluator(self.evaluator_path)
             self._proto = (evaluator, eval_protocol(self.test, self.n, evaluator))
         return self._proto
+
+    def supports_sharded_module(self) -> bool:
+        """No: it samples on rank 0 alone, which hangs an FSDP2-sharded module (contracts.ShardingAware)."""
+        return False
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not isinstance(pl_module, SamplesImages):
+            raise TypeError(f"SampleQuality needs a module with sample_images(prompts, steps, guidance, seeds) and a "
+                            f"solver_tag (contracts.SamplesImages); {type(pl_module).__name__} lacks them")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step == 0:
@@ -56,8 +67,6 @@ class SampleQuality(Callback):
 
     @rank_zero_only
     def _score(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from lightning_modules.evaluate_floors import score_images
-
         evaluator, proto = self._protocol()
         seeds = list(range(self.seed, self.seed + self.n))
         metrics = {}
@@ -67,7 +76,7 @@ class SampleQuality(Callback):
             with torch.autocast(pl_module.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 images = pl_module.sample_images(proto["captions"], steps, w, seeds).float()
             s = score_images(images, proto["scenes"], proto["ref_features"], evaluator, n_bootstrap=0)
-            tag = f"{getattr(pl_module, 'solver_tag', 'euler')}{steps}_w{w:g}"
+            tag = f"{pl_module.solver_tag}{steps}_w{w:g}"
             metrics[f"quality/fid_{tag}"] = s["fid"]
             metrics[f"quality/alignment_{tag}"] = s["alignment"]
             for k, v in s["by_objects"].items():  # binding shows in the many-object scenes

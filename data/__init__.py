@@ -1,1 +1,3 @@
-"""Data: the embedded shapes world and LAION-layout WebDataset streams."""
+"""Data: LAION-layout WebDataset streams, coupling shards, the embedded shapes world, shard writing.
+
+Uses ``instaflow.flow`` (seeded noise) and nothing else of the project: never models, stages or callbacks."""

@@ -3,7 +3,7 @@
 One reader serves real LAION (local paths, brace patterns such as ``{00000..01210}.tar``, or
 ``pipe:`` commands) and the embedded shapes world, which is written in the same layout.
 
-Two ways of reading, chosen on purpose (see PITFALLS.md):
+Two ways of reading, chosen on purpose (docs/pitfalls.md):
 - training streams *resample* shards forever, seeded by (seed, rank, worker, restart), so every
   rank always has a batch and no collective waits on an exhausted rank; train by ``max_steps``;
 - finite passes (evaluation, teacher ODE solving) split the shard list explicitly by rank, then by

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from data.laion import LaionStream
-from lightning_modules.sampling import seeded_noise
+from instaflow.flow.noise import seeded_noise
 
 
 def _npy(data: bytes) -> torch.Tensor:

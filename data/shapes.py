@@ -14,13 +14,14 @@ from __future__ import annotations
 import io
 import json
 import os
-import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from data.shards import write_tar
 
 SHAPES = ("circle", "square", "triangle", "cross")
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange")
@@ -163,19 +164,12 @@ def make_sample(split_seed: int, index: int, resolution: int = 32,
     return render(scene, resolution, rng=rng), scene
 
 
-def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(payload)
-    info.mtime = 0  # reproducible bytes
-    tar.addfile(info, io.BytesIO(payload))
-
-
 def write_shard(path: Path, shard: int, split_seed: int, start: int, count: int, resolution: int,
                 n_objects: int | None = None) -> dict:
     """Write one img2dataset-layout shard atomically: ``{key}.jpg/.txt/.json`` + ``_stats.json``."""
     t0 = time.time()
-    tmp = path.with_suffix(".tar.tmp")
-    with tarfile.open(tmp, "w") as tar:
+
+    def members():
         for i in range(count):
             index = start + i
             img, scene = make_sample(split_seed, index, resolution, n_objects)
@@ -191,15 +185,16 @@ def write_shard(path: Path, shard: int, split_seed: int, start: int, count: int,
                 # ground truth of the embedded world
                 "index": index, "scene": scene.to_json(),
             }
-            _add(tar, f"{key}.jpg", buf.getvalue())
-            _add(tar, f"{key}.txt", scene.caption.encode("utf-8"))
-            _add(tar, f"{key}.json", json.dumps(meta).encode("utf-8"))
+            yield f"{key}.jpg", buf.getvalue()
+            yield f"{key}.txt", scene.caption.encode("utf-8")
+            yield f"{key}.json", json.dumps(meta).encode("utf-8")
+
+    write_tar(path, members())
     stats = {
         "count": count, "successes": count, "failed_to_download": 0, "failed_to_resize": 0,
         "duration": round(time.time() - t0, 3), "start_time": t0, "end_time": time.time(),
         "status_dict": {"success": count}, "split_seed": split_seed, "first_index": start,
     }
-    os.replace(tmp, path)  # a shard exists only once complete
     path.with_name(f"{shard:05d}_stats.json").write_text(json.dumps(stats, indent=1))
     return stats
 

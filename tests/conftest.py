@@ -28,6 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from instaflow.flow.diffusion import SD_SCHEDULE  # noqa: E402  (SD 1.x's scaled-linear DDPM schedule)
+
+
 def free_port() -> int:
     import socket
 
@@ -71,11 +74,6 @@ def reference_and_sharded(module_cls, **kw):
         yield ref, ref_loss, model, batch
 
 
-# SD 1.x's scaled-linear DDPM schedule (same dict as lightning_modules/teacher_train.py SD_SCHEDULE).
-SD_SCHEDULE = {
-    "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-    "prediction_type": "epsilon", "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
-}
 
 CROSS_ATTENTION_DIM = 8
 TOKENIZER_MAX_LENGTH = 77
@@ -144,11 +142,11 @@ def tiny_sd_folder(tmp_path_factory) -> Path:
 
     Built with the same seeds as ``tiny_sd_components``, so its weights equal a fresh build.
     """
-    from lightning_modules import models
+    from instaflow.models import saving
 
     root = tmp_path_factory.mktemp("tiny_sd")
     comps = build_tiny_sd(root / "build")
-    folder = models.save_pipeline(root / "pipeline", comps["unet"], comps["vae"], comps["scheduler_config"])
+    folder = saving.save_pipeline(root / "pipeline", comps["unet"], comps["vae"], comps["scheduler_config"])
     comps["text_encoder"].save_pretrained(folder / "text_encoder")
     comps["tokenizer"].save_pretrained(folder / "tokenizer")
     return folder

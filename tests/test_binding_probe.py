@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lightning_modules.binding_probe import bound_by_objects, cell_targets, train_probe
+from instaflow.evaluation.binding_probe import bound_by_objects, cell_targets, train_probe
 
 
 def _synthetic_states(scenes, bound: bool) -> torch.Tensor:

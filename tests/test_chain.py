@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from conftest import ROOT
+from instaflow.experiments import resolved
 
 BASE = str(ROOT / "experiments" / "base" / "default.yaml")
 EMB = ROOT / "experiments" / "embedded"
@@ -27,8 +28,8 @@ def cli(args: list[str]):
 
 def tiny_yaml(src: str, tmp_path: Path, model: dict, data: dict, trainer: dict | None = None,
               writer_dir: Path | None = None, quality: dict | None = None) -> str:
-    """A copy of an embedded experiment pointed at tiny models, tiny shards and tmp folders."""
-    cfg = yaml.safe_load((EMB / src).read_text())
+    """A copy of an embedded experiment (its whole chain, merged) pointed at tiny models, tiny shards and tmp folders."""
+    cfg = resolved(f"embedded/{Path(src).stem}")
     if quality is None:  # no evaluator in this test: drop the FID/alignment curves
         cfg["trainer"]["callbacks"] = [c for c in cfg["trainer"]["callbacks"] if not c["class_path"].endswith("SampleQuality")]
     if isinstance(cfg["trainer"].get("logger"), dict):
@@ -77,8 +78,8 @@ def gen_pairs(tmp_path, tiny_world, model: str, out: Path, src: str = "pairs_tea
 
 
 def test_coupling_generation_writes_every_key_once_and_regenerates_noise(tiny_world, tiny_sd_folder, tmp_path):
-    from lightning_modules.sampling import seeded_noise
-    from lightning_modules.teacher_ode import sample_seed
+    from instaflow.flow.noise import seeded_noise
+    from instaflow.flow.noise import sample_seed
 
     out = tmp_path / "pairs"
     gen_pairs(tmp_path, tiny_world, str(tiny_sd_folder), out, store_noise=True)
@@ -128,11 +129,11 @@ def test_killed_coupling_generation_resumes_without_loss_or_duplicates(tiny_worl
 
 def test_instaflow_chain_on_tiny_models(tiny_world, tiny_sd_folder, tmp_path):
     """teacher couplings -> reflow -> 2-RF couplings -> distillation (+ direct, + control): files and losses."""
-    from data.pairs import CouplingDataModule
-    from lightning_modules.pipeline import TextToImage
+    from instaflow.models.sampler import TextToImage
 
-    from lightning_modules import evaluate, timed
-    from lightning_modules.evaluator import ShapesEvaluator, save_evaluator
+    from instaflow.tools import evaluate as evaluate_tool
+    from instaflow.tools import timed
+    from instaflow.evaluation.shapes_evaluator import ShapesEvaluator, save_evaluator
 
     models, runs = tmp_path / "models", tmp_path / "runs"
     torch.manual_seed(0)
@@ -185,7 +186,7 @@ def test_instaflow_chain_on_tiny_models(tiny_world, tiny_sd_folder, tmp_path):
             {"name": f"{n}_1", "label": n, "model": str(models / n), "steps": 1, "guidance": 1.0}
             for n in ("instaflow", "direct", "direct_rfinit")]
     (tmp_path / "rows.json").write_text(json.dumps(rows))
-    res = evaluate.main(["--evaluator", str(evaluator), "--test", tiny_world.val, "--n", "8", "--rows",
+    res = evaluate_tool.main(["--evaluator", str(evaluator), "--test", tiny_world.val, "--n", "8", "--rows",
                          str(tmp_path / "rows.json"), "--straightness-n", "4", "--latency-rounds", "2",
                          "--batch-size", "8", "--out", str(tmp_path / "results"), "--timings", str(timings)])
     saved = json.loads((tmp_path / "results" / "results.json").read_text())
@@ -204,8 +205,8 @@ def test_instaflow_chain_on_tiny_models(tiny_world, tiny_sd_folder, tmp_path):
 
 def test_reflow_raw_start_follows_the_released_convention(tiny_world, tiny_sd_folder, tmp_path):
     """The paper's start (reflow_raw.yaml): raw weights trained as a flow UNet fed 1000 (1 - t), exported as kind "flow"."""
-    from lightning_modules import flows
-    from lightning_modules.pipeline import TextToImage
+    from instaflow.flow import paths
+    from instaflow.models.sampler import TextToImage
 
     gen_pairs(tmp_path, tiny_world, str(tiny_sd_folder), tmp_path / "pairs")
     raw = yaml.safe_load((EMB / "reflow_raw.yaml").read_text())["model"]["init_args"]
@@ -220,46 +221,46 @@ def test_reflow_raw_start_follows_the_released_convention(tiny_world, tiny_sd_fo
     hook = model.unet.register_forward_pre_hook(lambda m, args, kw: seen.append(float(args[1][0])), with_kwargs=True)
     model.sample(["a red circle"], steps=4, guidance=1.0)
     hook.remove()
-    assert seen == pytest.approx([float(flows.rf_unet_timestep(torch.tensor(t))) for t in (0.0, 0.25, 0.5, 0.75)])
+    assert seen == pytest.approx([float(paths.rf_unet_timestep(torch.tensor(t))) for t in (0.0, 0.25, 0.5, 0.75)])
     assert seen[0] == pytest.approx(1000.0)
 
 
 def test_path_metrics_and_results_table(tiny_sd_folder):
     """Straightness along each model's own path (DPM-Solver++ for DDPM teachers, Euler for flows) and the table."""
-    from lightning_modules import evaluate
-    from lightning_modules.pipeline import TextToImage
+    from instaflow.evaluation import results
+    from instaflow.models.sampler import TextToImage
 
     prompts = ["a red circle in the center on a white background", "a blue square", "a green cross"] * 2
     for kind in ("ddpm", "flow"):
         model = TextToImage.from_pretrained(str(tiny_sd_folder), kind=kind)
         # paths read off the main solve: the images are exactly the plain sample's, chunking included
-        images, m = evaluate.sample_row(model, prompts, steps=4, guidance=2.0, batch_size=4, path_n=4)
+        images, m = results.sample_row(model, prompts, steps=4, guidance=2.0, batch_size=4, path_n=4)
         torch.testing.assert_close(images, model.sample(prompts, 4, 2.0, seed=0, batch_size=4), atol=0, rtol=0)
         assert m["straightness"] > 0 and m["path_length_ratio"] >= 1.0 - 1e-6
         assert m["straightness_wo_first"] is not None
-        _, none = evaluate.sample_row(model, prompts, steps=1, guidance=1.0, batch_size=4, path_n=3)
+        _, none = results.sample_row(model, prompts, steps=1, guidance=1.0, batch_size=4, path_n=3)
         assert none["straightness"] is None
     # a straight path: S = 0 and ratio 1; a detour: S > 0 and ratio > 1
     x0, x1 = torch.zeros(2, 4), torch.ones(2, 4)
-    straight = evaluate.path_metrics([(0.0, x0), (0.5, 0.5 * x1), (1.0, x1)])
+    straight = results.path_metrics([(0.0, x0), (0.5, 0.5 * x1), (1.0, x1)])
     assert straight["straightness"] == pytest.approx(0.0) and straight["path_length_ratio"] == pytest.approx(1.0)
-    bent = evaluate.path_metrics([(0.0, x0), (0.5, torch.tensor([[1.0, 0.0, 0.5, 0.5]] * 2)), (1.0, x1)])
+    bent = results.path_metrics([(0.0, x0), (0.5, torch.tensor([[1.0, 0.0, 0.5, 0.5]] * 2)), (1.0, x1)])
     assert bent["straightness"] > 0 and bent["path_length_ratio"] > 1.0
     row = {"label": "x", "steps": 1, "guidance": 1.0, "fid": 1.0, "fid_low": 0.9, "fid_high": 1.1, "alignment": 0.5,
            "straightness": None, "straightness_wo_first": None, "path_length_ratio": None, "nfe": 1,
            "latency_s": 0.01, "latency_unet_s": 0.005}
-    table = evaluate.to_markdown({"rows": {"a": row, "b": {"label": "y", "missing": "not found"}}})
+    table = results.to_markdown({"rows": {"a": row, "b": {"label": "y", "missing": "not found"}}})
     assert "| x | 1 | 1 | 1.00 (0.90-1.10) | 50.0% | n/a | n/a | 1 | 10.0 ms (5.0 ms) |" in table
     assert "not run (not found)" in table
-    assert evaluate.nfe(evaluate.Row("t", "t", "m", 25, 3.0)) == 50
+    assert results.nfe(results.Row("t", "t", "m", 25, 3.0)) == 50
 
 
 def test_generate_writes_pngs_grid_and_record_reproducibly(tiny_sd_folder, tmp_path):
     """`generate`: one PNG per prompt x seed, a grid, a JSON record; the same seed gives the same pixels."""
     from PIL import Image
 
-    from lightning_modules import generate
-    from lightning_modules.pipeline import TextToImage
+    from instaflow.tools import generate
+    from instaflow.models.sampler import TextToImage
 
     args = ["--model", str(tiny_sd_folder), "--steps", "2", "--guidance", "2.0", "--seed", "5",
             "--num-per-prompt", "2", "--scale", "1", "--prompt", "a red circle", "--prompt", "a blue square"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lightning_modules import coco
+from instaflow.evaluation import coco
 
 
 def write_annotations(path: Path, n_images: int = 12) -> dict[int, str]:

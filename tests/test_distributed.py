@@ -67,7 +67,7 @@ class SlicedCouplings(L.LightningDataModule):
 
 def write_step_shards(folder: Path, n_steps: int, global_batch: int, latent: tuple = (4, 8, 8)) -> Path:
     """One coupling shard per step, with x0 stored, distinct captions and latents per sample."""
-    from callbacks.pair_writer import npy_bytes, write_tar
+    from data.shards import npy_bytes, write_tar
 
     folder.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(0)
@@ -126,7 +126,7 @@ def test_sharded_unet_bf16_policy_optimizer_and_export(tiny_sd_folder):
     from torch.distributed.tensor import DTensor
 
     from lightning_modules.reflow import ReflowTraining
-    from lightning_modules.sharding import is_sharded
+    from instaflow.models.sharding import is_sharded
 
     kw = dict(init=str(tiny_sd_folder), parameterization="velocity_wrapper", caption_dropout=0.0,
               time_distribution="logit_normal", time_kwargs={"mean": 0.0, "std": 0.0})

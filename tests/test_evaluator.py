@@ -10,12 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from lightning_modules import metrics
-from lightning_modules.evaluator import (
-    EvaluatorTraining, ShapesEvaluator, accuracies_by_objects, alignment_score, attribute_accuracies, batch_targets,
+from instaflow.evaluation import fid
+from instaflow.evaluation.shapes_evaluator import (
+    ShapesEvaluator, accuracies_by_objects, alignment_score, attribute_accuracies, batch_targets,
     load_evaluator,
     logits_to_scenes, predict_scenes, scene_matches, scene_targets,
 )
+from lightning_modules.embedded.evaluator import EvaluatorTraining
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSET = ROOT / "assets" / "embedded-evaluator"
@@ -123,54 +124,54 @@ def test_cleanfid_features_equal_image_features(tmp_path, monkeypatch):
     model = ShapesEvaluator(width=8, feature_dim=16)
     images = _png_folder(tmp_path / "imgs")
     seen = []
-    forward = metrics.EvaluatorFeatures.forward
+    forward = fid.EvaluatorFeatures.forward
 
     def spy(self, x):
         seen.append(x.clone())
         return forward(self, x)
 
-    monkeypatch.setattr(metrics.EvaluatorFeatures, "forward", spy)
-    f_folder = metrics.folder_features(tmp_path / "imgs", model, batch_size=3)
+    monkeypatch.setattr(fid.EvaluatorFeatures, "forward", spy)
+    f_folder = fid.folder_features(tmp_path / "imgs", model, batch_size=3)
     # clean-fid feeds float32 (B, 3, 32, 32) in 0..255: integers, since keep_resize leaves 32x32 alone
     assert seen[0].dtype == torch.float32 and seen[0].shape == (3, 3, 32, 32)
     assert torch.equal(torch.cat(seen[:2]), images.float())
-    f_mem = metrics.image_features(images, model)
+    f_mem = fid.image_features(images, model)
     assert f_folder.shape == (5, 16)
     np.testing.assert_allclose(f_folder, f_mem, rtol=0, atol=1e-5)
     # float images in [0, 1] are quantised as saving the PNG did
-    np.testing.assert_allclose(metrics.image_features(images.float() / 255, model), f_mem, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(fid.image_features(images.float() / 255, model), f_mem, rtol=0, atol=1e-6)
     # other sizes get clean-fid's bicubic resize to 32x32, not 299
-    assert metrics.keep_resize(np.zeros((64, 64, 3), np.uint8)).shape == (32, 32, 3)
+    assert fid.keep_resize(np.zeros((64, 64, 3), np.uint8)).shape == (32, 32, 3)
 
 
 def test_fid_from_features_and_bootstrap():
     rng = np.random.default_rng(0)
     f = rng.normal(size=(400, 8))
-    assert metrics.fid_from_features(f, f) == pytest.approx(0, abs=1e-6)
+    assert fid.fid_from_features(f, f) == pytest.approx(0, abs=1e-6)
     g = rng.normal(size=(400, 8))
-    fids = [metrics.fid_from_features(g + s, f) for s in (0.0, 0.5, 1.0)]
+    fids = [fid.fid_from_features(g + s, f) for s in (0.0, 0.5, 1.0)]
     assert fids[0] < fids[1] < fids[2] and fids[2] == pytest.approx(8.0, rel=0.15)  # ||shift||^2 = 8
-    fid, low, high = metrics.fid_bootstrap(g + 0.5, f, n=50, seed=0)
-    assert fid == pytest.approx(fids[1]) and low <= fid <= high and high - low > 0
-    assert metrics.fid_bootstrap(g + 0.5, f, n=50, seed=0) == (fid, low, high)  # seeded
+    point, low, high = fid.fid_bootstrap(g + 0.5, f, n=50, seed=0)
+    assert point == pytest.approx(fids[1]) and low <= point <= high and high - low > 0
+    assert fid.fid_bootstrap(g + 0.5, f, n=50, seed=0) == (point, low, high)  # seeded
 
 
 def test_inception_fid_missing_weights_message(tmp_path, monkeypatch):
     from cleanfid import downloads_helper
 
-    target = tmp_path / metrics.INCEPTION_FILE
-    monkeypatch.setattr(metrics, "inception_weights_path", lambda: target)
+    target = tmp_path / fid.INCEPTION_FILE
+    monkeypatch.setattr(fid, "inception_weights_path", lambda: target)
 
     def offline(fpath):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(downloads_helper, "check_download_inception", offline)
-    with pytest.raises(metrics.InceptionWeightsMissing) as e:
-        metrics.inception_fid(tmp_path, tmp_path)
+    with pytest.raises(fid.InceptionWeightsMissing) as e:
+        fid.inception_fid(tmp_path, tmp_path)
     msg = str(e.value)
-    assert metrics.INCEPTION_FILE in msg and str(target) in msg and downloads_helper.inception_url in msg
-    with pytest.raises(metrics.InceptionWeightsMissing):
-        metrics.inception_fid(tmp_path, tmp_path, download=False)
+    assert fid.INCEPTION_FILE in msg and str(target) in msg and downloads_helper.inception_url in msg
+    with pytest.raises(fid.InceptionWeightsMissing):
+        fid.inception_fid(tmp_path, tmp_path, download=False)
 
 
 def test_load_evaluator_missing_path(tmp_path):
@@ -205,8 +206,8 @@ def test_accuracies_by_number_of_objects():
 
 
 def test_vae_reconstructions_are_images_in_unit_range(tiny_sd_folder):
-    from lightning_modules.evaluate_floors import vae_reconstructions
-    from lightning_modules.models import load_vae
+    from instaflow.evaluation.protocol import vae_reconstructions
+    from instaflow.models.loading import load_vae
 
     images = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8)
     rec = vae_reconstructions(load_vae(str(tiny_sd_folder)), images, batch_size=2)
@@ -216,20 +217,27 @@ def test_vae_reconstructions_are_images_in_unit_range(tiny_sd_folder):
 
 def test_real_test_set_and_score_images(tmp_path):
     from data.shapes import write_shard
-    from lightning_modules.evaluate_floors import real_test_set, score_images
+    from instaflow.evaluation.protocol import real_test_set, score_images
 
     write_shard(tmp_path / "00000.tar", 0, split_seed=2, start=0, count=6, resolution=32)
     images, scenes, captions = real_test_set(str(tmp_path / "00000.tar"), n=4, offset=2)
     assert images.dtype == torch.uint8 and images.shape == (4, 3, 32, 32) and len(scenes) == len(captions) == 4
-    first, _, _ = real_test_set(str(tmp_path / "00000.tar"), n=6)
+    first, first_scenes, _ = real_test_set(str(tmp_path / "00000.tar"), n=6)
     assert torch.equal(first[2:], images)
     torch.manual_seed(0)
     model = ShapesEvaluator(width=8, feature_dim=2).eval()
-    ref = metrics.image_features(first, model)
+    ref = fid.image_features(first, model)
     out = score_images(images.float() / 255, scenes, ref, model, n_bootstrap=10)
-    assert out["fid_low"] <= out["fid"] <= out["fid_high"] and 0 <= out["alignment"] <= 1
-    assert {"size_accuracy", "shape_accuracy", "color_accuracy", "background_accuracy"} <= out.keys()
+    assert out["fid_low"] <= out["fid"] <= out["fid_high"] and out["n"] == 4 and out["n_ref"] == 6
+    # the alignment is the evaluator's exact-match rate on the same uint8 pixels, computed independently here
+    want = attribute_accuracies(predict_scenes(model, images.float() / 127.5 - 1.0), scenes)
+    assert out["alignment"] == want["alignment"] and out["size_accuracy"] == want["size"]
+    assert out["shape_accuracy"] == want["shape"] and out["background_accuracy"] == want["background"]
     assert sum(v["prompts"] for v in out["by_objects"].values()) == 4
+    # FID of the reference set against itself is 0; uint8 and [0, 1] float inputs score alike
+    same = score_images(first, first_scenes, ref, model, n_bootstrap=0)
+    assert same["fid"] == pytest.approx(0.0, abs=1e-6)
+    assert score_images(first.float() / 255, first_scenes, ref, model, n_bootstrap=0)["fid"] == pytest.approx(same["fid"], abs=1e-9)
     with pytest.raises(ValueError):
         real_test_set(str(tmp_path / "00000.tar"), n=6, offset=1)
 
@@ -238,7 +246,7 @@ def test_real_test_set_and_score_images(tmp_path):
 @pytest.mark.skipif(not (ASSET / "model.safetensors").is_file() or not (TEST_SHARDS / "00000.tar").is_file(),
                     reason="needs assets/embedded-evaluator (make train-evaluator) and the test shards (make data)")
 def test_trained_evaluator_aligns_real_test_images():
-    from lightning_modules.evaluate_floors import real_test_set
+    from instaflow.evaluation.protocol import real_test_set
 
     images, scenes, _ = real_test_set(str(TEST_SHARDS / "00000.tar"), n=256)
     preds = predict_scenes(load_evaluator(ASSET), images.float() / 127.5 - 1)
@@ -250,18 +258,18 @@ def test_frechet_to_reference_matches_clean_fid():
 
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(400, 16)) @ rng.normal(size=(16, 16))
-    to_ref = metrics.FrechetToReference(*metrics.feature_stats(ref))
+    to_ref = fid.FrechetToReference(*fid.feature_stats(ref))
     for shift in (0.0, 0.3, 2.0):
         gen = rng.normal(size=(300, 16)) * 1.3 + shift
-        expected = frechet_distance(*metrics.feature_stats(gen), *metrics.feature_stats(ref))
-        assert to_ref(*metrics.feature_stats(gen)) == pytest.approx(expected, rel=1e-7, abs=1e-9)
+        expected = frechet_distance(*fid.feature_stats(gen), *fid.feature_stats(ref))
+        assert to_ref(*fid.feature_stats(gen)) == pytest.approx(expected, rel=1e-7, abs=1e-9)
 
 
 
 def test_latency_interleaves_models_and_repeats_cheap_ones(monkeypatch):
     import time as _time
 
-    from lightning_modules import evaluate
+    from instaflow.evaluation import results
 
     calls = []
 
@@ -288,7 +296,7 @@ def test_latency_interleaves_models_and_repeats_cheap_ones(monkeypatch):
 
     # the slow model's UNet is slower in bf16 (fp32 is chosen), the fast one's faster (bf16 is chosen)
     models_ = {"slow": (Fake("slow", 0.04, 2.0), 25, 3.0), "fast": (Fake("fast", 0.004, 0.25), 1, 1.0)}
-    out = evaluate.latency(models_, "a prompt", batch_size=1, rounds=3, warmup=1, min_round_s=0.02)
+    out = results.latency(models_, "a prompt", batch_size=1, rounds=3, warmup=1, min_round_s=0.02)
     timed = calls[2:]  # after one warm-up call each
     assert timed[:1] == ["slow"] and timed.count("slow") == 3  # one slow call per round ...
     assert timed.index("fast") == 1 and timed[-1] == "fast"  # ... then the fast model, round after round

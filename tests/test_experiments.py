@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from conftest import ROOT, TINY_UNET, TINY_VAE
+from instaflow.experiments import chain, config_args, expand, resolved
 
 BASE = str(ROOT / "experiments" / "base" / "default.yaml")
 EXPERIMENTS = sorted(p for p in (ROOT / "experiments").rglob("*.yaml") if "base" not in p.parts and "sweeps" not in p.parts)
@@ -22,19 +23,54 @@ def cli(args: list[str], run: bool = False):
 
 
 def config_chain(exp: Path) -> list[str]:
-    """``-c`` arguments for an experiment: the base, the files it extends (first-line comment), itself."""
-    first = exp.read_text().splitlines()[0]
-    parents = config_chain(ROOT / first.split(":", 1)[1].strip())[2:] if first.startswith("# extends:") else []
-    return ["-c", BASE, *parents, "-c", str(exp)]
+    """``-c`` arguments for an experiment: its whole chain, as ``make run`` applies it."""
+    return config_args(exp)
 
 
-@pytest.mark.parametrize("exp", EXPERIMENTS, ids=lambda p: str(p.relative_to(ROOT)))
-def test_experiment_parses_and_instantiates(exp: Path, tmp_path):
-    logger = yaml.safe_load(exp.read_text()).get("trainer", {}).get("logger", True)
+@pytest.mark.parametrize("exp", [p for p in EXPERIMENTS if "fragments" not in p.parts], ids=lambda p: str(p.relative_to(ROOT)))
+def test_experiment_parses_and_instantiates_what_its_chain_declares(exp: Path, tmp_path):
+    """The CLI builds exactly what the experiment's chain says: the model class with its keys, the data
+    module, and every callback of the merged list (fragments included) in order."""
+    want = resolved(exp)
+    logger = want["trainer"].get("logger", True)
     extra = ["--trainer.logger.init_args.save_dir", str(tmp_path)] if logger is not False else []
     c = cli([*config_chain(exp), *extra])
-    assert c.model is not None and c.datamodule is not None
-    assert c.trainer.max_steps > 0 or "pairs" in exp.name
+    assert f"{type(c.model).__module__}.{type(c.model).__name__}" == want["model"]["class_path"]
+    assert f"{type(c.datamodule).__module__}.{type(c.datamodule).__name__}" == want["data"]["class_path"]
+    for key, value in (want["model"].get("init_args") or {}).items():
+        assert _plain(c.model.hparams[key]) == _plain(value), key
+    declared = [cb["class_path"].rsplit(".", 1)[1] for cb in want["trainer"].get("callbacks") or []]
+    built = [type(cb).__name__ for cb in c.trainer.callbacks]
+    assert [n for n in built if n in declared] == [n for n in declared if n != "ModelCheckpoint"] + \
+        ["ModelCheckpoint"] * declared.count("ModelCheckpoint")  # Lightning runs checkpoints last
+    assert c.trainer.max_steps == want["trainer"]["max_steps"]
+
+
+def _plain(v):
+    """YAML and hparams values on one footing: tuples as lists, numeric strings (PyYAML reads 1e-4 as a
+    string) as floats, mappings as plain dicts."""
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict) or hasattr(v, "items"):
+        return {k: _plain(x) for k, x in dict(v).items()}
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
+def test_experiment_headers_resolve_by_name():
+    """``# extends:`` names resolve to the chain the CLI applies; ``# command:`` gives the subcommand."""
+    names = [p.relative_to(ROOT / "experiments") for p in chain("embedded/distill_direct")]
+    assert [str(n) for n in names] == ["base/default.yaml", "fragments/embedded_flow_callbacks.yaml",
+                                       "embedded/distill.yaml", "embedded/distill_direct.yaml"]
+    assert expand(["--experiment", "embedded/pairs_teacher", "--trainer.max_steps", "3"])[:1] == ["predict"]
+    assert expand(["fit", "--experiment", "embedded/reflow"])[0] == "fit"
+    assert expand(["--experiment", "embedded/reflow", "--x", "1"])[-2:] == ["--x", "1"]
+    with pytest.raises(FileNotFoundError, match="embedded/reflow"):
+        chain("embedded/reflwo")
 
 
 def test_misspelled_key_fails_at_parse_time_naming_the_key(capsys, tmp_path):
@@ -60,20 +96,11 @@ def _scalars(logdir: Path, tag: str) -> list[float]:
     return [e.value for e in ea.Scalars(tag)]
 
 
-def _merge(base: dict, override: dict) -> dict:
-    """``override`` on top of ``base``, mappings merged key by key, lists replaced. Like ``-c a -c b`` for
-    the config's sections; the CLI replaces a dict-typed argument (``unet``) whole, which callers here set."""
-    out = dict(base)
-    for k, v in override.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def tiny_experiment(name: str, tmp_path: Path, tiny_world, model_args: dict, export_to: Path,
                     source: Path | None = None) -> str:
     """A copy of experiments/embedded/<name>.yaml (or ``source``) pointed at the tiny world, tiny models and tmp folders."""
+    cfg = resolved(f"embedded/{name}") if source is None else yaml.safe_load(source.read_text())
     source = source or ROOT / "experiments" / "embedded" / f"{name}.yaml"
-    cfg = yaml.safe_load(source.read_text())
     cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "runs")
     # no evaluator in this test: drop the FID/alignment curves
     cfg["trainer"]["callbacks"] = [c for c in cfg["trainer"]["callbacks"] if not c["class_path"].endswith("SampleQuality")]
@@ -95,7 +122,7 @@ def tiny_experiment(name: str, tmp_path: Path, tiny_world, model_args: dict, exp
 
 def test_embedded_teacher_recipe_on_tiny_models(tiny_world, tiny_sd_folder, tmp_path):
     """vae.yaml then teacher.yaml, with tiny models: losses fall, the pipeline folder exports and loads."""
-    from lightning_modules.pipeline import TextToImage
+    from instaflow.models.sampler import TextToImage
 
     build = tmp_path / "teacher"
     cli(["fit", "-c", BASE, "-c", tiny_experiment("vae", tmp_path, tiny_world, {"vae": TINY_VAE}, build)], run=True)
@@ -125,12 +152,14 @@ def test_embedded_teacher_recipe_on_tiny_models(tiny_world, tiny_sd_folder, tmp_
 def test_embedded_teacher_growth_stage_on_tiny_models(tiny_world, tiny_sd_folder, tmp_path):
     """teacher_binding.yaml on tiny models: starts from a stage-1 folder, grows the UNet (two transformer
     layers, longer captions), decays the learning rate to zero, exports a loadable pipeline."""
-    from lightning_modules import models
-    from lightning_modules.pipeline import TextToImage
+    from instaflow.models import loading
+    from instaflow.models import saving
+    from instaflow.models import unet
+    from instaflow.models.sampler import TextToImage
 
     stage1 = tmp_path / "stage1"
-    models.save_pipeline(str(stage1), models.build_unet(TINY_UNET), models.load_vae(str(tiny_sd_folder)),
-                         dict(models.load_scheduler_config(str(tiny_sd_folder))))
+    saving.save_pipeline(str(stage1), unet.build_unet(TINY_UNET), loading.load_vae(str(tiny_sd_folder)),
+                         dict(loading.load_scheduler_config(str(tiny_sd_folder))))
     grown_cfg = {**TINY_UNET, "transformer_layers_per_block": 2}
     teacher = yaml.safe_load((ROOT / "experiments" / "embedded" / "teacher.yaml").read_text())
     stage2 = yaml.safe_load((ROOT / "experiments" / "embedded" / "teacher_binding.yaml").read_text())
@@ -139,7 +168,7 @@ def test_embedded_teacher_growth_stage_on_tiny_models(tiny_world, tiny_sd_folder
     assert stage2["model"]["init_args"]["max_length"] > teacher["model"]["init_args"]["max_length"]
     # stage 2 is teacher.yaml overridden by teacher_binding.yaml (its unet is restated whole, and set below)
     merged = tmp_path / "teacher_binding.yaml"
-    merged.write_text(yaml.safe_dump(_merge(teacher, stage2)))
+    merged.write_text(yaml.safe_dump(resolved("embedded/teacher_binding")))
     out = tmp_path / "grown"
     args = {"vae": str(tiny_sd_folder), "init_from": str(stage1), "unet": grown_cfg, "text_encoder": str(tiny_sd_folder),
             "max_length": 20, "lr": 1e-3, "warmup_steps": 5, "lr_decay_steps": 60, "sample_steps": 4,
@@ -159,14 +188,14 @@ def test_decoder_refinement_keeps_the_latent_space(tiny_world, tiny_sd_folder, t
     """vae_decoder_refine.yaml on tiny models: trains the decoder alone from a folder's VAE, decays the
     learning rate to zero, and exports a VAE whose encoder and scaling factor are bit-identical, so a
     UNet trained on the old latents stays valid."""
-    from lightning_modules import models
-    from lightning_modules.evaluate_floors import real_test_set
+    from instaflow.models import loading
+    from instaflow.evaluation.protocol import real_test_set
 
     decoder = yaml.safe_load((ROOT / "experiments" / "embedded" / "vae_decoder.yaml").read_text())
     refine = yaml.safe_load((ROOT / "experiments" / "embedded" / "vae_decoder_refine.yaml").read_text())
     assert refine["model"]["init_args"]["init_from"] == decoder["model"]["init_args"]["export_dir"]
     merged = tmp_path / "vae_decoder_refine.yaml"
-    merged.write_text(yaml.safe_dump(_merge(decoder, refine)))
+    merged.write_text(yaml.safe_dump(resolved("embedded/vae_decoder_refine")))
     out = tmp_path / "refined"
     args = {"init_from": str(tiny_sd_folder), "lr": 1e-3, "warmup_steps": 5, "lr_decay_steps": 60}
     cli(["fit", "-c", BASE, "-c", tiny_experiment("vae_decoder", tmp_path, tiny_world, args, out, source=merged)],
@@ -175,7 +204,7 @@ def test_decoder_refinement_keeps_the_latent_space(tiny_world, tiny_sd_folder, t
     lrs = _scalars(logdir, "lr-AdamW")
     assert lrs[-1] < 0.05 * max(lrs)
 
-    before, after = models.load_vae(str(tiny_sd_folder)), models.load_vae(str(out))
+    before, after = loading.load_vae(str(tiny_sd_folder)), loading.load_vae(str(out))
     # the refined decoder reconstructs the world's images better from the same latents
     images, _, _ = real_test_set(tiny_world.train, 32, resolution=16)
     x = images.float() / 127.5 - 1  # (32, 3, 16, 16)

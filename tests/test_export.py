@@ -33,7 +33,7 @@ for c in cases:
     out[c["name"]] = pipe(c["prompts"], output_type="pt", **kw).images
     out[c["name"] + "/pil"] = torch.from_numpy(np.stack([np.asarray(im) for im in pipe(c["prompts"], **kw).images]))
     out[c["name"] + "/class"] = type(pipe).__name__ + ":" + pipe.config.kind
-project = sorted({m.split(".")[0] for m in sys.modules} & {"lightning_modules", "callbacks", "data"})
+project = sorted({m.split(".")[0] for m in sys.modules} & {"instaflow", "lightning_modules", "callbacks", "data"})
 assert not project, f"the loading code imported the project: {project}"
 torch.save(out, sys.argv[2])
 """
@@ -54,8 +54,9 @@ def test_chain_export_and_reload_with_plain_diffusers(tiny_world, tiny_sd_folder
     export, reload with diffusers alone: same pixels as the project for the same seeds."""
     from PIL import Image
 
-    from lightning_modules import export_diffusers, generate
-    from lightning_modules.pipeline import TextToImage
+    from instaflow.tools import export as export_tool
+    from instaflow.tools import generate
+    from instaflow.models.sampler import TextToImage
 
     models = tmp_path / "models"
     train = {"max_steps": 4, "val_check_interval": 2, "limit_val_batches": 1}
@@ -69,7 +70,7 @@ def test_chain_export_and_reload_with_plain_diffusers(tiny_world, tiny_sd_folder
         "init": str(models / "rf2"), "export_dir": str(models / "instaflow"), "warmup_steps": 1},
         {**pdata, "train": str(tmp_path / "pairs_rf2"), "val": str(tmp_path / "pairs_rf2")}, train)])
 
-    exports = {name: export_diffusers.export(str(models / name), tmp_path / "export" / name)
+    exports = {name: export_tool.export(str(models / name), tmp_path / "export" / name)
                for name in ("rf2", "instaflow")}
     folder = exports["instaflow"]
     assert {p.name for p in folder.iterdir()} >= {"unet", "vae", "scheduler", "text_encoder", "tokenizer",
@@ -77,7 +78,7 @@ def test_chain_export_and_reload_with_plain_diffusers(tiny_world, tiny_sd_folder
     index = json.loads((folder / "model_index.json").read_text())
     assert index["_class_name"] == ["pipeline_rectified_flow", "RectifiedFlowPipeline"]
     assert index["kind"] == "ddpm_velocity" and index["max_length"] == 77
-    source = (ROOT / "lightning_modules" / "rf_pipeline.py").read_text()
+    source = (ROOT / "instaflow" / "models" / "rf_pipeline.py").read_text()
     assert (folder / "pipeline_rectified_flow.py").read_text() == source
     assert "trust_remote_code=True" in (folder / "README.md").read_text()
     assert not (folder / "instaflow_components.json").exists()  # everything is copied in, nothing referenced
@@ -116,9 +117,9 @@ def test_chain_export_and_reload_with_plain_diffusers(tiny_world, tiny_sd_folder
 def test_released_flow_layout_loads_through_the_pipeline_class(tiny_sd_folder):
     """A raw "flow" UNet in SD layout (CLIP text encoder, as XCLiu/instaflow_0_9B_from_sd_1_5): the class loads it,
     feeds 1000 (1 - t), runs no unconditional pass at w = 1, and matches TextToImage(kind="flow")."""
-    from lightning_modules import flows
-    from lightning_modules.pipeline import TextToImage
-    from lightning_modules.rf_pipeline import RectifiedFlowPipeline
+    from instaflow.flow import paths
+    from instaflow.models.sampler import TextToImage
+    from instaflow.models.rf_pipeline import RectifiedFlowPipeline
 
     pipe = RectifiedFlowPipeline.from_pretrained(str(tiny_sd_folder))
     pipe.set_progress_bar_config(disable=True)
@@ -134,7 +135,7 @@ def test_released_flow_layout_loads_through_the_pipeline_class(tiny_sd_folder):
     four = pipe(PROMPTS, num_inference_steps=4, guidance_scale=3.0, seeds=[0, 1], output_type="pt").images
     hook.remove()
     assert [b for b, _ in calls] == [4] * 4  # guidance doubles the batch
-    assert [ts[0] for _, ts in calls] == pytest.approx([float(flows.rf_unet_timestep(torch.tensor(t)))
+    assert [ts[0] for _, ts in calls] == pytest.approx([float(paths.rf_unet_timestep(torch.tensor(t)))
                                                         for t in (0.0, 0.25, 0.5, 0.75)])
     for images, steps, w in ((one, 1, 1.0), (four, 4, 3.0)):
         expected = project.sample_images(PROMPTS, steps, w, [0, 1])
@@ -154,31 +155,33 @@ def test_released_flow_layout_loads_through_the_pipeline_class(tiny_sd_folder):
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_pipeline_velocity_equals_the_project_conversion(tiny_sd_components, prediction_type):
-    """kind "ddpm_velocity": its own epsilon/v -> velocity conversion is models.DiffusionVelocity, bit for bit."""
+    """kind "ddpm_velocity": its own epsilon/v -> velocity conversion is velocity.DiffusionVelocity, bit for bit."""
     from diffusers import DDPMScheduler
 
-    from lightning_modules import models
-    from lightning_modules.rf_pipeline import RectifiedFlowPipeline
+    from instaflow.flow import diffusion
+    from instaflow.models import text_encoder
+    from instaflow.flow import velocity
+    from instaflow.models.rf_pipeline import RectifiedFlowPipeline
 
     c = tiny_sd_components
     cfg = {**c["scheduler_config"], "prediction_type": prediction_type}
     pipe = RectifiedFlowPipeline(vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=c["tokenizer"],
                                  unet=c["unet"], scheduler=DDPMScheduler.from_config(cfg), kind="ddpm_velocity")
-    reference = models.DiffusionVelocity(c["unet"], models.alphas_cumprod(cfg), prediction_type)
+    reference = velocity.DiffusionVelocity(c["unet"], diffusion.alphas_cumprod(cfg), prediction_type)
     g = torch.Generator().manual_seed(0)
     x_t, states = torch.randn(5, 4, 8, 8, generator=g), torch.randn(5, 77, 8, generator=g)
     t = torch.tensor([0.0, 1e-3, 0.3, 0.75, 1.0])  # both ends clamp as the project does
     with torch.no_grad():
         assert torch.equal(pipe.velocity(x_t, t, states), reference(x_t, t, states))
     # and its text states are the project's TextEncoder's, including the unconditional ""
-    te = models.TextEncoder(c["tokenizer"], c["text_encoder"])
+    te = text_encoder.TextEncoder(c["tokenizer"], c["text_encoder"])
     assert torch.equal(pipe.encode_prompt(PROMPTS), te(PROMPTS))
     assert torch.equal(pipe.encode_prompt([""]), te.empty(1))
 
 
 def test_export_refuses_a_diffusion_teacher(tiny_sd_folder, tmp_path):
-    from lightning_modules import export_diffusers
+    from instaflow.tools import export as export_tool
 
     with pytest.raises(ValueError, match="diffusion teacher .*kind 'ddpm'"):
-        export_diffusers.export(str(tiny_sd_folder), tmp_path / "out")
+        export_tool.export(str(tiny_sd_folder), tmp_path / "out")
     assert not (tmp_path / "out").exists()

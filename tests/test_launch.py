@@ -45,11 +45,11 @@ def stage_args(tmp_path: Path) -> list[str]:
     return ["--stage", "data", "-", f"{PY} -c pass",
             "--stage", "pairs", str(tmp_path / "pairs" / ".done"), f"{CLI} predict -c base.yaml -c pairs.yaml",
             "--stage", "reflow", str(tmp_path / "rf2" / "model_index.json"),
-            f"{PY} -m lightning_modules.timed {tmp_path}/timings reflow -- {CLI} fit -c base.yaml -c reflow.yaml"]
+            f"{PY} -m instaflow.tools.timed {tmp_path}/timings reflow -- {CLI} fit -c base.yaml -c reflow.yaml"]
 
 
 def test_slurm_submission_writes_the_job_script_and_returns_the_job_id(fake_slurm, tmp_path, capsys):
-    from lightning_modules import launch
+    from instaflow.tools import launch
 
     job = launch.main(["slurm", "--nodes", "2", "--gpus-per-node", "8", "--partition", "gpu", "--time", "01:00:00",
                        "--job-name", "chain", "--dir", str(tmp_path / "slurm"), *stage_args(tmp_path)])
@@ -69,7 +69,7 @@ def test_slurm_submission_writes_the_job_script_and_returns_the_job_id(fake_slur
     assert srun[0] == (f"{PY} -m lightning_modules.cli predict -c base.yaml -c pairs.yaml".replace(
         PY, f"srun --nodes=2 --ntasks-per-node=8 {PY}", 1) + " --trainer.num_nodes 2 --trainer.devices 8 "
         f"--trainer.default_root_dir {tmp_path}/slurm/${{RUN_ID}}/pairs && touch {tmp_path}/pairs/.done")
-    assert srun[1].startswith(f"{PY} -m lightning_modules.timed {tmp_path}/timings reflow -- srun --nodes=2 ")
+    assert srun[1].startswith(f"{PY} -m instaflow.tools.timed {tmp_path}/timings reflow -- srun --nodes=2 ")
     assert srun[1].endswith("fit -c base.yaml -c reflow.yaml --trainer.num_nodes 2 --trainer.devices 8 "
                             f"--trainer.default_root_dir {tmp_path}/slurm/${{RUN_ID}}/reflow")
     assert f"{PY} -c pass" in lines  # not a CLI call: runs once, on the batch node, without srun
@@ -79,7 +79,7 @@ def test_slurm_submission_writes_the_job_script_and_returns_the_job_id(fake_slur
 
 def test_job_script_runs_stages_in_order_skips_finished_ones_and_keys_requeue_folders_by_job(fake_slurm, tmp_path):
     """Run the generated script under bash with SLURM's variables and the stand-in srun."""
-    from lightning_modules import launch
+    from instaflow.tools import launch
 
     (tmp_path / "rf2").mkdir()
     (tmp_path / "pairs").mkdir()  # the predict stage writes its shards there (the stand-in srun does not)
@@ -101,7 +101,7 @@ def test_job_script_runs_stages_in_order_skips_finished_ones_and_keys_requeue_fo
 
 
 def test_dry_run_prints_the_script_and_submits_nothing(fake_slurm, tmp_path, capsys):
-    from lightning_modules import launch
+    from instaflow.tools import launch
 
     assert launch.main(["slurm", "--nodes", "1", "--gpus-per-node", "2", "--dry-run", "--dir", str(tmp_path / "s"),
                         *stage_args(tmp_path)]) is None
@@ -113,7 +113,7 @@ def test_dry_run_prints_the_script_and_submits_nothing(fake_slurm, tmp_path, cap
 def test_no_requeue_drops_the_signal_and_turns_lightnings_auto_requeue_off(tmp_path):
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-    from lightning_modules import launch
+    from instaflow.tools import launch
     from lightning_modules.cli import main
 
     stages = [launch.Stage.parse("fit", "-", f"{CLI} fit -c a.yaml")]
@@ -154,7 +154,7 @@ def test_lightning_detects_slurm_under_srun_with_requeue_on_sigusr1(monkeypatch)
 
 
 def test_torchrun_lines_and_run_once_stages_on_node_rank_zero(tmp_path, capsys):
-    from lightning_modules import launch
+    from instaflow.tools import launch
 
     base = ["torchrun", "--nnodes", "2", "--nproc-per-node", "8", "--rdzv-endpoint", "node0:29500", "--dry-run"]
     launch.main([*base, "--node-rank", "0", *stage_args(tmp_path)])
@@ -170,7 +170,7 @@ def test_torchrun_lines_and_run_once_stages_on_node_rank_zero(tmp_path, capsys):
 
 
 def test_local_mode_runs_stages_skips_existing_outputs_and_writes_markers(tmp_path):
-    from lightning_modules import launch
+    from instaflow.tools import launch
 
     log = tmp_path / "log.txt"
     cmd = f"{PY} -c \"import sys; open(sys.argv[1], 'a').write(sys.argv[2] + '\\n')\" {log}"
@@ -187,19 +187,19 @@ def _make(*args: str, env: dict | None = None) -> str:
 
 
 def test_make_train_reflow_submits_the_same_stage_commands_as_the_local_chain(fake_slurm, tmp_path):
-    from lightning_modules import launch
+    from instaflow.tools import launch
 
     # the local chain's commands, as make would run them (nothing runs: -n), the markers' touch removed
     local = [line.split(" && touch ")[0] for line in _make("-n", "-B", "train-reflow").splitlines()
-             if " -m lightning_modules." in line or " -m data." in line]
-    # the stages the cluster path passes to lightning_modules.launch
+             if " -m lightning_modules." in line or " -m data." in line or " -m instaflow.tools." in line]
+    # the stages the cluster path passes to instaflow.tools.launch
     line, = [ln for ln in _make("-n", "train-reflow", "NODES=2", "GPUS_PER_NODE=8", "PARTITION=gpu").splitlines()
-             if "lightning_modules.launch" in ln]
+             if "instaflow.tools.launch" in ln]
     a = launch._parser().parse_args(shlex.split(line)[3:])
     assert (a.mode, a.nodes, a.gpus_per_node, a.partition, a.dry_run) == ("slurm", 2, 8, "gpu", False)
     assert [cmd for _, _, cmd in a.stage] == local and len(local) == 8
     assert [name for name, _, _ in a.stage][:3] == ["data", "pairs_teacher", "reflow"]
-    assert "lightning_modules.launch" not in _make("-n", "train-reflow")  # plain make keeps the local chain
+    assert "instaflow.tools.launch" not in _make("-n", "train-reflow")  # plain make keeps the local chain
     tr = _make("-n", "train-reflow", "NODES=2", "GPUS_PER_NODE=8", "LAUNCHER=torchrun", "RDZV=node0:29400")
     assert "launch torchrun --nodes 2 --gpus-per-node 8 --rdzv-endpoint node0:29400 --stage" in " ".join(tr.split())
 

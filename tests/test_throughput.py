@@ -59,7 +59,8 @@ def test_throughput_logs_consistent_positive_values(tmp_path):
     import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from callbacks.throughput import Throughput, unet_forward_flops
+    from callbacks.throughput import Throughput
+    from instaflow.evaluation.throughput import unet_forward_flops
 
     batch, peak = 8, 1e12
     cb = Throughput(peak_flops=peak, tokens=6)
@@ -101,7 +102,8 @@ def test_throughput_logs_consistent_positive_values(tmp_path):
 def test_cpu_peak_rule_and_missing_unet_message(tmp_path):
     import lightning as L
 
-    from callbacks.throughput import CPU_FLOPS_PER_THREAD, Throughput, batch_size_of, peak_flops_for
+    from callbacks.throughput import Throughput
+    from instaflow.evaluation.throughput import CPU_FLOPS_PER_THREAD, batch_size_of, peak_flops_for
 
     assert peak_flops_for(torch.device("cpu")) == torch.get_num_threads() * CPU_FLOPS_PER_THREAD
     assert batch_size_of({"caption": ["a", "b"], "x1": torch.zeros(2, 4)}) == 2

@@ -1,26 +1,19 @@
 """Export a trained 2-RF or one-step model folder as a self-contained diffusers pipeline folder.
 
-    python -m lightning_modules.export_diffusers --model runs/embedded/models/instaflow --out runs/export/instaflow
-
 The folder holds unet/, vae/, scheduler/, text_encoder/ and tokenizer/ (the embedded MiniLM, which
 project folders only reference through ``instaflow_components.json``, is resolved and copied in),
-``pipeline_rectified_flow.py`` (lightning_modules/rf_pipeline.py verbatim) and a ``model_index.json``
-naming it, so that diffusers alone loads it, with no import of this project:
-
-    from diffusers import DiffusionPipeline
-    pipe = DiffusionPipeline.from_pretrained("runs/export/instaflow", trust_remote_code=True)
-    image = pipe("a red circle", num_inference_steps=1, guidance_scale=1.0, seeds=0).images[0]
-
-Unless ``--no-check``, the export is reloaded that way and compared with the project's own
-sampling (``TextToImage``) for one prompt and seed; the maximum pixel difference is printed.
+``pipeline_rectified_flow.py`` (``instaflow/models/rf_pipeline.py`` verbatim) and a
+``model_index.json`` naming it, so that diffusers alone loads it, with no import of this project.
+``python -m instaflow.tools.export`` runs it and checks the reload.
 """
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from lightning_modules import models
+from instaflow.models import loading
+from instaflow.models.sampler import TextToImage
+from instaflow.models.text_encoder import load_text_encoder
 
 README = """# {name}: a rectified-flow text-to-image model (InstaFlow framework export)
 
@@ -39,7 +32,7 @@ image = pipe("{prompt}", num_inference_steps=1, guidance_scale=1.0, seeds=0).ima
   first: it imports only torch, diffusers and transformers).
 - `seeds`: per-image noise seeds (an int s gives image j of each prompt the seed s + j). The same
   prompt and seed give the same image as the framework's
-  `python -m lightning_modules.generate --model {model} --seed s`.
+  `python -m instaflow.tools.generate --model {model} --seed s`.
 - Text encoder `{text_class}`, padded to {max_length} tokens; images are {size}x{size} px, `output_type`
   "pil", "np" or "pt" (values in [0, 1]).
 """
@@ -54,19 +47,19 @@ def export(model: str, out: str | Path, prompt: str = "a large red circle in the
     """Write the diffusers folder for the project model folder (or hub id) ``model``; returns ``out``."""
     from diffusers import DDPMScheduler
 
-    from lightning_modules.rf_pipeline import RectifiedFlowPipeline
+    from instaflow.models.rf_pipeline import RectifiedFlowPipeline
 
-    kind = models.component_sources(model)["kind"]
+    kind = loading.component_sources(model)["kind"]
     if kind not in KIND_TEXT:
         raise ValueError(
             f"'{model}' is a diffusion teacher (kind {kind!r}), not a rectified flow: export the 2-RF or one-step "
             f"model folders that reflow and distillation write (kind flow or ddpm_velocity); a teacher "
             f"already loads as a diffusers StableDiffusionPipeline.")
-    text = models.load_text_encoder(model)  # resolves package:... references to the real weights
+    text = load_text_encoder(model)  # resolves package:... references to the real weights
     pipe = RectifiedFlowPipeline(
-        vae=models.load_vae(model), text_encoder=text.model, tokenizer=text.tokenizer,
-        unet=models.load_unet(model).eval(),
-        scheduler=models.from_pretrained(DDPMScheduler, model, "scheduler", what="scheduler"),
+        vae=loading.load_vae(model), text_encoder=text.model, tokenizer=text.tokenizer,
+        unet=loading.load_unet(model).eval(),
+        scheduler=loading.from_pretrained(DDPMScheduler, model, "scheduler", what="scheduler"),
         kind=kind, max_length=text.max_length)
     out = Path(out)
     pipe.save_pretrained(out)
@@ -81,32 +74,8 @@ def check(model: str, out: str | Path, prompt: str, steps: int, guidance: float,
     """Max abs pixel difference (images in [0, 1]) between the reloaded export and the project's sample."""
     from diffusers import DiffusionPipeline
 
-    from lightning_modules.pipeline import TextToImage
-
     ours = TextToImage.from_pretrained(model).sample_images([prompt], steps, guidance, [seed])
     pipe = DiffusionPipeline.from_pretrained(str(out), trust_remote_code=True)
     pipe.set_progress_bar_config(disable=True)
     theirs = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, seeds=[seed], output_type="pt").images
     return float((ours - theirs.cpu()).abs().max())
-
-
-def main(argv: list[str] | None = None) -> Path:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="project model folder (kind flow or ddpm_velocity) or hub id")
-    p.add_argument("--out", required=True, help="the diffusers folder to write")
-    p.add_argument("--prompt", default="a large red circle in the center on a white background",
-                   help="prompt of the README example and of the check")
-    p.add_argument("--no-check", action="store_true", help="skip reloading the export with diffusers and comparing")
-    a = p.parse_args(argv)
-    out = export(a.model, a.out, a.prompt)
-    print(f"exported {a.model} -> {out}/")
-    if not a.no_check:
-        for steps, guidance in ((1, 1.0), (4, 1.5)):
-            diff = check(a.model, out, a.prompt, steps, guidance)
-            print(f"check: {steps} step(s), w = {guidance:g}: max abs pixel difference to the project's "
-                  f"sample {diff:.2e}")
-    return out
-
-
-if __name__ == "__main__":
-    main()

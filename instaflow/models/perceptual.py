@@ -1,21 +1,10 @@
-"""Losses of reflow and distillation, each a small function or module."""
+"""The perceptual loss of distillation's part 2: feature distances of decoded pixels (LPIPS-style)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-
-def l2_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error (Liu et al. 2022, eq. 1; InstaFlow distillation part 1)."""
-    return F.mse_loss(pred.float(), target.float())
-
-
-def pseudo_huber_loss(pred: torch.Tensor, target: torch.Tensor, c: float = 0.03) -> torch.Tensor:
-    """sqrt(||d||^2 + c^2) - c per sample, on per-element means (Song & Dhariwal 2023, iCT, sec. 3.3)."""
-    d2 = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
-    return ((d2 + c * c).sqrt() - c).mean()
 
 
 def resize_images(images: torch.Tensor, size: int | None) -> torch.Tensor:
