@@ -90,7 +90,8 @@ def test_every_import_runs_in_the_allowed_direction():
     ("instaflow.models.rf_pipeline", "from instaflow.flow import diffusion\n", 1),
     ("lightning_modules.reflow", "from instaflow.flow.paths import interpolate\nfrom data.pairs import x\n", 0),
     ("instaflow.tools.evaluate", "from lightning_modules.cli import main\nfrom callbacks.ema import EMA\n", 0),
-])
+], ids=["data-imports-stage-inside-a-function", "data-imports-models", "flow-imports-models", "models-import-evaluation",
+        "callback-imports-stage", "exported-file-imports-project", "stage-imports-flow-and-data", "tool-imports-anything"])
 def test_the_check_catches_imports_against_the_direction(module, source, n_bad):
     assert len(violations(source, module)) == n_bad
 

@@ -20,7 +20,7 @@ UNet gives v:
   analytically: x_s = x_t / sqrt(t^2 + (1 - t)^2) has the same SNR as ab = t^2 / (t^2 + (1 - t)^2),
   the UNet runs at that noise level's (continuous) DDPM timestep, and v = x1_hat - eps_hat.
 The conversion restates ``instaflow.flow`` (``diffusion``, ``noise``) on purpose (this file may not import the
-project); tests/test_export.py pins the two equal.
+project); tests/models/test_export.py pins the two equal.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, TINY_UNET, TINY_VAE
+from tests.conftest import ROOT, TINY_UNET, TINY_VAE
 from instaflow.experiments import chain, config_args, expand, resolved
 
 BASE = str(ROOT / "experiments" / "base" / "default.yaml")

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
-from test_chain import BASE, cli, gen_pairs, tiny_yaml
+from tests.conftest import ROOT
+from tests.lightning_modules.test_chain import BASE, cli, gen_pairs, tiny_yaml
 
 PROMPTS = ["a red circle in the center on a white background", "a blue square on the left"]
 

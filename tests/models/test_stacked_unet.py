@@ -8,9 +8,9 @@ import shutil
 import pytest
 import torch
 
-from conftest import ROOT
-from test_chain import BASE, cli, tiny_yaml
-from test_sd15 import write_couplings
+from tests.conftest import ROOT
+from tests.lightning_modules.test_chain import BASE, cli, tiny_yaml
+from tests.lightning_modules.test_sd15 import write_couplings
 
 ENTRY = ["stacked_unet", "StackedUNet2DConditionModel"]  # model_index.json: unet/stacked_unet.py, that class
 
@@ -127,7 +127,7 @@ def test_tiny_distillation_with_a_stacked_student_exports_a_loadable_folder(tiny
     from instaflow.models.sampler import TextToImage
     from instaflow.models.rf_pipeline import RectifiedFlowPipeline
     from instaflow.models.stacked_unet import StackedUNet2DConditionModel
-    from test_export import reload_with_diffusers
+    from tests.models.test_export import reload_with_diffusers
 
     pairs = write_couplings(tmp_path / "pairs")
     out = tmp_path / "models" / "instaflow_stacked"
@@ -167,7 +167,7 @@ def test_tiny_distillation_with_a_stacked_student_exports_a_loadable_folder(tiny
 def test_stacked_student_under_fsdp2_gathers_for_export(tiny_sd_folder):
     """One gloo process: the stacked student shards per block (both halves) with the bf16 policy and activation
     checkpointing, its loss matches the unsharded one, and export_unet gathers a whole stacked U-Net."""
-    from conftest import reference_and_sharded
+    from tests.conftest import reference_and_sharded
     from lightning_modules.distill import DistillTraining
     from instaflow.models.sharding import is_sharded
     from instaflow.models.stacked_unet import StackedUNet2DConditionModel

@@ -18,7 +18,7 @@ from instaflow.evaluation.shapes_evaluator import (
 )
 from lightning_modules.embedded.evaluator import EvaluatorTraining
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ASSET = ROOT / "assets" / "embedded-evaluator"
 TEST_SHARDS = ROOT / "runs" / "data" / "shapes" / "test"
 

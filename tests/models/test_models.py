@@ -202,7 +202,7 @@ def test_committed_embedded_teacher_loads_through_the_generic_path():
 
     from instaflow.models.sampler import TextToImage
 
-    root = Path(__file__).resolve().parents[1] / "assets" / "embedded-sd"
+    root = Path(__file__).resolve().parents[2] / "assets" / "embedded-sd"
     model = TextToImage.from_pretrained(str(root))
     assert isinstance(model.unet, UNet2DConditionModel) and isinstance(model.vae, AutoencoderKL)
     assert model.kind == "ddpm" and model.latent_shape == (4, 8, 8)
@@ -248,7 +248,7 @@ def test_bf16_mode_covers_text_encoding_and_decoding(tiny_sd_folder):
 
 def test_warm_start_adds_transformer_layers_without_changing_the_function():
     """Net2Net-style growth: the grown UNet (two transformer layers per block) computes the source's output."""
-    from conftest import TINY_UNET
+    from tests.conftest import TINY_UNET
 
     torch.manual_seed(0)
     source = unet.build_unet(TINY_UNET).eval()
@@ -275,7 +275,7 @@ def test_warm_start_adds_transformer_layers_without_changing_the_function():
 
 
 def test_warm_start_refuses_to_drop_trained_tensors():
-    from conftest import TINY_UNET
+    from tests.conftest import TINY_UNET
 
     big = unet.build_unet({**TINY_UNET, "transformer_layers_per_block": 2})
     small = unet.build_unet(TINY_UNET)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from tests.conftest import ROOT
 
 PY = sys.executable
 CLI = f"{PY} -m lightning_modules.cli"

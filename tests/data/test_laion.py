@@ -470,7 +470,7 @@ def test_caption_filters_caption_only_and_datamodule(tmp_path, monkeypatch):
 
 
 def test_caption_filters_from_yaml_and_misspelled_key(tmp_path, capsys):
-    from conftest import ROOT
+    from tests.conftest import ROOT
     from data.laion import CaptionFilters
     from lightning_modules.cli import main
 

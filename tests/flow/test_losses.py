@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TINY_VAE
+from tests.conftest import TINY_VAE
 from instaflow.flow import losses as flow_losses
 from instaflow.models import perceptual
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from tests.conftest import ROOT
 
 BASE = str(ROOT / "experiments" / "base" / "default.yaml")
 SD15 = ROOT / "experiments" / "sd15"

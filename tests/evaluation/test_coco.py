@@ -114,7 +114,7 @@ def tiny_clip(tmp_path: Path):
     """A tiny CLIP (model from a config, tokenizer from a small vocab, image processor at 16 px)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
-    from conftest import write_tiny_clip_vocab
+    from tests.conftest import write_tiny_clip_vocab
 
     torch.manual_seed(0)
     text = dict(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_hidden_layers=1, vocab_size=1000,

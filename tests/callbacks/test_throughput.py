@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_UNET
+from tests.conftest import TINY_UNET
 
 
 def _scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from test_chain import BASE, cli, read_pairs, tiny_yaml
-from test_flows import _rel, _run_ddim, _run_flow, _TimeModulatedUNet
+from tests.lightning_modules.test_chain import BASE, cli, read_pairs, tiny_yaml
+from tests.flow.test_flows import _rel, _run_ddim, _run_flow, _TimeModulatedUNet
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import ROOT
-from test_chain import gen_pairs, tiny_yaml
+from tests.conftest import ROOT
+from tests.lightning_modules.test_chain import gen_pairs, tiny_yaml
 
 SWEEPS = sorted((ROOT / "experiments" / "sweeps").glob("*.yaml"))
 

@@ -20,8 +20,8 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, IterableDataset
 
-from conftest import ROOT, reference_and_sharded
-from test_chain import BASE, cli, read_pairs, tiny_yaml
+from tests.conftest import ROOT, reference_and_sharded
+from tests.lightning_modules.test_chain import BASE, cli, read_pairs, tiny_yaml
 
 FSDP2 = str(ROOT / "experiments" / "sharding" / "fsdp2.yaml")
 B = 4  # per-rank batch; the global batch is 2 * B on both sides of a comparison
@@ -93,7 +93,7 @@ def reflow_yaml(tmp_path: Path, tiny_sd_folder: Path, pairs: Path, name: str, ma
         "grid_steps": [1]}, {}, {"max_steps": max_steps, "limit_val_batches": 0, "log_every_n_steps": 1,
                                  "val_check_interval": 1000, "enable_progress_bar": False})
     cfg = yaml.safe_load(Path(src).read_text())
-    cfg["data"] = {"class_path": "test_distributed.SlicedCouplings", "init_args": {"train": str(pairs)}}
+    cfg["data"] = {"class_path": "tests.lightning_modules.test_distributed.SlicedCouplings", "init_args": {"train": str(pairs)}}
     cfg["trainer"]["callbacks"] = [c for c in cfg["trainer"]["callbacks"] if not c["class_path"].endswith("ImageGrid")]
     for c in cfg["trainer"]["callbacks"]:
         if c["class_path"].endswith("ModelCheckpoint"):

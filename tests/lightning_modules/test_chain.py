@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT
+from tests.conftest import ROOT
 from instaflow.experiments import resolved
 
 BASE = str(ROOT / "experiments" / "base" / "default.yaml")

@@ -13,7 +13,7 @@ import urllib.error
 import pytest
 import torch
 
-from conftest import ROOT
+from tests.conftest import ROOT
 
 BASE = str(ROOT / "experiments" / "base" / "default.yaml")
 SD15_ID = "runwayml/stable-diffusion-v1-5"
