@@ -12,9 +12,11 @@ from lightning.pytorch.callbacks import Callback
 class EMA(Callback):
     """EMA of ``pl_module.<attr>``'s trainable parameters (element-wise, so it works on local shards).
 
-    The average is used for validation, image grids and export (``swapped``), kept in the
-    checkpoint, and restored on resume. ``warmup`` uses decay min(decay, (1 + n) / (10 + n)) so
-    early averages are not dominated by the random initialisation.
+    Updated once per optimizer step (``trainer.global_step`` moved), not per micro-batch: with
+    ``accumulate_grad_batches`` k the weights change every k batches, and so does the average
+    (and ``warmup`` counts optimizer steps). The average is used for validation, image grids and
+    export (``swapped``), kept in the checkpoint, and restored on resume. ``warmup`` uses decay
+    min(decay, (1 + n) / (10 + n)) so early averages are not dominated by the random initialisation.
     """
 
     def __init__(self, decay: float = 0.999, attr: str = "unet", warmup: bool = True) -> None:
@@ -24,6 +26,7 @@ class EMA(Callback):
         self.shadow: list[torch.Tensor] | None = None
         self.num_updates = 0
         self._loaded: dict | None = None
+        self._last_step: int | None = None  # trainer.global_step at the last update
 
     def _params(self, pl_module: L.LightningModule) -> list[torch.nn.Parameter]:
         return [p for p in getattr(pl_module, self.attr).parameters() if p.requires_grad]
@@ -32,6 +35,7 @@ class EMA(Callback):
         self._init_shadow(pl_module)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_step = trainer.global_step  # 0, or the step a resumed run continues from
         # strategies that restore after setup (ModelParallelStrategy) load the checkpoint after on_fit_start
         if self._loaded is not None:
             self._init_shadow(pl_module)
@@ -47,6 +51,9 @@ class EMA(Callback):
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self._last_step:  # a micro-batch of gradient accumulation: no step yet
+            return
+        self._last_step = trainer.global_step
         self.num_updates += 1
         n = self.num_updates
         decay = min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
