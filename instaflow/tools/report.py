@@ -32,6 +32,19 @@ def scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
     return {t: [(e.step, round(e.value, 4)) for e in ea.Scalars(t)] for t in ea.Tags()["scalars"]}
 
 
+def training_seeds(logdir: Path) -> dict | None:
+    """The seeds a training run was configured with, read from its saved ``config.yaml`` (newest version)."""
+    import yaml
+
+    versions = sorted(logdir.glob("version_*/config.yaml"), key=lambda p: int(p.parent.name.split("_")[1]))
+    if not versions:
+        return None
+    cfg = yaml.safe_load(versions[-1].read_text()) or {}
+    args = lambda section: (cfg.get(section) or {}).get("init_args") or {}  # noqa: E731
+    return {"seed_everything": cfg.get("seed_everything"), "model_seed": args("model").get("seed"),
+            "data_seed": args("data").get("seed"), "config": str(versions[-1])}
+
+
 def stage_summary(logdir: Path) -> dict:
     s = scalars(logdir)
     loss = s.get("train/loss", [])
@@ -61,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
         "couplings": {k: v.get("base_seed") for k, v in res["couplings"].items()},
         "seed_rule": next(iter(res["couplings"].values()), {}).get("seed_rule"),
         "evaluation_noise": res["protocol"]["noise_seeds"],
-        "training": "seed_everything(0) (experiments/base/default.yaml) and each module's seed: 0",
+        "training": {name: training_seeds(run / name) for name in STAGES if (run / name).exists()},
     }
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -83,7 +96,11 @@ def main(argv: list[str] | None = None) -> dict:
     md += [f"- **couplings**: " + "; ".join(
         f"{k}: {v['model']} ({v['kind']}), {v['solver']} {v['steps']} steps, w = {v['guidance']}, base seed {v['base_seed']}"
         for k, v in res["couplings"].items())]
-    md += [f"- **noise seeds**: {res['seeds']['seed_rule']}", f"- **machine**: {res['machine']}"]
+    md += [f"- **noise seeds**: {res['seeds']['seed_rule']}"]
+    md += ["- **training seeds** (each run's saved config): " + "; ".join(
+        f"{k}: seed_everything {v['seed_everything']}, model {v['model_seed']}, data {v['data_seed']}"
+        for k, v in res["seeds"]["training"].items() if v)]
+    md += [f"- **machine**: {res['machine']}"]
     if a.notes:
         md += ["", Path(a.notes).read_text().strip()]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
