@@ -68,7 +68,7 @@ class DistillTraining(FlowStudent):
 
     def loss(self, batch: dict, generator: torch.Generator, dropout: float) -> torch.Tensor:
         x0, x1 = batch["x0"], batch["x1"]
-        x1_hat = self.predict_x1(x0, self.text_states(batch["caption"], dropout))
+        x1_hat = self.predict_x1(x0, self.batch_states(batch, dropout))
         if self.hparams.loss_type == "l2":
             return l2_loss(x1_hat, x1)
         if self.hparams.loss_type == "pseudo_huber":

@@ -23,5 +23,5 @@ class ReflowTraining(FlowStudent):
         t = sample_t(self.hparams.time_distribution, x0.shape[0], generator=generator,
                            **(self.hparams.time_kwargs or {})).to(x0.device)
         x_t = interpolate(x0, x1, t)
-        v_pred = self.velocity(x_t, t, self.text_states(batch["caption"], dropout))
+        v_pred = self.velocity(x_t, t, self.batch_states(batch, dropout))
         return l2_loss(v_pred, velocity_target(x0, x1))

@@ -99,6 +99,28 @@ class FlowStudent(L.LightningModule, abc.ABC):
             captions = drop_captions(captions, dropout, self._gen)
         return self.text_encoder(captions)  # (B, L, D)
 
+    def batch_states(self, batch: dict, dropout: float = 0.0) -> torch.Tensor:
+        """Text states of a batch of couplings, (B, L, D): the states the coupling stage stored
+        (``store_text_states``; no re-encoding) when the batch carries them, else the captions encoded.
+
+        Caption dropout draws from the same generator either way, and a dropped caption gets the
+        empty caption's states, so both paths train on the same conditioning (up to the stored
+        states' float16 rounding).
+        """
+        if "text_states" not in batch:
+            return self.text_states(batch["caption"], dropout)
+        states = batch["text_states"].to(self.device, torch.float32)  # (B, L, D)
+        want = (self.text_encoder.max_length, self.text_encoder.hidden_size)
+        if tuple(states.shape[1:]) != want:
+            raise ValueError(f"the couplings' stored text states are {tuple(states.shape[1:])} per caption, this "
+                             f"model's text encoder gives {want}: they come from another text encoder or max_length; "
+                             "regenerate the couplings with this model's encoder, or without store_text_states")
+        if dropout:
+            keep = torch.rand(states.shape[0], generator=self._gen) >= dropout  # drop_captions' draw
+            states = torch.where(keep.to(states.device)[:, None, None], states,
+                                 self.text_encoder.empty(states.shape[0]).to(states.dtype))
+        return states
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = check_finite(self.loss(batch, self._gen, self.hparams.caption_dropout), self.global_step,
                             "lower the learning rate or check the couplings")
