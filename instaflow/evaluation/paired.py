@@ -14,6 +14,8 @@ from typing import Callable
 
 import numpy as np
 
+from instaflow.evaluation.fid import FrechetToReference, feature_stats
+
 Statistic = Callable[[np.ndarray], float]  # prompt indices (n,) -> the row's score on those prompts
 
 
@@ -25,8 +27,6 @@ def mean_of(values) -> Statistic:
 
 def fid_of(features, ref_features) -> Statistic:
     """FID of the chosen prompts' generated features against fixed reference features."""
-    from instaflow.evaluation.fid import FrechetToReference, feature_stats
-
     f = np.asarray(features, dtype=np.float64)
     to_ref = FrechetToReference(*feature_stats(ref_features))
     return lambda idx: max(float(to_ref(*feature_stats(f[idx]))), 0.0)
