@@ -18,7 +18,9 @@ UNet gives v:
 - "flow": a rectified-flow UNet, v = unet(x_t, 1000 (1 - t)) (the released models' convention);
 - "ddpm_velocity": a DDPM UNet (epsilon or v prediction, the scheduler's schedule) converted
   analytically: x_s = x_t / sqrt(t^2 + (1 - t)^2) has the same SNR as ab = t^2 / (t^2 + (1 - t)^2),
-  the UNet runs at that noise level's (continuous) DDPM timestep, and v = x1_hat - eps_hat.
+  the UNet runs at that noise level's (continuous) DDPM timestep, and v = x1_hat - eps_hat; below the
+  schedule's noisiest level t_min the UNet runs at t_min on x_t / sqrt(t^2 + (1 - t)^2) and
+  v = (x1_hat - x_t) / (1 - t) (the velocity towards its x1 estimate from the actual x_t).
 The conversion restates ``instaflow.flow`` (``diffusion``, ``noise``) on purpose (this file may not import the
 project); tests/models/test_export.py pins the two equal.
 """
@@ -59,9 +61,9 @@ def ddpm_timestep(alpha_bar: torch.Tensor, alphas_cumprod: torch.Tensor) -> torc
     return (idx - 1).to(torch.float64) + (lo - q) / (lo - hi)
 
 
-def diffusion_to_velocity(output: torch.Tensor, x_s: torch.Tensor, alpha_bar: torch.Tensor,
-                          prediction_type: str) -> torch.Tensor:
-    """v = x1_hat - eps_hat from a DDPM output at x_s = sqrt(ab) x1 + sqrt(1 - ab) eps."""
+def diffusion_to_x1_eps(output: torch.Tensor, x_s: torch.Tensor, alpha_bar: torch.Tensor,
+                        prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x1_hat, eps_hat) from a DDPM output at x_s = sqrt(ab) x1 + sqrt(1 - ab) eps."""
     s = alpha_bar.sqrt().reshape(-1, *([1] * (x_s.ndim - 1)))
     n = (1 - alpha_bar).sqrt().reshape(-1, *([1] * (x_s.ndim - 1)))
     if prediction_type == "epsilon":
@@ -75,7 +77,7 @@ def diffusion_to_velocity(output: torch.Tensor, x_s: torch.Tensor, alpha_bar: to
         eps = (x_s - s * x1) / n
     else:
         raise ValueError(f"unknown prediction_type {prediction_type!r}")
-    return x1 - eps
+    return x1, eps
 
 
 class RectifiedFlowPipeline(DiffusionPipeline):
@@ -134,13 +136,18 @@ class RectifiedFlowPipeline(DiffusionPipeline):
             timestep = 1000.0 * (1.0 - t)  # the released models' timestep
             return self.unet(x_t.to(dtype), timestep.to(x_t.dtype), encoder_hidden_states=states).sample.float()
         alphas, prediction_type, t_min = self._ddpm_schedule()
-        t64 = t.to(torch.float64).clamp(t_min, 1 - 1e-6)
+        t_true = t.to(torch.float64).clamp(0.0, 1 - 1e-6)
+        t64 = t_true.clamp(min=t_min)  # the UNet's noisiest level is as far as it goes
         ab = t64**2 / (t64**2 + (1 - t64) ** 2)  # same SNR as x_t
         timestep = ddpm_timestep(ab, alphas.to(t64.device))  # (B,)
-        scale = 1.0 / (t64**2 + (1 - t64) ** 2).sqrt()  # unit-variance noise
-        x_s = x_t * scale.reshape(-1, *([1] * (x_t.ndim - 1))).to(x_t.dtype)
+        scale = 1.0 / (t_true**2 + (1 - t_true) ** 2).sqrt()  # unit-variance noise (1 at t = 0)
+        shape = (-1, *([1] * (x_t.ndim - 1)))
+        x_s = x_t * scale.reshape(shape).to(x_t.dtype)
         out = self.unet(x_s.to(dtype), timestep.to(x_t.dtype), encoder_hidden_states=states).sample.float()
-        return diffusion_to_velocity(out, x_s, ab.to(x_t.dtype), prediction_type)
+        x1_hat, eps_hat = diffusion_to_x1_eps(out, x_s, ab.to(x_t.dtype), prediction_type)
+        # below t_min: the velocity from the actual x_t to the UNet's x1 estimate
+        below = (t_true < t_min).reshape(shape)
+        return torch.where(below, (x1_hat - x_t) / (1 - t_true).reshape(shape).to(x_t.dtype), x1_hat - eps_hat)
 
     def guided_velocity(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
                         guidance_scale: float) -> torch.Tensor:
