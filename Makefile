@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
 .PHONY: help venv data data-chain train-vae train-teacher-unet train-teacher-binding train-teacher-decoder train-teacher train-evaluator eval-teacher floors \
-        gen-pairs train-2rf train-distill eval report generate export run train-reflow sweep test test-full bench bench-gpu tensorboard clean
+        gen-pairs train-2rf train-distill eval report ablation generate export run train-reflow sweep test test-full bench bench-gpu tensorboard clean
 
 help: ## list every target with one line each
 	@echo "InstaFlow training framework. Layout (docs/architecture.md): lightning_modules/ the stages and CLI;"
@@ -77,8 +77,10 @@ TIMED = $(PY) -m instaflow.tools.timed runs/embedded/timings
 # each stage's command, once: the file rules below and the cluster launch (CHAIN_STAGES) both use them
 CMD_data = $(TIMED) data -- $(PY) -m data.shapes --out $(DATA) --train 4000 --train3 0
 CMD_pairs_teacher = $(TIMED) pairs_teacher -- $(CLI) --experiment embedded/pairs_teacher
+CMD_pairs_teacher_val = $(TIMED) pairs_teacher_val -- $(CLI) --experiment embedded/pairs_teacher_val
 CMD_reflow = $(TIMED) reflow -- $(CLI) --experiment embedded/reflow
 CMD_pairs_rf2 = $(TIMED) pairs_rf2 -- $(CLI) --experiment embedded/pairs_rf2
+CMD_pairs_rf2_val = $(TIMED) pairs_rf2_val -- $(CLI) --experiment embedded/pairs_rf2_val
 CMD_distill_instaflow = $(TIMED) distill_instaflow -- $(CLI) --experiment embedded/distill
 CMD_distill_direct = $(TIMED) distill_direct -- $(CLI) --experiment embedded/distill_direct
 CMD_distill_direct_rfinit = $(TIMED) distill_direct_rfinit -- $(CLI) --experiment embedded/distill_direct_rfinit
@@ -86,15 +88,19 @@ CMD_eval = $(PY) -m instaflow.tools.evaluate --out runs/embedded/results --timin
 
 $(PAIRS)/teacher/.done: | data-chain
 	$(CMD_pairs_teacher) && touch $@
-$(MODELS)/rf2/model_index.json: $(PAIRS)/teacher/.done
+$(PAIRS)/teacher_val/.done: | data-chain
+	$(CMD_pairs_teacher_val) && touch $@
+$(MODELS)/rf2/model_index.json: $(PAIRS)/teacher/.done $(PAIRS)/teacher_val/.done
 	$(CMD_reflow)
 $(PAIRS)/rf2/.done: $(MODELS)/rf2/model_index.json
 	$(CMD_pairs_rf2) && touch $@
-$(MODELS)/instaflow/model_index.json: $(PAIRS)/rf2/.done
+$(PAIRS)/rf2_val/.done: $(MODELS)/rf2/model_index.json
+	$(CMD_pairs_rf2_val) && touch $@
+$(MODELS)/instaflow/model_index.json: $(PAIRS)/rf2/.done $(PAIRS)/rf2_val/.done
 	$(CMD_distill_instaflow)
-$(MODELS)/direct/model_index.json: $(PAIRS)/teacher/.done
+$(MODELS)/direct/model_index.json: $(PAIRS)/teacher/.done $(PAIRS)/teacher_val/.done
 	$(CMD_distill_direct)
-$(MODELS)/direct_rfinit/model_index.json: $(PAIRS)/teacher/.done $(MODELS)/rf2/model_index.json
+$(MODELS)/direct_rfinit/model_index.json: $(PAIRS)/teacher/.done $(PAIRS)/teacher_val/.done $(MODELS)/rf2/model_index.json
 	$(CMD_distill_direct_rfinit)
 
 gen-pairs: $(PAIRS)/teacher/.done ## stage 1: teacher ODE couplings (25-step DPM-Solver++, w=3) for train prompts
@@ -119,6 +125,9 @@ OUT ?= runs/export/$(notdir $(MODEL))
 export: $(VENV)/.installed ## MODEL (2-RF or one-step) as a diffusers folder in OUT, loadable without this project; checks it reloads
 	$(PY) -m instaflow.tools.export --model $(MODEL) --out $(OUT)
 
+ablation: $(VENV)/.installed ## the embedded evidence (docs/ablation.md): resumable stages, < 4 h on 2 cores -> results/ablation.{md,json} + 3 figures
+	$(PY) -m instaflow.tools.ablation --root runs/ablation --results results/ablation
+
 # make run EXP=embedded/distill_direct [ARGS="--trainer.max_steps 10"]
 EXP ?=
 ARGS ?=
@@ -142,8 +151,10 @@ RDZV ?= localhost:29500
 CHAIN_STAGES = \
   --stage data - '$(CMD_data)' \
   --stage pairs_teacher $(PAIRS)/teacher/.done '$(CMD_pairs_teacher)' \
+  --stage pairs_teacher_val $(PAIRS)/teacher_val/.done '$(CMD_pairs_teacher_val)' \
   --stage reflow $(MODELS)/rf2/model_index.json '$(CMD_reflow)' \
   --stage pairs_rf2 $(PAIRS)/rf2/.done '$(CMD_pairs_rf2)' \
+  --stage pairs_rf2_val $(PAIRS)/rf2_val/.done '$(CMD_pairs_rf2_val)' \
   --stage distill_instaflow $(MODELS)/instaflow/model_index.json '$(CMD_distill_instaflow)' \
   --stage distill_direct $(MODELS)/direct/model_index.json '$(CMD_distill_direct)' \
   --stage distill_direct_rfinit $(MODELS)/direct_rfinit/model_index.json '$(CMD_distill_direct_rfinit)' \

@@ -32,6 +32,11 @@ def fid_of(features, ref_features) -> Statistic:
     return lambda idx: max(float(to_ref(*feature_stats(f[idx]))), 0.0)
 
 
+def mean_over(stats: list[Statistic]) -> Statistic:
+    """Several rows' statistics averaged on the same prompts: one row pooled over training seeds."""
+    return lambda idx: float(np.mean([s(idx) for s in stats]))
+
+
 def paired_bootstrap(stat_a: Statistic, stat_b: Statistic, n_items: int, combine: str = "ratio", n: int = 1000,
                      seed: int = 0, level: float = 0.95) -> dict:
     """``a / b`` (or ``a - b``) with a paired bootstrap interval: both rows resampled on the same indices.

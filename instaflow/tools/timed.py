@@ -22,6 +22,17 @@ def read_timings(dirpath: str | Path) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in sorted(d.glob("*.json"))} if d.is_dir() else {}
 
 
+def write_record(out_dir: str | Path, stage: str, command: str, start: float, end: float) -> dict:
+    """Write ``<out_dir>/<stage>.json`` atomically (a finished stage's record); returns it."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rec = {"stage": stage, "command": command, "start": start, "end": end, "wall_s": round(end - start, 1), "returncode": 0}
+    tmp = out_dir / f".{stage}.json.tmp"
+    tmp.write_text(json.dumps(rec, indent=2))
+    tmp.replace(out_dir / f"{stage}.json")
+    return rec
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) < 4 or argv[2] != "--":
@@ -32,12 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     rc = subprocess.call(cmd)
     end = time.time()
     if rc == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        rec = {"stage": stage, "command": " ".join(cmd), "start": start, "end": end,
-               "wall_s": round(end - start, 1), "returncode": rc}
-        tmp = out_dir / f".{stage}.json.tmp"
-        tmp.write_text(json.dumps(rec, indent=2))
-        tmp.replace(out_dir / f"{stage}.json")
+        write_record(out_dir, stage, " ".join(cmd), start, end)
         print(f"[timed] {stage}: {end - start:.1f} s", flush=True)
     return rc
 

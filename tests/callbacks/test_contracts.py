@@ -64,7 +64,7 @@ def test_callbacks_refuse_a_module_without_their_contract_at_setup(make):
     from callbacks.sample_quality import SampleQuality
 
     cb = {"image_grid": lambda: ImageGrid(prompts=["a red circle"]), "export": lambda: Export("out"),
-          "sample_quality": lambda: SampleQuality(test="none.tar")}[make]()
+          "sample_quality": lambda: SampleQuality(shards="none.tar")}[make]()
     with pytest.raises(TypeError, match="contracts"):
         cb.setup(None, _Plain(), "fit")
 
@@ -85,8 +85,8 @@ def test_sharding_guard_asks_each_callback_not_its_class_name():
         def supports_sharded_module(self) -> bool:
             return True
 
-    assert isinstance(SampleQuality(test="x"), ShardingAware) and not isinstance(EMA(), ShardingAware)
-    for bad in (SampleQuality(test="x"), RenamedQuality(test="x"), OwnRankZeroSampler()):
+    assert isinstance(SampleQuality(shards="x"), ShardingAware) and not isinstance(EMA(), ShardingAware)
+    for bad in (SampleQuality(shards="x"), RenamedQuality(shards="x"), OwnRankZeroSampler()):
         with pytest.raises(ValueError, match="hang"):
             check_callbacks(_Trainer([EMA(), bad]))
     check_callbacks(_Trainer([EMA(), Fine()]))  # callbacks that say they are safe, or say nothing, pass

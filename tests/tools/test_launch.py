@@ -197,19 +197,19 @@ def test_make_train_reflow_submits_the_same_stage_commands_as_the_local_chain(fa
              if "instaflow.tools.launch" in ln]
     a = launch._parser().parse_args(shlex.split(line)[3:])
     assert (a.mode, a.nodes, a.gpus_per_node, a.partition, a.dry_run) == ("slurm", 2, 8, "gpu", False)
-    assert [cmd for _, _, cmd in a.stage] == local and len(local) == 8
-    assert [name for name, _, _ in a.stage][:3] == ["data", "pairs_teacher", "reflow"]
+    assert [cmd for _, _, cmd in a.stage] == local and len(local) == 10
+    assert [name for name, _, _ in a.stage][:4] == ["data", "pairs_teacher", "pairs_teacher_val", "reflow"]
     assert "instaflow.tools.launch" not in _make("-n", "train-reflow")  # plain make keeps the local chain
     tr = _make("-n", "train-reflow", "NODES=2", "GPUS_PER_NODE=8", "LAUNCHER=torchrun", "RDZV=node0:29400")
     assert "launch torchrun --nodes 2 --gpus-per-node 8 --rdzv-endpoint node0:29400 --stage" in " ".join(tr.split())
 
-    # and for real, with the stand-in sbatch: one job whose script holds all eight stages
+    # and for real, with the stand-in sbatch: one job whose script holds all ten stages
     out = _make("train-reflow", "NODES=2", "GPUS_PER_NODE=8", "PARTITION=gpu", "TIME_LIMIT=02:00:00", f"SLURM_DIR={tmp_path}/s")
     assert "SLURM job 123" in out
     script = (fake_slurm / "script").read_text()
     assert "#SBATCH --nodes=2" in script and "#SBATCH --time=02:00:00" in script and "#SBATCH --requeue" in script
-    assert script.count("--trainer.num_nodes 2 --trainer.devices 8") == 6  # the two predict and four fit stages
-    assert script.count("# stage ") == 8
+    assert script.count("--trainer.num_nodes 2 --trainer.devices 8") == 8  # the four predict and four fit stages
+    assert script.count("# stage ") == 10
     dry = _make("train-reflow", "NODES=1", "GPUS_PER_NODE=2", "DRY_RUN=1", "REQUEUE=0", f"SLURM_DIR={tmp_path}/d")
     assert "#SBATCH --requeue" not in dry and "auto_requeue" in dry
     assert dry.count("#SBATCH --ntasks-per-node=2") == 1 and not (tmp_path / "d").exists()

@@ -1,0 +1,397 @@
+"""``make ablation``: the embedded world's evidence, as resumable stages (docs/ablation.md).
+
+    python -m instaflow.tools.ablation                      # run (or continue) every stage
+    python -m instaflow.tools.ablation --list               # each stage, its output, done or not
+    python -m instaflow.tools.ablation --until reflow       # stop after a stage
+
+Stages, in order: data; teacher couplings (4,000 train prompts) and held-out val couplings; the
+2-RF (reflow at the ablation's budget); the 2-RF couplings' step count chosen on val; 2-RF
+couplings; the three distillations (InstaFlow, direct, control) x 3 training seeds; the 3-RF;
+coupling quality; every test row; straightness at equal solver and guidance; latency; the report
+(results/ablation.{md,json} and three figures). A stage whose output exists is skipped, so a
+killed run continues at the first unfinished stage (a killed training stage restarts that stage;
+a killed evaluation keeps the rows it finished). Each stage's wall time is recorded in
+``<root>/timings``. Every training stage is an experiment under ``experiments/ablation/`` run by
+the project's CLI; the overrides a stage adds (seed, export folder, the chosen step count) are on
+its command line, printed and recorded with its time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from instaflow.evaluation import ablation as ab
+from instaflow.evaluation import figures
+from instaflow.tools.report import cpu_model
+from instaflow.tools.timed import read_timings, write_record
+
+DATA = "runs/data/shapes"
+TRAIN = f"{DATA}/train/{{00000..00003}}.tar"
+VAL = f"{DATA}/val/{{00000..00001}}.tar"
+TEST = f"{DATA}/test/{{00000..00003}}.tar"
+EVALUATOR = "assets/embedded-evaluator"
+RF2_STEP_CHOICES = (8, 16, 25)
+
+
+@dataclass
+class Stage:
+    """One resumable step: done when ``done`` exists; runs ``command()`` (a subprocess) or ``fn()``."""
+
+    name: str
+    done: Path
+    command: Callable[[], list[str]] | None = None
+    fn: Callable[[], None] | None = None
+    partial: Path | None = None  # an unfinished run's output, removed before the stage runs again
+
+
+class Ablation:
+    def __init__(self, root: str, results: str, n_test: int = 2000, n_val: int = 500, n_path: int = 256,
+                 n_boot: int = 500, batch_size: int = 256, latency_rounds: int = 3) -> None:
+        self.root = Path(root)
+        self.models = self.root / "models"
+        self.pairs = self.root / "pairs"
+        self.eval_dir = self.root / "eval"
+        self.results = Path(results)
+        self.n_test, self.n_val, self.n_path, self.n_boot = n_test, n_val, n_path, n_boot
+        self.batch_size, self.latency_rounds = batch_size, latency_rounds
+        self._evaluator = None
+        self._protocols: dict = {}
+
+    # --- the stages ----------------------------------------------------------------------------
+
+    def cli(self, experiment: str, *overrides: str) -> list[str]:
+        return [sys.executable, "-m", "lightning_modules.cli", "--experiment", experiment, *overrides]
+
+    def stages(self) -> list[Stage]:
+        st = [
+            Stage("data", Path(DATA, "test", "00003.tar"),
+                  lambda: [sys.executable, "-m", "data.shapes", "--out", DATA, "--train", "4000", "--train3", "0"]),
+            self._pairs("pairs_teacher", "teacher", "ablation/pairs_teacher"),
+            self._pairs("pairs_teacher_val", "teacher_val", "ablation/pairs_teacher_val"),
+            Stage("reflow", self.models / "rf2" / "model_index.json", lambda: self.cli("ablation/reflow")),
+            Stage("select_rf2_steps", self.root / "select_rf2_steps.json", fn=self.select_rf2_steps),
+            self._pairs("pairs_rf2", "rf2", "ablation/pairs_rf2", rf2_steps=True),
+            self._pairs("pairs_rf2_val", "rf2_val", "ablation/pairs_rf2_val", rf2_steps=True),
+        ]
+        for group, (experiment, _) in ab.DISTILLS.items():
+            for seed in ab.SEEDS:
+                st.append(Stage(f"distill_{group}_s{seed}", self.models / f"{group}_s{seed}" / "model_index.json",
+                                self._distill_command(experiment, group, seed)))
+        st.append(Stage("rf3", self.models / "rf3" / "model_index.json", lambda: self.cli("ablation/rf3")))
+        st.append(Stage("coupling_quality", self.eval_dir / "coupling_quality.json", fn=self.coupling_quality))
+        for row in ab.test_rows(str(self.models)):
+            st.append(Stage(f"eval_{row.name}", self.eval_dir / "rows" / f"{row.name}.json",
+                            fn=lambda row=row: self.eval_row(row)))
+        for row in ab.path_rows(str(self.models)):
+            st.append(Stage(f"path_{row.name}", self.eval_dir / "paths" / f"{row.name}.json",
+                            fn=lambda row=row: self.path_row(row)))
+        st.append(Stage("latency", self.eval_dir / "latency.json", fn=self.latency))
+        st.append(Stage("report", self.results.with_suffix(".json"), fn=self.report))
+        return st
+
+    def _pairs(self, name: str, folder: str, experiment: str, rf2_steps: bool = False) -> Stage:
+        out = self.pairs / folder
+
+        def command() -> list[str]:
+            extra = ["--model.init_args.steps", str(self.chosen_rf2_steps())] if rf2_steps else []
+            return self.cli(experiment, *extra)
+
+        return Stage(name, out / ".done", command, partial=out)
+
+    def _distill_command(self, experiment: str, group: str, seed: int) -> Callable[[], list[str]]:
+        return lambda: self.cli(experiment, "--seed_everything", str(seed), "--model.init_args.seed", str(seed),
+                                "--data.init_args.seed", str(seed),
+                                "--model.init_args.export_dir", str(self.models / f"{group}_s{seed}"),
+                                "--trainer.logger.init_args.name", f"distill_{group}_s{seed}")
+
+    def run(self, until: str | None = None, only: list[str] | None = None) -> None:
+        timings = self.root / "timings"
+        for stage in self.stages():
+            if only and stage.name not in only:
+                continue
+            if stage.done.exists() and stage.name != "report":
+                print(f"[ablation] {stage.name}: done ({stage.done})", flush=True)
+            else:
+                if stage.partial is not None and stage.partial.exists():
+                    print(f"[ablation] {stage.name}: removing the unfinished output {stage.partial}", flush=True)
+                    shutil.rmtree(stage.partial)
+                start = time.time()
+                if stage.command is not None:
+                    cmd = stage.command()
+                    print(f"[ablation] {stage.name}: {' '.join(cmd)}", flush=True)
+                    rc = subprocess.call(cmd)
+                    if rc != 0:
+                        raise SystemExit(f"[ablation] stage {stage.name} failed (exit {rc}); rerun to continue from it")
+                    if stage.partial is not None:  # a predict stage: its writer has finished every shard
+                        stage.done.touch()
+                    command = " ".join(cmd)
+                else:
+                    print(f"[ablation] {stage.name}", flush=True)
+                    stage.fn()
+                    command = f"instaflow.tools.ablation:{stage.name}"
+                rec = write_record(timings, stage.name, command, start, time.time())
+                print(f"[ablation] {stage.name}: {rec['wall_s']:.1f} s", flush=True)
+            if stage.name == until:
+                break
+
+    # --- scoring helpers -----------------------------------------------------------------------
+
+    def evaluator(self):
+        from instaflow.evaluation.shapes_evaluator import load_evaluator
+
+        if self._evaluator is None:
+            self._evaluator = load_evaluator(EVALUATOR)
+        return self._evaluator
+
+    def protocol(self, split: str) -> dict:
+        """The test protocol (prompts test[0, n), reference test[n, 2n)) or the val one used for choices."""
+        from instaflow.evaluation.protocol import eval_protocol
+
+        if split not in self._protocols:
+            shards, n = (TEST, self.n_test) if split == "test" else (VAL, self.n_val)
+            self._protocols[split] = eval_protocol(shards, n, self.evaluator())
+        return self._protocols[split]
+
+    def load(self, folder: str, kind: str | None, n: int):
+        from instaflow.models.sampler import TextToImage
+
+        model = TextToImage.from_pretrained(folder, kind=kind, text_cache_size=n + 1)
+        model.bf16 = True  # as the chain's evaluation: bf16 autocast, fp32 ODE state
+        return model
+
+    @torch.no_grad()
+    def score(self, model, steps: int, guidance: float, split: str) -> tuple[dict, np.ndarray, np.ndarray]:
+        """Images of the split's prompts from noise seeds 0..n-1: (scores, features (n, D), hits (n,))."""
+        from instaflow.evaluation.fid import image_features, to_uint8
+        from instaflow.evaluation.protocol import score_images
+        from instaflow.evaluation.shapes_evaluator import predict_scenes, scene_matches
+
+        proto = self.protocol(split)
+        n = len(proto["captions"])
+        images = model.sample_images(proto["captions"], steps, guidance, list(range(n)), self.batch_size)
+        u8 = to_uint8(images)
+        feats = image_features(u8, self.evaluator())
+        preds = predict_scenes(self.evaluator(), u8.float() / 127.5 - 1.0)
+        hits = np.array([scene_matches(p, s) for p, s in zip(preds, proto["scenes"])], dtype=np.float64)
+        s = score_images(u8, proto["scenes"], proto["ref_features"], self.evaluator())
+        return s, feats, hits
+
+    # --- python stages -------------------------------------------------------------------------
+
+    def select_rf2_steps(self) -> None:
+        """The 2-RF couplings' step count, on val: the smallest of 8, 16, 25 whose val FID is within 5% of the best."""
+        rf2 = self.load(str(self.models / "rf2"), None, self.n_val)
+        scores = {}
+        for steps in RF2_STEP_CHOICES:
+            s, _, _ = self.score(rf2, steps, 1.5, "val")
+            scores[steps] = {"fid": s["fid"], "alignment": s["alignment"]}
+            print(f"  2-RF Euler {steps} w=1.5 on val: FID {s['fid']:.2f}, alignment {s['alignment']:.3f}", flush=True)
+        teacher = self.load(ab.TEACHER, None, self.n_val)
+        t, _, _ = self.score(teacher, 25, 3.0, "val")
+        best = min(v["fid"] for v in scores.values())
+        chosen = min(k for k, v in scores.items() if v["fid"] <= 1.05 * best)
+        rec = {"rule": "smallest step count of 8, 16, 25 whose val FID is within 5% of the best of them",
+               "protocol": f"val prompts [0, {self.n_val}), seeds 0..{self.n_val - 1}, FID vs val images "
+                           f"[{self.n_val}, {2 * self.n_val}); 2-RF by Euler at w = 1.5",
+               "rf2": {str(k): v for k, v in scores.items()},
+               "teacher_dpm25_w3": {"fid": t["fid"], "alignment": t["alignment"]}, "chosen": chosen}
+        _write_json(self.root / "select_rf2_steps.json", rec)
+
+    def chosen_rf2_steps(self) -> int:
+        return int(json.loads((self.root / "select_rf2_steps.json").read_text())["chosen"])
+
+    @torch.no_grad()
+    def coupling_quality(self) -> None:
+        """Each coupling set's decoded x1, scored as images (FID vs all val images, alignment with its prompt)."""
+        from data.laion import LaionStream
+        from data.pairs import CouplingDataModule, CouplingStream
+        from instaflow.evaluation.fid import image_features
+        from instaflow.evaluation.protocol import real_test_set, score_images
+        from instaflow.models import loading
+        from instaflow.models.sampler import decode_latents
+
+        scenes = {s["key"]: s["meta"]["scene"] for s in LaionStream(TRAIN, resolution=32, require_meta=True)}
+        val_images, _, _ = real_test_set(VAL, 2000)
+        ref = image_features(val_images, self.evaluator())
+        vae = loading.load_vae(ab.TEACHER)
+        out = {"protocol": "every coupling's x1 decoded by the teacher's VAE; FID vs the 2,000 val images; "
+                           "alignment with the scene of the train prompt it was made for"}
+        for name, folder in (("teacher", "teacher"), ("rf2", "rf2")):
+            samples = sorted(CouplingStream(CouplingDataModule.resolve(str(self.pairs / folder))),
+                             key=lambda s: s["key"])
+            keep = [s for s in samples if s["key"] in scenes]
+            x1 = torch.stack([s["x1"] for s in keep])  # (N, 4, h, w)
+            images = torch.cat([decode_latents(vae, x1[i:i + 500]) for i in range(0, len(x1), 500)])
+            s = score_images(images, [scenes[k["key"]] for k in keep], ref, self.evaluator())
+            gen = json.loads((self.pairs / folder / "generation.json").read_text())
+            out[name] = {"n": len(keep), "unmatched_keys": len(samples) - len(keep), "generation": gen,
+                         **{k: s[k] for k in ("fid", "fid_low", "fid_high", "alignment", "alignment_stderr")}}
+            print(f"  couplings {name}: FID {s['fid']:.2f} alignment {s['alignment']:.3f} (n = {len(keep)})", flush=True)
+        _write_json(self.eval_dir / "coupling_quality.json", out)
+
+    def eval_row(self, row: ab.EvalRow) -> None:
+        model = self.load(row.model, row.kind, self.n_test)
+        t0 = time.time()
+        s, feats, hits = self.score(model, row.steps, row.guidance, "test")
+        d = self.eval_dir / "rows"
+        d.mkdir(parents=True, exist_ok=True)
+        np.save(d / f"{row.name}.features.npy", feats)
+        np.save(d / f"{row.name}.hits.npy", hits)
+        ref = self.eval_dir / "test_ref_features.npy"
+        if not ref.exists():
+            np.save(ref, self.protocol("test")["ref_features"])
+        rec = {**asdict(row), "solver": row.solver, "nfe": row.nfe,
+               **{k: s[k] for k in ("n", "fid", "fid_low", "fid_high", "alignment", "alignment_stderr")},
+               "eval_wall_s": round(time.time() - t0, 1)}
+        _write_json(d / f"{row.name}.json", rec)  # last: it marks the row done
+        print(f"  {row.name}: FID {s['fid']:.2f} alignment {s['alignment']:.3f}", flush=True)
+
+    @torch.no_grad()
+    def path_row(self, row: ab.PathRow) -> None:
+        from instaflow.flow.straightness import path_length_ratio, straightness
+
+        proto = self.protocol("test")
+        n = min(self.n_path, len(proto["captions"]))
+        model = self.load(row.model, row.kind, n)
+        path: list = []
+        model.sample_latents(proto["captions"][:n], row.steps, row.guidance, list(range(n)), path=path)
+        s, r = straightness(path).double().numpy(), path_length_ratio(path).double().numpy()
+        d = self.eval_dir / "paths"
+        d.mkdir(parents=True, exist_ok=True)
+        np.save(d / f"{row.name}.straightness.npy", s)
+        np.save(d / f"{row.name}.ratio.npy", r)
+        solver = "dpm_solver++" if row.kind is None and row.model == ab.TEACHER else "euler"
+        _write_json(d / f"{row.name}.json", {**asdict(row), "solver": solver, "n": n,
+                                               "straightness": float(s.mean()), "path_length_ratio": float(r.mean())})
+        print(f"  {row.name}: straightness {s.mean():.4f} path ratio {r.mean():.4f}", flush=True)
+
+    def latency(self) -> None:
+        from instaflow.evaluation.results import latency
+
+        loaded = {}
+        for row in ab.test_rows(str(self.models)):
+            if row.curve and (row.seed in (None, 0)):
+                loaded[row.name] = (self.load(row.model, row.kind, 0), row.steps, row.guidance)
+        prompt = self.protocol("test")["captions"][0]
+        lat = latency(loaded, prompt, 1, self.latency_rounds)
+        _write_json(self.eval_dir / "latency.json", {"protocol": f"median over {self.latency_rounds} interleaved rounds, "
+                                                                  "batch 1, end to end (text, UNet, decode); "
+                                                                  f"{torch.get_num_threads()} threads", "rows": lat})
+
+    def report(self) -> None:
+        rows = ab.load_rows(self.eval_dir)
+        paths = ab.load_paths(self.eval_dir)
+        ref = np.load(self.eval_dir / "test_ref_features.npy")
+        lat_file = self.eval_dir / "latency.json"
+        lat = json.loads(lat_file.read_text())["rows"] if lat_file.exists() else {}
+        # the distillation rows share seed 0's latency (same architecture, same call)
+        for name in rows:
+            base = name.rsplit("_s", 1)[0] + "_s0_1" if "_s" in name else None
+            if name not in lat and base in lat:
+                lat[name] = lat[base]
+        table = ab.rows_table(rows, lat)
+        comp = ab.comparisons(rows, paths, ref, self.n_boot)
+        curves = {"reflow (2-RF)": figures.read_curve(self.root / "reflow"),
+                  "reflow again (3-RF)": figures.read_curve(self.root / "rf3")}
+        distill_curves = {g: [figures.read_curve(self.root / f"distill_{g}_s{s}") for s in ab.SEEDS] for g in ab.DISTILLS}
+        fig_dir = self.results.parent
+        fig_dir.mkdir(parents=True, exist_ok=True)
+        stem = self.results.name
+        figs = {"a": str(figures.reflow_figure(curves, fig_dir / f"{stem}_a_reflow.png")),
+                "b": str(figures.distill_figure(distill_curves, fig_dir / f"{stem}_b_distill.png")),
+                "c": str(figures.speed_figure(table, fig_dir / f"{stem}_c_speed.png"))}
+        timings = {k: v["wall_s"] for k, v in sorted(read_timings(self.root / "timings").items(),
+                                                     key=lambda kv: kv[1]["start"])}
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        res = {
+            "machine": _machine(),
+            "commit": commit or None,
+            "protocol": {"test": f"first {self.n_test} test captions (sorted by key) of {TEST}, noise seeds "
+                                 f"0..{self.n_test - 1} for every row; FID on embedded-evaluator features vs test "
+                                 f"images [{self.n_test}, {2 * self.n_test}); bf16 autocast, fp32 ODE state",
+                         "paths": f"straightness and path-length ratio per prompt on the first {self.n_path} test "
+                                  "prompts, each model's own 25-step path",
+                         "intervals": f"95% paired bootstrap over prompt indices ({self.n_boot} resamples); "
+                                      "distillation rows pooled over their training seeds",
+                         "choices": "on val only (2-RF coupling steps, velocity boundary); test read once here"},
+            "claims": ab.claims(rows, paths, ref, self.n_boot),
+            "comparisons": comp,
+            "control_reading": ab.control_reading(comp),
+            "seeds": ab.seed_summary(rows),
+            "rows": table,
+            "paths": {k: {f: v[f] for f in ("label", "solver", "guidance", "n", "straightness", "path_length_ratio")}
+                      for k, v in paths.items()},
+            "coupling_quality": _read(self.eval_dir / "coupling_quality.json"),
+            "rf2_coupling_steps": _read(self.root / "select_rf2_steps.json"),
+            "velocity_boundary": _read(Path("docs/velocity_boundary.json")),
+            "curves": {"reflow": curves, "distill": distill_curves},
+            "figures": figs,
+            "stage_wall_s": timings,
+            "total_wall_s": round(sum(timings.values()), 1),
+        }
+        _write_json(self.results.with_suffix(".json"), res)
+        self.results.with_suffix(".md").write_text(ab.to_markdown(res))
+        print(self.results.with_suffix(".md").read_text())
+
+
+def _read(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _plain(o):
+    """numpy scalars and arrays as JSON numbers and lists."""
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_plain))
+    tmp.replace(path)
+
+
+def _machine() -> dict:
+    import os
+
+    return {"platform": platform.platform(), "cpu": cpu_model(), "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default="runs/ablation")
+    p.add_argument("--results", default="results/ablation", help="writes <results>.md, <results>.json, figures beside")
+    p.add_argument("--until", default=None, help="stop after this stage")
+    p.add_argument("--only", nargs="*", default=None, help="run just these stages (if not done)")
+    p.add_argument("--list", action="store_true", help="print each stage, its output and whether it is done")
+    p.add_argument("--n-test", type=int, default=2000)
+    p.add_argument("--n-val", type=int, default=500)
+    p.add_argument("--n-path", type=int, default=256)
+    p.add_argument("--n-boot", type=int, default=500)
+    a = p.parse_args(argv)
+    abl = Ablation(a.root, a.results, n_test=a.n_test, n_val=a.n_val, n_path=a.n_path, n_boot=a.n_boot)
+    if a.list:
+        for s in abl.stages():
+            print(f"{'done' if s.done.exists() else '    '}  {s.name:32s} {s.done}")
+        return
+    abl.run(until=a.until, only=a.only)
+
+
+if __name__ == "__main__":
+    main()
