@@ -138,7 +138,7 @@ def test_instaflow_chain_on_tiny_models(tiny_world, tiny_sd_folder, tmp_path):
     models, runs = tmp_path / "models", tmp_path / "runs"
     torch.manual_seed(0)
     evaluator = save_evaluator(ShapesEvaluator(width=8, feature_dim=4), tmp_path / "evaluator")
-    quality = {"test": tiny_world.val, "evaluator": str(evaluator), "n": 8, "steps": [1, 3]}
+    quality = {"shards": tiny_world.val, "evaluator": str(evaluator), "n": 8, "steps": [1, 3]}
     timings = tmp_path / "timings"
     assert timed.main([str(timings), "pairs_teacher", "--", sys.executable, "-c", "pass"]) == 0
     assert timed.main([str(timings), "failing", "--", sys.executable, "-c", "raise SystemExit(3)"]) == 3
@@ -154,9 +154,14 @@ def test_instaflow_chain_on_tiny_models(tiny_world, tiny_sd_folder, tmp_path):
     logdir = next((runs / "reflow").glob("version_*"))
     loss = scalars(logdir, "train/loss")
     assert np.mean(loss[-5:]) < np.mean(loss[:5]), loss
-    for tag in ("quality/fid_euler1_w1", "quality/alignment_euler3_w1.5"):  # at start and after each validation
+    for tag in ("quality/fid_euler1_w1", "quality/alignment_euler3_w1.5",  # at start and after each validation
+                "quality/straightness_euler25_w1.5"):  # reflow.yaml's straightness_n: the path it straightens
         curve = scalars(logdir, tag)
         assert len(curve) == 3 and np.isfinite(curve).all(), (tag, curve)
+    record = [json.loads(line) for line in (logdir / "quality.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in record] == [0, 20, 40]  # the same curve as a file, for the ablation's figures
+    assert record[-1]["metrics"]["quality/straightness_euler25_w1.5"] == pytest.approx(
+        scalars(logdir, "quality/straightness_euler25_w1.5")[-1], rel=1e-6)
     assert list((logdir / "grids").glob("euler1_w1_*.png")) and list((logdir / "grids").glob("euler3_w1.5_*.png"))
 
     gen_pairs(tmp_path, tiny_world, str(models / "rf2"), tmp_path / "pairs_rf2", src="pairs_rf2.yaml")

@@ -257,7 +257,7 @@ def test_two_rank_coupling_generation_writes_every_key_once_and_resumes(tiny_wor
     run_2proc(args)
     again = read_pairs(out)
     assert sorted(again) == expected and not list(out.glob("*.tmp"))
-    assert sum(len(tarfile.open(p).getnames()) for p in out.glob("*.tar")) == 3 * 64  # txt, json, x1 once each
+    assert sum(len(tarfile.open(p).getnames()) for p in out.glob("*.tar")) == 4 * 64  # txt, json, x1, states once each
     assert {n: (out / n).stat().st_mtime_ns for n in keep} == keep  # complete shards were skipped
     manifests = [json.loads((out / f"manifest_rank{r}.json").read_text()) for r in (0, 1)]
     assert [sorted(m["shards"]) for m in manifests] == [["00002.tar"], ["00003.tar"]]
