@@ -80,7 +80,7 @@ def distill_figure(curves: dict[str, list[list[dict]]], out: str | Path) -> Path
     return Path(out)
 
 
-def speed_figure(rows: list[dict], out: str | Path) -> Path:
+def speed_figure(rows: list[dict], out: str | Path, n: int = 1000) -> Path:
     """(c): test FID against NFE and against latency per image, one line per ``curve``; rows of one
     curve at the same NFE (training seeds) are averaged."""
     plt = _pyplot()
@@ -97,8 +97,8 @@ def speed_figure(rows: list[dict], out: str | Path) -> Path:
         marker = "*" if len(nfes) == 1 else "o"
         ax1.plot(nfes, fid, marker=marker, markersize=12 if marker == "*" else 5, color=f"C{i}", label=curve)
         ax2.plot(lat, fid, marker=marker, markersize=12 if marker == "*" else 5, color=f"C{i}", label=curve)
-    ax1.set(xscale="log", xlabel="NFE (UNet evaluations per image)", ylabel="FID (test, n = 2000)", title="FID vs NFE")
-    ax2.set(xscale="log", xlabel="latency per image, batch 1 (ms, this machine)", ylabel="FID (test, n = 2000)",
+    ax1.set(xscale="log", xlabel="NFE (UNet evaluations per image)", ylabel=f"FID (test, n = {n})", title="FID vs NFE")
+    ax2.set(xscale="log", xlabel="latency per image, batch 1 (ms, this machine)", ylabel=f"FID (test, n = {n})",
             title="FID vs latency")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3, which="both")
