@@ -22,6 +22,19 @@ def _pyplot():
     return plt
 
 
+def _finish(plt, fig, axes, out: str | Path, machine: str | None, grid_which: str = "major") -> Path:
+    """Grid and legend on each panel, the machine named under the figure, saved as PNG."""
+    for ax in axes:
+        ax.grid(alpha=0.3, which=grid_which)
+        ax.legend(fontsize=7)
+    if machine:
+        fig.text(0.5, 0.005, f"machine: {machine}", ha="center", va="bottom", fontsize=7, color="0.35")
+    fig.tight_layout(rect=(0, 0.03 if machine else 0, 1, 1))
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return Path(out)
+
+
 def read_curve(log_dir: str | Path) -> list[dict]:
     """``[{step, metrics}]`` of a run's quality curve (``SampleQuality``'s quality.jsonl), the latest
     version folder that has one; [] when none."""
@@ -37,7 +50,7 @@ def series(curve: list[dict], metric: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def reflow_figure(curves: dict[str, list[dict]], out: str | Path) -> Path:
+def reflow_figure(curves: dict[str, list[dict]], out: str | Path, machine: str | None = None) -> Path:
     """(a): straightness (Euler 25, w = 1.5) and val FID (1 step, 8 steps) against training steps."""
     plt = _pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -47,16 +60,10 @@ def reflow_figure(curves: dict[str, list[dict]], out: str | Path) -> Path:
         ax2.plot(*series(curve, "quality/fid_euler8_w1.5"), style, marker="s", color="C1", label=f"{name}, 8 steps (w = 1.5)")
     ax1.set(xlabel="reflow steps", ylabel="straightness S (Euler 25, w = 1.5)", title="straightness (val prompts)")
     ax2.set(xlabel="reflow steps", ylabel="FID (val, n = 256)", title="val FID")
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return Path(out)
+    return _finish(plt, fig, (ax1, ax2), out, machine)
 
 
-def distill_figure(curves: dict[str, list[list[dict]]], out: str | Path) -> Path:
+def distill_figure(curves: dict[str, list[list[dict]]], out: str | Path, machine: str | None = None) -> Path:
     """(b): one-step val FID and alignment against distillation steps; line = mean over seeds, band = min..max."""
     plt = _pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -71,16 +78,10 @@ def distill_figure(curves: dict[str, list[list[dict]]], out: str | Path) -> Path
             ax.fill_between(steps, v.min(0), v.max(0), color=f"C{i}", alpha=0.2)
     ax1.set(xlabel="distillation steps", ylabel="one-step FID (val, n = 256)", title="one-step val FID")
     ax2.set(xlabel="distillation steps", ylabel="one-step alignment (val)", title="one-step val alignment")
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return Path(out)
+    return _finish(plt, fig, (ax1, ax2), out, machine)
 
 
-def speed_figure(rows: list[dict], out: str | Path, n: int = 1000) -> Path:
+def speed_figure(rows: list[dict], out: str | Path, n: int = 1000, machine: str | None = None) -> Path:
     """(c): test FID against NFE and against latency per image, one line per ``curve``; rows of one
     curve at the same NFE (training seeds) are averaged."""
     plt = _pyplot()
@@ -100,10 +101,4 @@ def speed_figure(rows: list[dict], out: str | Path, n: int = 1000) -> Path:
     ax1.set(xscale="log", xlabel="NFE (UNet evaluations per image)", ylabel=f"FID (test, n = {n})", title="FID vs NFE")
     ax2.set(xscale="log", xlabel="latency per image, batch 1 (ms, this machine)", ylabel=f"FID (test, n = {n})",
             title="FID vs latency")
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return Path(out)
+    return _finish(plt, fig, (ax1, ax2), out, machine, grid_which="both")

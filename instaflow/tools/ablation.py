@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -309,14 +310,16 @@ class Ablation:
         fig_dir = self.results.parent
         fig_dir.mkdir(parents=True, exist_ok=True)
         stem = self.results.name
-        figs = {"a": str(figures.reflow_figure(curves, fig_dir / f"{stem}_a_reflow.png")),
-                "b": str(figures.distill_figure(distill_curves, fig_dir / f"{stem}_b_distill.png")),
-                "c": str(figures.speed_figure(table, fig_dir / f"{stem}_c_speed.png", self.n_test))}
+        m = _machine()
+        named = f"{m['cpu']}, {m['cpus']} CPUs, {m['torch_threads']} threads, {m['platform']}"
+        figs = {"a": str(figures.reflow_figure(curves, fig_dir / f"{stem}_a_reflow.png", named)),
+                "b": str(figures.distill_figure(distill_curves, fig_dir / f"{stem}_b_distill.png", named)),
+                "c": str(figures.speed_figure(table, fig_dir / f"{stem}_c_speed.png", self.n_test, named))}
         timings = {k: v["wall_s"] for k, v in sorted(read_timings(self.root / "timings").items(),
                                                      key=lambda kv: kv[1]["start"])}
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
         res = {
-            "machine": _machine(),
+            "machine": m,
             "commit": commit or None,
             "protocol": {"test": f"first {self.n_test} test captions (sorted by key) of {TEST}, noise seeds "
                                  f"0..{self.n_test - 1} for every row; FID on embedded-evaluator features vs test "
@@ -367,8 +370,6 @@ def _write_json(path: Path, obj) -> None:
 
 
 def _machine() -> dict:
-    import os
-
     return {"platform": platform.platform(), "cpu": cpu_model(), "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads()}
 
