@@ -1,12 +1,14 @@
-"""Export the trained model (EMA weights when an EMA callback is present) when fitting ends."""
+"""Export the trained model (EMA weights when an EMA callback is present) when fitting ends: the last
+weights, or those of the best checkpoint by a monitored score."""
 
 from __future__ import annotations
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from callbacks.ema import find_ema
 from instaflow.contracts import Exportable, GathersForExport
+from instaflow.models.checkpoints import checkpoint_weights
 
 
 class Export(Callback):
@@ -17,17 +19,42 @@ class Export(Callback):
 
     Without ``dirpath`` the module's ``export_dir`` hyperparameter is used, so an experiment that
     overrides another changes one model key instead of the whole callback list.
+
+    ``weights: best`` exports the best checkpoint of the run's ``ModelCheckpoint`` that has a
+    ``monitor`` (e.g. ``quality/fid_euler1_w1`` logged by ``callbacks.quality.Quality``), with the
+    EMA weights stored in it when an EMA callback is present, instead of the weights training ended
+    with (scores can regress with longer training). Any strategy: a checkpoint file, or a sharded
+    FSDP2 checkpoint folder (the EMA's whole tensors are in its metadata; the raw weights are
+    converted from the shards on rank 0).
     """
 
-    def __init__(self, dirpath: str | None = None) -> None:
-        self.dirpath = dirpath
+    def __init__(self, dirpath: str | None = None, weights: str = "last") -> None:
+        if weights not in ("last", "best"):
+            raise ValueError(f"Export weights must be last or best, got {weights!r}")
+        self.dirpath, self.weights = dirpath, weights
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not isinstance(pl_module, Exportable):
             raise TypeError(f"Export needs a module with export(dirpath) (contracts.Exportable); "
                             f"{type(pl_module).__name__} has none")
+        if self.weights == "best":
+            if not isinstance(pl_module, GathersForExport) or not hasattr(pl_module, "unet_from_state"):
+                raise TypeError(f"Export(weights=best) needs a module that rebuilds its network from a state dict "
+                                f"(unet_from_state, as FlowStudent); {type(pl_module).__name__} has none")
+            self._monitored(trainer)
+
+    @staticmethod
+    def _monitored(trainer: L.Trainer) -> ModelCheckpoint:
+        found = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.monitor]
+        if not found:
+            raise ValueError("Export(weights=best) needs a ModelCheckpoint with a monitor in trainer.callbacks (e.g. "
+                             "monitor: quality/fid_euler1_w1, mode: min, save_top_k: 2, beside the Quality callback)")
+        return found[0]
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.weights == "best":
+            self._export_best(trainer, pl_module)
+            return
         ema = find_ema(trainer)
         if ema is not None:
             with ema.swapped(pl_module):
@@ -44,4 +71,20 @@ class Export(Callback):
         if trainer.is_global_zero:
             path = pl_module.export(dirpath) if unet is None else pl_module.export(dirpath, unet=unet)
             print(f"exported to {path}")
+        trainer.strategy.barrier()
+
+    def _export_best(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        ckpt = self._monitored(trainer)
+        path = trainer.strategy.broadcast(ckpt.best_model_path)
+        if not path:
+            raise RuntimeError(f"Export(weights=best): ModelCheckpoint(monitor={ckpt.monitor!r}) saved no checkpoint "
+                               "(was the monitored score ever logged before a save?)")
+        if trainer.is_global_zero:
+            ema = find_ema(trainer)
+            state = checkpoint_weights(path, prefix=getattr(ema, "attr", "unet") + ".",
+                                       ema_key=ema.state_key if ema is not None else None,
+                                       names=pl_module.trainable_names() if ema is not None else None)
+            dirpath = self.dirpath or getattr(pl_module.hparams, "export_dir", None)
+            out = pl_module.export(dirpath, unet=pl_module.unet_from_state(state))
+            print(f"exported the best checkpoint ({ckpt.monitor} = {float(ckpt.best_model_score):.4g}, {path}) to {out}")
         trainer.strategy.barrier()

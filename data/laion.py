@@ -138,6 +138,7 @@ class LaionStream(IterableDataset):
         epoch: int = 0,
         exclude: set[str] | frozenset[str] = frozenset(),
         filters: CaptionFilters | dict | None = None,
+        split_by_rank: bool = True,
     ) -> None:
         super().__init__()
         self.exclude = set(exclude)
@@ -156,10 +157,13 @@ class LaionStream(IterableDataset):
         self._pending = 0
         self._pending_filtered = 0
         self._shard_failed = False
+        self.split_by_rank = split_by_rank  # False: every rank reads every shard (a fixed evaluation set)
 
     # -- shard selection -------------------------------------------------------------------
     def _shard_urls(self) -> Iterator[str]:
         rank, world, worker, n_workers = pytorch_worker_info()
+        if not self.split_by_rank:
+            rank, world = 0, 1
         if self.resampled:
             rng = random.Random(f"{self.seed}-{rank}-{worker}-{self.epoch}-shards")  # str seeds are stable
             while True:

@@ -9,6 +9,7 @@ images through ``instaflow.models.sampler.TextToImage``, export a pipeline folde
 from __future__ import annotations
 
 import abc
+import copy
 from pathlib import Path
 
 import lightning as L
@@ -178,6 +179,19 @@ class FlowStudent(L.LightningModule, abc.ABC):
         if self.global_rank != 0:
             return None
         unet = build_unet(dict(self.unet.config))
+        unet.load_state_dict(state)
+        return unet
+
+    def trainable_names(self) -> list[str]:
+        """Names of the trainable network's parameters, in the order the EMA callback keeps them."""
+        return [n for n, p in self.unet.named_parameters() if p.requires_grad]
+
+    def unet_from_state(self, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+        """A whole copy of the trainable network holding ``state`` (e.g. a best checkpoint's EMA weights)."""
+        if sharding.is_sharded(self.unet):
+            unet = build_unet(dict(self.unet.config))
+        else:
+            unet = copy.deepcopy(self.unet)
         unet.load_state_dict(state)
         return unet
 

@@ -176,3 +176,16 @@ def tiny_world(tmp_path_factory):
     write_split(root, "train", 64, samples_per_shard=16, seed=0, resolution=16, progress=False)
     write_split(root, "val", 16, samples_per_shard=16, seed=0, resolution=16, progress=False)
     return SimpleNamespace(root=root, train=brace_pattern(root / "train", 4), val=brace_pattern(root / "val", 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_folder(tmp_path_factory) -> Path:
+    """A tiny random CLIP saved as a local model folder (model, tokenizer, image processor): ``ClipScore(model=...)``."""
+    from tests.evaluation.test_coco import tiny_clip
+
+    root = tmp_path_factory.mktemp("clip")
+    model, tok, proc = tiny_clip(root)
+    folder = root / "tiny-clip"
+    for part in (model, tok, proc):
+        part.save_pretrained(folder)
+    return folder

@@ -187,23 +187,35 @@ def inception_fid(fdir_gen: str | Path, fdir_ref: str | Path, mode: str = "clean
     Linux). If the file is absent and cannot be downloaded (``download=False``, or no network),
     this raises ``InceptionWeightsMissing`` naming the file, its URL and where to put it.
     """
-    from cleanfid import downloads_helper
     from cleanfid.fid import compute_fid
 
-    path = inception_weights_path()
-    if not path.is_file():
-        url = downloads_helper.inception_url
-        hint = (f"clean-fid's Inception weights are missing: it wants {INCEPTION_FILE} at {path} "
-                f"(clean-fid's cache location on this platform), downloaded from {url}. On a machine with "
-                f"network access run `wget {url} -O {path}` (or copy the file there), then rerun.")
-        if not download:
-            raise InceptionWeightsMissing(hint)
-        try:
-            downloads_helper.check_download_inception(fpath=str(path.parent))
-        except Exception as exn:  # URLError, HTTPError, timeouts, ...
-            if path.exists():  # a partial download would be loaded as a corrupt model next time
-                path.unlink()
-            raise InceptionWeightsMissing(f"{hint} (download failed: {exn!r})") from exn
+    ensure_inception_weights(download)
     return float(compute_fid(str(fdir_gen), str(fdir_ref), mode=mode, device=torch.device(device),
                              batch_size=batch_size, num_workers=num_workers, verbose=False,
                              use_dataparallel=False))
+
+
+def ensure_inception_weights(download: bool = True) -> Path:
+    """The path of clean-fid's Inception weights, downloading them if allowed; else ``InceptionWeightsMissing``.
+
+    The message names the file, its URL and where clean-fid looks for it, so an offline machine
+    (or one whose download failed) knows what to copy where. A partial download is removed.
+    """
+    from cleanfid import downloads_helper
+
+    path = inception_weights_path()
+    if path.is_file():
+        return path
+    url = downloads_helper.inception_url
+    hint = (f"clean-fid's Inception weights are missing: it wants {INCEPTION_FILE} at {path} "
+            f"(clean-fid's cache location on this platform), downloaded from {url}. On a machine with "
+            f"network access run `wget {url} -O {path}` (or copy the file there), then rerun.")
+    if not download:
+        raise InceptionWeightsMissing(hint)
+    try:
+        downloads_helper.check_download_inception(fpath=str(path.parent))
+    except Exception as exn:  # URLError, HTTPError, timeouts, ...
+        if path.exists():  # a partial download would be loaded as a corrupt model next time
+            path.unlink()
+        raise InceptionWeightsMissing(f"{hint} (download failed: {exn!r})") from exn
+    return path

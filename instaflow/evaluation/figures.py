@@ -36,7 +36,7 @@ def _finish(plt, fig, axes, out: str | Path, machine: str | None, grid_which: st
 
 
 def read_curve(log_dir: str | Path) -> list[dict]:
-    """``[{step, metrics}]`` of a run's quality curve (``SampleQuality``'s quality.jsonl), the latest
+    """``[{step, metrics}]`` of a run's quality curve (``callbacks.quality.Quality``'s quality.jsonl), the latest
     version folder that has one; [] when none."""
     runs = sorted(Path(log_dir).glob("version_*/quality.jsonl"), key=lambda p: int(p.parent.name.split("_")[1]))
     if not runs:

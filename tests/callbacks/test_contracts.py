@@ -57,25 +57,27 @@ def test_flow_student_declares_loss_abstract():
     assert WithLoss("some/folder").hparams.init == "some/folder"  # nothing loads in __init__
 
 
-@pytest.mark.parametrize("make", ["image_grid", "export", "sample_quality"])
+@pytest.mark.parametrize("make", ["image_grid", "export", "quality"])
 def test_callbacks_refuse_a_module_without_their_contract_at_setup(make):
     from callbacks.export import Export
     from callbacks.image_grid import ImageGrid
-    from callbacks.sample_quality import SampleQuality
+    from callbacks.quality import Quality
+    from instaflow.evaluation.quality import EmbeddedFeatures, ShardPrompts
 
     cb = {"image_grid": lambda: ImageGrid(prompts=["a red circle"]), "export": lambda: Export("out"),
-          "sample_quality": lambda: SampleQuality(shards="none.tar")}[make]()
+          "quality": lambda: Quality(ShardPrompts("none.tar"), EmbeddedFeatures())}[make]()
     with pytest.raises(TypeError, match="contracts"):
         cb.setup(None, _Plain(), "fit")
 
 
 def test_sharding_guard_asks_each_callback_not_its_class_name():
     from callbacks.ema import EMA
-    from callbacks.sample_quality import SampleQuality
+    from callbacks.image_grid import ImageGrid
     from instaflow.models.sharding import check_callbacks
 
-    class RenamedQuality(SampleQuality):  # a subclass or rename used to slip past a name check
-        pass
+    class RankZeroGrid(ImageGrid):  # a subclass or rename used to slip past a name check
+        def supports_sharded_module(self) -> bool:
+            return False
 
     class OwnRankZeroSampler:
         def supports_sharded_module(self) -> bool:
@@ -85,8 +87,8 @@ def test_sharding_guard_asks_each_callback_not_its_class_name():
         def supports_sharded_module(self) -> bool:
             return True
 
-    assert isinstance(SampleQuality(shards="x"), ShardingAware) and not isinstance(EMA(), ShardingAware)
-    for bad in (SampleQuality(shards="x"), RenamedQuality(shards="x"), OwnRankZeroSampler()):
+    assert not isinstance(EMA(), ShardingAware)
+    for bad in (RankZeroGrid(prompts=["x"]), OwnRankZeroSampler()):
         with pytest.raises(ValueError, match="hang"):
             check_callbacks(_Trainer([EMA(), bad]))
     check_callbacks(_Trainer([EMA(), Fine()]))  # callbacks that say they are safe, or say nothing, pass

@@ -31,7 +31,7 @@ def tiny_yaml(src: str, tmp_path: Path, model: dict, data: dict, trainer: dict |
     """A copy of an embedded experiment (its whole chain, merged) pointed at tiny models, tiny shards and tmp folders."""
     cfg = resolved(f"embedded/{Path(src).stem}")
     if quality is None:  # no evaluator in this test: drop the FID/alignment curves
-        cfg["trainer"]["callbacks"] = [c for c in cfg["trainer"]["callbacks"] if not c["class_path"].endswith("SampleQuality")]
+        cfg["trainer"]["callbacks"] = [c for c in cfg["trainer"]["callbacks"] if not c["class_path"].endswith(".Quality")]
     if isinstance(cfg["trainer"].get("logger"), dict):
         cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "runs")
     for cb in cfg["trainer"]["callbacks"]:
@@ -42,7 +42,7 @@ def tiny_yaml(src: str, tmp_path: Path, model: dict, data: dict, trainer: dict |
             cb["init_args"]["dirpath"] = str(tmp_path / "ckpt" / src)
         if name == "ImageGrid":
             cb["init_args"]["prompts"] = cb["init_args"]["prompts"][:2]
-        if name == "SampleQuality":
+        if name == "Quality":
             cb["init_args"].update(quality or {})
     cfg["trainer"]["default_root_dir"] = str(tmp_path / "root")
     cfg["trainer"].update(trainer or {})
@@ -138,7 +138,13 @@ def test_instaflow_chain_on_tiny_models(tiny_world, tiny_sd_folder, tmp_path):
     models, runs = tmp_path / "models", tmp_path / "runs"
     torch.manual_seed(0)
     evaluator = save_evaluator(ShapesEvaluator(width=8, feature_dim=4), tmp_path / "evaluator")
-    quality = {"shards": tiny_world.val, "evaluator": str(evaluator), "n": 8, "steps": [1, 3]}
+    quality = {"prompts": {"class_path": "instaflow.evaluation.quality.ShardPrompts",
+                           "init_args": {"shards": tiny_world.val, "n": 8, "resolution": 16}},
+               "features": {"class_path": "instaflow.evaluation.quality.EmbeddedFeatures",
+                            "init_args": {"evaluator": str(evaluator)}},
+               "scores": [{"class_path": "instaflow.evaluation.quality.EmbeddedAlignment",
+                           "init_args": {"evaluator": str(evaluator)}}],
+               "settings": [{"steps": 1, "guidance": 1.0}, {"steps": 3, "guidance": 1.5}]}
     timings = tmp_path / "timings"
     assert timed.main([str(timings), "pairs_teacher", "--", sys.executable, "-c", "pass"]) == 0
     assert timed.main([str(timings), "failing", "--", sys.executable, "-c", "raise SystemExit(3)"]) == 3
@@ -175,7 +181,7 @@ def test_instaflow_chain_on_tiny_models(tiny_world, tiny_sd_folder, tmp_path):
                         {**pdata, "train": str(tmp_path / pairs), "val": str(tmp_path / pairs)},
                         {**train, "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                                              "init_args": {"save_dir": str(runs), "name": name}}},
-                        quality={**quality, "steps": [1]})
+                        quality={**quality, "settings": [{"steps": 1, "guidance": 1.0}]})
         cli(["fit", "-c", BASE, "-c", cfg])
         loss = scalars(next((runs / name).glob("version_*")), "train/loss")
         assert np.mean(loss[-5:]) < np.mean(loss[:5]), (name, loss)

@@ -103,7 +103,7 @@ def tiny_experiment(name: str, tmp_path: Path, tiny_world, model_args: dict, exp
     source = source or ROOT / "experiments" / "embedded" / f"{name}.yaml"
     cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "runs")
     # no evaluator in this test: drop the FID/alignment curves
-    cfg["trainer"]["callbacks"] = [c for c in cfg["trainer"]["callbacks"] if not c["class_path"].endswith("SampleQuality")]
+    cfg["trainer"]["callbacks"] = [c for c in cfg["trainer"]["callbacks"] if not c["class_path"].endswith(".Quality")]
     for cb in cfg["trainer"]["callbacks"]:
         if cb["class_path"].endswith("Export"):
             cb.setdefault("init_args", {})["dirpath"] = str(export_to)

@@ -103,7 +103,7 @@ class StubLPIPS(torch.nn.Module):
 
 @pytest.mark.parametrize("exp", CONFIGS, ids=lambda p: p.stem)
 def test_sd15_experiment_instantiates_with_the_tiny_sd(exp, tmp_path, tiny_sd_folder, tiny_world, couplings,
-                                                       monkeypatch):
+                                                       tiny_clip_folder, monkeypatch):
     from instaflow.models import perceptual
 
     requested = []
@@ -153,6 +153,40 @@ def test_sd15_experiment_instantiates_with_the_tiny_sd(exp, tmp_path, tiny_sd_fo
     assert batch["x0"].shape == batch["x1"].shape == (dm.batch_size, 4, 8, 8)
     loss = model.loss(batch, torch.Generator().manual_seed(0), 0.0)
     assert loss.ndim == 0 and torch.isfinite(loss) and loss > 0
+    check_quality_callback(exp, trainer, model, callbacks["Quality"], tiny_world, tiny_clip_folder)
+
+
+def check_quality_callback(exp: Path, trainer, model, quality, tiny_world, clip: Path) -> None:
+    """FID / CLIP on 1k COCO val captions; without COCO on disk the fit stops at start naming the file; a
+    best-2 checkpoint follows the monitored FID; the callback scores the tiny SD (tiny prompts and networks)."""
+    from types import SimpleNamespace
+
+    from instaflow.evaluation.coco import CocoFilesMissing
+    from instaflow.evaluation.quality import ClipScore, CleanFidInception, CocoPrompts, ShardPrompts
+    from tests.callbacks.test_quality import TinyFeatures
+
+    assert isinstance(quality.prompts, CocoPrompts) and quality.prompts.n == 1000
+    assert isinstance(quality.features, CleanFidInception)
+    assert [type(s) for s in quality.scores] == [ClipScore] and quality.scores[0].model == "openai/clip-vit-large-patch14"
+    with pytest.raises(CocoFilesMissing, match="captions_val2017.json"):
+        quality.setup(trainer, model, "fit")
+    monitor = "quality/fid_euler4_w1.5" if exp.stem.startswith("reflow") else "quality/fid_euler1_w1"
+    best = [cb for cb in trainer.checkpoint_callbacks if cb.monitor]
+    assert [(cb.monitor, cb.mode, cb.save_top_k) for cb in best] == [(monitor, "min", 2)]
+
+    quality.prompts = ShardPrompts(tiny_world.val, n=4, resolution=16)
+    quality.features, quality.scores = TinyFeatures(), [ClipScore(str(clip))]
+    quality.features.prepare(torch.device("cpu"))
+    quality.scores[0].prepare(torch.device("cpu"))
+    quality._set = quality.prompts.load()
+    stub = SimpleNamespace(global_rank=0, world_size=1, global_step=0, callback_metrics={}, log_dir=None, loggers=[],
+                           default_root_dir=str(trainer.default_root_dir),
+                           strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj, root_device=torch.device("cpu")))
+    quality._score(stub, model)
+    got = {k: v.item() for k, v in stub.callback_metrics.items()}
+    tags = [f"euler{s.steps}_w{s.guidance:g}" for s in quality.settings]
+    assert {f"quality/{m}_{t}" for m in ("fid", "clip_score") for t in tags} <= set(got) and monitor in got
+    assert all(np.isfinite(v) for v in got.values())
 
 
 def test_sd15_chain_points_each_stage_at_the_previous_output():
