@@ -114,7 +114,7 @@ class QualityPrompts(abc.ABC):
         """Everything the reference depends on (the cache key of its statistics)."""
 
 
-def _read_shards(shards: str, count: int, resolution: int) -> list[dict]:
+def _stream(shards: str, resolution: int):
     from data.laion import LaionStream, expand_shards
 
     urls = expand_shards(shards)
@@ -125,17 +125,17 @@ def _read_shards(shards: str, count: int, resolution: int) -> list[dict]:
                                 f"(first: {absent[0]}). Point Quality's prompts.shards at existing WebDataset shards "
                                 "(img2dataset layout: .jpg/.txt/.json per sample), e.g. a held-out LAION shard")
     # every rank reads the whole set (the callback splits the prompts itself, after sorting by key)
-    stream = LaionStream(shards, resolution=resolution, resampled=False, shuffle_buffer=0, require_meta=True,
-                         split_by_rank=False)
-    samples = sorted(stream, key=lambda s: s["key"])
-    if len(samples) < count:
-        raise ValueError(f"quality prompts: {shards!r} holds {len(samples)} usable samples (image, caption and "
-                         f"JSON); {count} are needed (n prompts + n reference images): lower n or add shards")
-    return samples[:count]
+    return LaionStream(shards, resolution=resolution, resampled=False, shuffle_buffer=0, require_meta=True,
+                       split_by_rank=False)
 
 
 class ShardPrompts(QualityPrompts):
     """Captions of samples [0, n) of WebDataset shards (in key order) as prompts, images [n, 2n) as the reference.
+
+    Only samples that decode (image, caption and JSON) count, so a corrupt sample shifts the split
+    instead of breaking it. The pixels are not kept: ``load`` keeps keys, captions and metadata;
+    ``reference_images`` decodes the shards again on rank 0 and keeps only the n reference images as
+    uint8 (at 512 px about 0.8 GB per 1k images).
 
     Args:
         shards: brace pattern of held-out shards (a LAION val shard; the embedded world's val split).
@@ -150,17 +150,25 @@ class ShardPrompts(QualityPrompts):
 
     def _read(self) -> list[dict]:
         if self._samples is None:
-            self._samples = _read_shards(self.shards, 2 * self.n, self.resolution)
+            samples = sorted(({"key": s["key"], "caption": s["caption"], "meta": s.get("meta") or {}}
+                              for s in _stream(self.shards, self.resolution)), key=lambda s: s["key"])
+            if len(samples) < 2 * self.n:
+                raise ValueError(f"quality prompts: {self.shards!r} holds {len(samples)} usable samples (image, "
+                                 f"caption and JSON); {2 * self.n} are needed (n prompts + n reference images): "
+                                 "lower n or add shards")
+            self._samples = samples[:2 * self.n]
         return self._samples
 
     def load(self) -> PromptSet:
         samples = self._read()[:self.n]
         return PromptSet([s["caption"] for s in samples], list(range(self.seed, self.seed + self.n)),
-                         [s.get("meta") or {} for s in samples])
+                         [s["meta"] for s in samples])
 
     def reference_images(self) -> torch.Tensor:
-        pixels = [s["pixel_values"] for s in self._read()[self.n:]]  # (3, H, W) in [-1, 1], the decoded JPEGs
-        return torch.stack([((p + 1) * 127.5).round().to(torch.uint8) for p in pixels])
+        keys = {s["key"] for s in self._read()[self.n:]}
+        ref = {s["key"]: ((s["pixel_values"] + 1) * 127.5).round().to(torch.uint8)  # the decoded JPEGs, (3, H, W)
+               for s in _stream(self.shards, self.resolution) if s["key"] in keys}
+        return torch.stack([ref[k] for k in sorted(ref)])
 
     def describe(self) -> dict:
         return {"kind": "shards", "shards": self.shards, "n": self.n, "resolution": self.resolution,
