@@ -40,6 +40,9 @@ class DistillTraining(FlowStudent):
             raise ValueError(f"perceptual_size must be a pixel size >= 16 (e.g. 224), got {perceptual_size}")
         if student not in ("unet", "stacked"):
             raise ValueError(f"student must be unet or stacked, got {student!r}")
+        if student == "stacked" and kw.get("lora_rank"):
+            raise ValueError("a stacked student is built from two copies of the init's UNet and trains both in "
+                             "full; LoRA on it is not supported (use student: unet with lora_rank)")
         self.save_hyperparameters()
 
     def student_unet(self, unet: torch.nn.Module) -> torch.nn.Module:

@@ -19,7 +19,7 @@ from instaflow.flow.guidance import drop_captions
 from instaflow.flow.losses import check_finite
 from instaflow.flow.schedules import adamw_with_warmup
 from instaflow.flow.velocity import velocity_field
-from instaflow.models import loading, sharding
+from instaflow.models import loading, lora, sharding
 from instaflow.models.sampler import TextToImage
 from instaflow.models.saving import save_pipeline
 from instaflow.models.text_encoder import load_text_encoder
@@ -43,6 +43,11 @@ class FlowStudent(L.LightningModule, abc.ABC):
             bf16 and reduces gradients in fp32 (``MixedPrecisionPolicy``); null keeps fp32.
         activation_checkpointing: recompute the UNet blocks' activations in the backward pass
             (diffusers' gradient checkpointing), on any strategy.
+        lora_rank: train a LoRA adapter of this rank on the init's frozen UNet instead of the whole UNet
+            (``instaflow.models.lora``); null trains every weight. Only the adapter is optimized and
+            checkpointed; the export holds the merged model and the adapter alone in ``lora/``.
+        lora_alpha: LoRA scale numerator (scale alpha / rank); null: alpha = rank.
+        lora_target_modules: module names the adapter wraps (default: the attention projections).
     """
 
     def __init__(self, init: str, parameterization: str = "raw", export_dir: str | None = None,
@@ -50,10 +55,14 @@ class FlowStudent(L.LightningModule, abc.ABC):
                  lr: float = 1e-4, warmup_steps: int = 100, weight_decay: float = 0.0,
                  grid_steps: tuple[int, ...] = (1, 25), grid_guidance: float = 1.5, text_cache_size: int = 100_000,
                  seed: int = 0, fsdp_mixed_precision: str | None = None,
-                 activation_checkpointing: bool = False) -> None:
+                 activation_checkpointing: bool = False, lora_rank: int | None = None,
+                 lora_alpha: float | None = None,
+                 lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")) -> None:
         super().__init__()
         if parameterization not in ("raw", "velocity_wrapper", "flow"):
             raise ValueError(f"parameterization must be raw, velocity_wrapper or flow, got {parameterization!r}")
+        if lora_rank is not None and lora_rank < 1:
+            raise ValueError(f"lora_rank must be >= 1 (or null for full training), got {lora_rank}")
         self.save_hyperparameters()
         self.unet = None
         self.strict_loading = False  # checkpoints hold the trainable UNet only
@@ -74,6 +83,8 @@ class FlowStudent(L.LightningModule, abc.ABC):
         self.scheduler_config = loading.load_scheduler_config(h.init)
         self.components = loading.component_sources(h.init)
         self.unet = self.student_unet(loading.load_unet(h.init)).train()
+        if h.lora_rank:
+            lora.add_lora(self.unet, h.lora_rank, h.lora_alpha, h.lora_target_modules)
         self.velocity = velocity_field(self.unet, self.kind, self.scheduler_config)
         # each data-parallel rank draws its own t and caption dropout (rank 0 = the single-device draws)
         self._gen = torch.Generator().manual_seed(h.seed + self.global_rank)
@@ -81,6 +92,9 @@ class FlowStudent(L.LightningModule, abc.ABC):
             self.unet.enable_gradient_checkpointing()
         mesh = getattr(self, "_device_mesh", None)  # set by ModelParallelStrategy before this hook
         if mesh is not None:
+            if h.lora_rank:
+                raise NotImplementedError("LoRA students under FSDP2 are not supported yet (the sharded export "
+                                          "gathers a plain UNet): train LoRA on one device or with DDP")
             sharding.check_callbacks(self._trainer)
             sharding.shard_unet(self.unet, mesh, h.fsdp_mixed_precision)
         elif h.fsdp_mixed_precision is not None:
@@ -165,7 +179,10 @@ class FlowStudent(L.LightningModule, abc.ABC):
             # missing key: keep the frozen parts (saved once, not per rank: they are replicated)
             return
         sd = checkpoint["state_dict"]
-        for k in [k for k in sd if not k.startswith("unet.")]:
+        # the trainable part only: the UNet, or under LoRA its adapter (the base is the init's, reloaded)
+        keep = (lambda k: k.startswith("unet.") and "lora_" in k) if lora.has_lora(self.unet) else \
+            (lambda k: k.startswith("unet."))
+        for k in [k for k in sd if not keep(k)]:
             del sd[k]
 
     def export_unet(self) -> torch.nn.Module | None:
@@ -192,7 +209,11 @@ class FlowStudent(L.LightningModule, abc.ABC):
             unet = build_unet(dict(self.unet.config))
         else:
             unet = copy.deepcopy(self.unet)
-        unet.load_state_dict(state)
+        adapter = lora.has_lora(unet)  # a LoRA checkpoint holds the adapter only: the base stays the init's
+        missing, unexpected = unet.load_state_dict(state, strict=not adapter)
+        if unexpected or (adapter and any("lora_" in k for k in missing)):
+            raise KeyError(f"the state does not fit the network: unexpected {unexpected[:3]}, missing "
+                           f"{[k for k in missing if 'lora_' in k][:3]}")
         return unet
 
     def export(self, dirpath: str, unet: torch.nn.Module | None = None) -> Path:
@@ -201,8 +222,15 @@ class FlowStudent(L.LightningModule, abc.ABC):
                 raise RuntimeError("the UNet is FSDP2-sharded: gather it first on every rank with export_unet() "
                                    "and pass it as export(dirpath, unet=...) on rank 0 (the Export callback does)")
             unet = self.unet
+        adapter = unet if lora.has_lora(unet) else None
+        if adapter is not None:
+            unet = lora.merged(adapter)  # later stages read an ordinary model folder
         te = self.components["text_encoder"]
         package = te if isinstance(te, str) and te.startswith(loading.PACKAGE_PREFIX) else None
-        return save_pipeline(dirpath, unet, self.vae, self.scheduler_config, text_encoder=package,
-                                    max_length=self.text_encoder.max_length, text_encoder_module=self.text_encoder,
-                                    kind=self.kind)
+        out = save_pipeline(dirpath, unet, self.vae, self.scheduler_config, text_encoder=package,
+                            max_length=self.text_encoder.max_length, text_encoder_module=self.text_encoder,
+                            kind=self.kind)
+        if adapter is not None:
+            h = self.hparams
+            lora.save_lora(adapter, out, h.init, h.lora_rank, h.lora_alpha, h.lora_target_modules)
+        return out

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import json
+
 from instaflow.models import loading
+from instaflow.models.lora import LORA_DIR
 from instaflow.models.sampler import TextToImage
 from instaflow.models.text_encoder import load_text_encoder
 
@@ -43,8 +46,48 @@ KIND_TEXT = {
 }
 
 
+LORA_README = """# {name}: a LoRA adapter for rectified-flow sampling (InstaFlow framework export)
+
+Rank {rank}, alpha {alpha}, on `{targets}` of the base model `{base}`, sampled as kind `{kind}`.
+`base/` is that base model as a diffusers folder (the same pipeline class as the merged model in `..`).
+
+```python
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained("{out}/base", trust_remote_code=True)
+pipe.load_lora_weights("{out}")        # pytorch_lora_weights.safetensors, diffusers' LoRA format
+image = pipe("{prompt}", num_inference_steps=1, guidance_scale=1.0, seeds=0).images[0]
+```
+
+On another copy of the same base (e.g. your own SD 1.5 folder), load it into this pipeline class with
+the same `kind`, then the adapter. The merged model (`..`) gives the same images without the adapter.
+"""
+
+
 def export(model: str, out: str | Path, prompt: str = "a large red circle in the center on a white background") -> Path:
-    """Write the diffusers folder for the project model folder (or hub id) ``model``; returns ``out``."""
+    """Write the diffusers folder for the project model folder (or hub id) ``model``; returns ``out``.
+
+    A LoRA student's folder (``lora/`` beside the merged weights) also gets ``out/lora/``: the adapter,
+    and under it ``base/``, the base model it adapts as the same pipeline, so that
+    ``DiffusionPipeline.from_pretrained(out/lora/base).load_lora_weights(out/lora)`` reproduces the merged model.
+    """
+    out = _export(model, out, prompt)
+    adapter = Path(loading.resolve_path(model)) / LORA_DIR
+    if adapter.is_dir():
+        import shutil
+
+        info = json.loads((adapter / "lora.json").read_text())
+        dst = out / LORA_DIR
+        shutil.copytree(adapter, dst, dirs_exist_ok=True)
+        kind = loading.component_sources(model)["kind"]
+        _export(model, dst / "base", prompt, unet_from=info["base"])
+        (dst / "README.md").write_text(LORA_README.format(
+            name=out.name, rank=info["rank"], alpha=info["alpha"], targets=", ".join(info["target_modules"]),
+            base=info["base"], kind=kind, out=dst, prompt=prompt))
+    return out
+
+
+def _export(model: str, out: str | Path, prompt: str, unet_from: str | None = None) -> Path:
+    """The pipeline folder of ``model`` (its UNet, or ``unet_from``'s: a LoRA's base, sampled as ``model``'s kind)."""
     from diffusers import DDPMScheduler
 
     from instaflow.models.rf_pipeline import RectifiedFlowPipeline
@@ -58,7 +101,7 @@ def export(model: str, out: str | Path, prompt: str = "a large red circle in the
     text = load_text_encoder(model)  # resolves package:... references to the real weights
     pipe = RectifiedFlowPipeline(
         vae=loading.load_vae(model), text_encoder=text.model, tokenizer=text.tokenizer,
-        unet=loading.load_unet(model).eval(),
+        unet=loading.load_unet(unet_from or model).eval(),
         scheduler=loading.from_pretrained(DDPMScheduler, model, "scheduler", what="scheduler"),
         kind=kind, max_length=text.max_length)
     out = Path(out)

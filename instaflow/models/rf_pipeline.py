@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import transformers
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, ImagePipelineOutput, ModelMixin
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
 KINDS = ("flow", "ddpm_velocity")
 PIPELINE_FILE = "pipeline_rectified_flow.py"  # the name this file has inside an exported folder
@@ -80,8 +81,12 @@ def diffusion_to_x1_eps(output: torch.Tensor, x_s: torch.Tensor, alpha_bar: torc
     return x1, eps
 
 
-class RectifiedFlowPipeline(DiffusionPipeline):
+class RectifiedFlowPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     """Text-to-image by Euler integration of a rectified flow (Liu et al. 2023, InstaFlow).
+
+    ``pipe.load_lora_weights(folder)`` loads a LoRA student's adapter (diffusers' LoRA format, as the
+    framework's ``lora/`` folders hold it) onto this pipeline's UNet: load the base model the
+    adapter was trained on, with the same ``kind``, then the adapter.
 
     Args:
         kind: "flow" (UNet fed 1000 (1 - t); released InstaFlow / 2-RF) or "ddpm_velocity" (a DDPM
