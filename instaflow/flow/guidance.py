@@ -27,12 +27,14 @@ def guided(model: Callable[[Tensor, Tensor, Tensor], Tensor], cond: Tensor, unco
 
     ``model(x, t, states)``; with w <= 1 only the conditional pass runs (InstaFlow samples its
     one-step model this way), otherwise the batch is doubled and combined with ``cfg_combine``.
+    ``cond``/``uncond`` are text states, or any conditioning with a ``cat`` (e.g. ``flow_matching.Conditioning``).
     """
     if w <= 1.0 or uncond is None:
         return lambda x, t: model(x, t, cond)
 
     def fn(x: Tensor, t: Tensor) -> Tensor:
-        out_u, out_c = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond])).chunk(2)
+        both = torch.cat([uncond, cond]) if isinstance(cond, Tensor) else type(cond).cat([uncond, cond])
+        out_u, out_c = model(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
         return cfg_combine(out_u, out_c, w)
 
     return fn
