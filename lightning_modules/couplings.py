@@ -16,13 +16,14 @@ from instaflow.flow.guidance import guided
 from instaflow.flow.noise import sample_seed, seeded_noise
 from instaflow.flow.solvers import sample_dpm_solver, sample_euler, sample_heun, time_grid
 from instaflow.flow.velocity import KINDS
+from instaflow.models.families import load_teacher
 from instaflow.models.sampler import TextToImage
 
 
 def _check_solver(kind: str, solver: str) -> None:
-    if kind not in KINDS:
-        raise ValueError(f"kind must be 'ddpm', 'flow' or 'ddpm_velocity', got {kind!r}")
-    valid = ("dpm_solver++",) if kind == "ddpm" else ("euler", "heun")
+    if kind not in KINDS + ("flow_matching",):
+        raise ValueError(f"kind must be 'ddpm', 'flow', 'ddpm_velocity' or 'flow_matching' (SD3), got {kind!r}")
+    valid = {"ddpm": ("dpm_solver++",), "flow_matching": ("euler",)}.get(kind, ("euler", "heun"))
     if solver not in valid:
         raise ValueError(f"solver {solver!r} does not fit kind {kind!r}; choose one of {valid}")
 
@@ -33,10 +34,11 @@ class CouplingGeneration(L.LightningModule):
     Args:
         model: pipeline folder or hub id of the model whose ODE is solved.
         kind: "ddpm" for SD-style teachers (DPM-Solver++ through diffusers' scheduler), "flow"
-            for rectified-flow models (our Euler/Heun, timestep 1000 (1 - t)), or "ddpm_velocity"
-            (a diffusion UNet trained through the velocity conversion: Euler/Heun); default: what
-            the model folder's components file says.
-        solver: "dpm_solver++" (ddpm) or "euler" / "heun" (flow).
+            for rectified-flow models (our Euler/Heun, timestep 1000 (1 - t)), "ddpm_velocity"
+            (a diffusion UNet trained through the velocity conversion: Euler/Heun), or
+            "flow_matching" (an SD3 pipeline folder: Euler at its scheduler's shifted sigmas,
+            ``instaflow.models.families``); default: what the model folder says.
+        solver: "dpm_solver++" (ddpm), "euler" / "heun" (flow), "euler" (flow_matching).
         steps, guidance: ODE steps and classifier-free guidance (out_u + w (out_c - out_u), w > 1).
         base_seed: noise seeds are crc32("{base_seed}/{key}").
         store_noise: also write x0 itself (it can always be regenerated from the seed).
@@ -55,15 +57,21 @@ class CouplingGeneration(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.pipe is None:
-            self.pipe = TextToImage.from_pretrained(self.hparams.model, kind=self.hparams.kind)
+            self.pipe = load_teacher(self.hparams.model, kind=self.hparams.kind)
             _check_solver(self.pipe.kind, self.hparams.solver)
-            self.pipe.unet.to(self.device)
+            if isinstance(self.pipe, TextToImage):
+                self.pipe.unet.to(self.device)
+            else:  # a family pipeline: its text encoders and VAE run on the device too
+                if self.hparams.store_text_states:
+                    raise ValueError(f"store_text_states is not supported for the {self.pipe.family} family yet (its "
+                                     "conditioning is token states plus pooled embeddings); set it to false")
+                self.pipe.pipe.to(self.device)
             self.pipe.bf16 = self.hparams.bf16  # text encoding under the same autocast as the UNet
 
     def metadata(self) -> dict:
         """What produced the couplings; written next to them (formula and w included, docs/pitfalls.md)."""
         h = self.hparams
-        meta = {"model": h.model, "kind": self.pipe.kind, "solver": h.solver, "steps": h.steps, "guidance": h.guidance,
+        meta = {"model": h.model, "family": getattr(self.pipe, "family", "sd"), "kind": self.pipe.kind, "solver": h.solver, "steps": h.steps, "guidance": h.guidance,
                 "guidance_formula": "out_u + w * (out_c - out_u), applied when w > 1", "base_seed": h.base_seed,
                 "seed_rule": "crc32(f'{base_seed}/{key}') & 0x7FFFFFFF; x0 = randn(latent_shape, CPU generator)",
                 "latent_shape": list(self.pipe.latent_shape), "time_convention": "t=0 noise, t=1 data",
@@ -92,7 +100,9 @@ class CouplingGeneration(L.LightningModule):
             else:
                 v_fn = guided(self.pipe.velocity(), cond, uncond, h.guidance)
                 solve = sample_euler if h.solver == "euler" else sample_heun
-                x1 = solve(v_fn, x0, time_grid(h.steps))
+                # a flow-matching family steps at its scheduler's shifted sigmas; ours uniformly (dt = 1/N)
+                ts = self.pipe.time_grid(h.steps) if self.pipe.kind == "flow_matching" else time_grid(h.steps)
+                x1 = solve(v_fn, x0, ts)
         x1 = x1.float()
         out = {"key": batch["key"], "caption": batch["caption"], "url": batch["url"], "worker": batch["worker"],
                "seed": seeds, "x1": x1.cpu(), "skipped": batch["skipped"]}

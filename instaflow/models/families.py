@@ -1,0 +1,134 @@
+"""Model families beyond SD 1.x/2.x, each seen as: prompts -> ``Conditioning``; a velocity field in our
+flow time; latents -> images. Written so far: SD3 / SD3.5 (a flow-matching teacher).
+
+The family's own diffusers pipeline is loaded (hub id or local folder, through ``loading.from_pretrained``,
+so a missing model fails at once naming it and the local-folder fix) and its own ``encode_prompt`` makes
+the conditioning, so prompts are encoded exactly as the family does it (CLIP-L + CLIP-G token states
+concatenated and padded to T5's width, then T5's; pooled = both CLIP projections). Sampling is ours:
+Euler in flow time along the family scheduler's own (shifted) sigmas (``instaflow.flow.flow_matching``),
+which equals the pipeline's loop; ``tests/models/test_families.py`` pins it to the pipeline.
+
+``SD3Model`` has the attributes the coupling stage uses of ``TextToImage`` (``kind``, ``latent_shape``,
+``unet`` (the transformer), ``scheduler_config``, ``encode``, ``velocity``, ``time_grid``,
+``sample_latents``, ``decode``), so ``CouplingGeneration`` solves its ODE unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from instaflow.flow.flow_matching import Conditioning, FlowMatchingVelocity, flow_matching_time_grid
+from instaflow.flow.guidance import guided
+from instaflow.flow.noise import seeded_noise
+from instaflow.flow.solvers import sample_euler
+from instaflow.models import loading
+
+FAMILY_PIPELINES = {"StableDiffusion3Pipeline": "sd3"}
+
+
+def family_of(pretrained: str) -> str:
+    """"sd3" for a folder whose model_index.json names an SD3 pipeline, else "sd" (SD 1.x/2.x, the embedded SD)."""
+    index = Path(loading.resolve_path(pretrained)) / "model_index.json"
+    if not index.is_file():
+        return "sd"
+    return FAMILY_PIPELINES.get(json.loads(index.read_text()).get("_class_name"), "sd")
+
+
+def _absent_components(pretrained: str) -> dict:
+    """Components a local folder's model_index.json lists as null (e.g. SD3 saved without T5), passed as None."""
+    index = Path(loading.resolve_path(pretrained)) / "model_index.json"
+    if not index.is_file():
+        return {}
+    return {k: None for k, v in json.loads(index.read_text()).items() if isinstance(v, list) and v[0] is None}
+
+
+class SD3Model:
+    """An SD3 / SD3.5 pipeline as a flow-matching teacher in our time (no weights change: it is already a flow)."""
+
+    kind = "flow_matching"
+    family = "sd3"
+
+    def __init__(self, pipe, max_sequence_length: int = 256) -> None:
+        self.pipe, self.max_sequence_length = pipe, max_sequence_length
+        self.bf16 = False
+
+    @classmethod
+    def from_pretrained(cls, pretrained: str, **kw) -> "SD3Model":
+        from diffusers import StableDiffusion3Pipeline
+
+        pipe = loading.from_pretrained(StableDiffusion3Pipeline, pretrained, what="SD3 pipeline",
+                                       **_absent_components(pretrained))
+        pipe.set_progress_bar_config(disable=True)
+        return cls(pipe, **kw)
+
+    @property
+    def unet(self) -> torch.nn.Module:  # the denoiser, under the name the stages use
+        return self.pipe.transformer
+
+    @property
+    def scheduler_config(self) -> dict:
+        return dict(self.pipe.scheduler.config)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        c = self.pipe.transformer.config
+        return (c.in_channels, c.sample_size, c.sample_size)  # (16, 128, 128) for 1024 px
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.pipe.transformer.parameters()).device
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], guidance: float) -> tuple[Conditioning, Conditioning | None]:
+        """(cond, uncond) by the pipeline's own ``encode_prompt``; uncond (empty prompt) only under guidance."""
+        cfg = guidance > 1.0
+        pe, npe, ppe, nppe = self.pipe.encode_prompt(prompts, prompts, prompts, device=self.device,
+                                                     do_classifier_free_guidance=cfg,
+                                                     max_sequence_length=self.max_sequence_length)
+        return Conditioning(pe, ppe), (Conditioning(npe, nppe) if cfg else None)
+
+    def velocity(self) -> torch.nn.Module:
+        return FlowMatchingVelocity(self.pipe.transformer)
+
+    def time_grid(self, steps: int) -> torch.Tensor:
+        """Our times at the family scheduler's sigmas (its shift included), 0 -> 1."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return flow_matching_time_grid(FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config), steps)
+
+    @torch.no_grad()
+    def sample_latents(self, prompts: list[str], steps: int, guidance: float, seeds: list[int] | None = None,
+                       x0: torch.Tensor | None = None, path: list | None = None) -> torch.Tensor:
+        """x1 latents from seeded noise x0 by Euler in flow time with the pipeline's guidance rule."""
+        x0 = (seeded_noise(seeds, self.latent_shape) if x0 is None else x0).to(self.device)
+        cond, uncond = self.encode(prompts, guidance)
+        return sample_euler(guided(self.velocity(), cond, uncond, guidance), x0, self.time_grid(steps), path).float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images (B, 3, H, W) in [0, 1], undoing the VAE's scaling and shift as the pipeline does."""
+        vae = self.pipe.vae
+        z = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        return ((vae.decode(z.to(vae.dtype)).sample.float() + 1) / 2).clamp(0, 1)
+
+    @torch.no_grad()
+    def sample_images(self, prompts: list[str], steps: int, guidance: float, seeds: list[int],
+                      batch_size: int = 64) -> torch.Tensor:
+        return torch.cat([self.decode(self.sample_latents(prompts[i:i + batch_size], steps, guidance,
+                                                          seeds[i:i + batch_size]))
+                          for i in range(0, len(prompts), batch_size)])
+
+
+def load_teacher(pretrained: str, kind: str | None = None):
+    """The model a coupling stage solves: an ``SD3Model`` for SD3 folders, else a ``TextToImage``."""
+    if family_of(pretrained) == "sd3":
+        if kind not in (None, "flow_matching"):
+            raise ValueError(f"'{pretrained}' is an SD3 pipeline (a flow-matching model): kind must be null or "
+                             f"flow_matching, got {kind!r}")
+        return SD3Model.from_pretrained(pretrained)
+    from instaflow.models.sampler import TextToImage
+
+    return TextToImage.from_pretrained(pretrained, kind=kind)

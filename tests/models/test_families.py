@@ -1,0 +1,98 @@
+"""The SD3 family on a tiny random SD3 pipeline: our sampling equals StableDiffusion3Pipeline's, couplings
+come out of the unchanged coupling stage, and a missing model fails naming it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.flow.test_flow_matching import TINY_SD3
+from tests.lightning_modules.test_chain import gen_pairs, read_pairs
+
+PROMPTS = ["a red circle in the center", "two blue squares on a white background"]
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3_folder(tmp_path_factory) -> Path:
+    """CLIP-L and CLIP-G stand-ins (8-wide, projections of 4: states 16 = joint_attention_dim, pooled 8), no T5
+    (the pipeline then uses zeros for its tokens, as SD3 allows), a tiny VAE with a shift factor, shift 3.0."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from tests.conftest import write_tiny_clip_vocab
+
+    root = tmp_path_factory.mktemp("sd3")
+    vocab, merges = write_tiny_clip_vocab(root / "vocab")
+    torch.manual_seed(0)
+    text = dict(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_hidden_layers=1, vocab_size=1000,
+                max_position_embeddings=77, projection_dim=4, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    pipe = StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(**TINY_SD3), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[4, 8],
+                          down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                          layers_per_block=1, norm_num_groups=2, sample_size=16, scaling_factor=1.5,
+                          shift_factor=0.1),
+        text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**text)),
+        tokenizer=CLIPTokenizer(str(vocab), str(merges), model_max_length=77),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text)),
+        tokenizer_2=CLIPTokenizer(str(vocab), str(merges), model_max_length=77),
+        text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(root / "pipeline")
+    return root / "pipeline"
+
+
+@pytest.mark.parametrize("steps,w", [(1, 1.0), (5, 4.0)])
+def test_sd3_sampling_equals_the_pipeline(tiny_sd3_folder, steps, w):
+    from diffusers import StableDiffusion3Pipeline
+
+    from instaflow.models.families import SD3Model, family_of
+
+    assert family_of(str(tiny_sd3_folder)) == "sd3"
+    ours = SD3Model.from_pretrained(str(tiny_sd3_folder))
+    assert ours.latent_shape == (4, 8, 8)
+    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(tiny_sd3_folder), text_encoder_3=None, tokenizer_3=None,
+                                                    feature_extractor=None, image_encoder=None)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(prompt=PROMPTS, latents=x0.clone(), num_inference_steps=steps, guidance_scale=w, height=16, width=16)
+    theirs = pipe(**kw, output_type="latent").images
+    x1 = ours.sample_latents(PROMPTS, steps, w, x0=x0)
+    torch.testing.assert_close(x1, theirs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.decode(x1), pipe(**kw, output_type="pt").images, atol=1e-5, rtol=0)
+
+
+def test_sd3_couplings_from_the_coupling_stage(tiny_sd3_folder, tiny_world, tmp_path):
+    """pairs_teacher.yaml pointed at an SD3 folder: Euler at the scheduler's sigmas, x1 = the family sampler's."""
+    import numpy as np
+
+    from instaflow.flow.noise import sample_seed
+    from instaflow.models.families import SD3Model
+
+    out = tmp_path / "pairs"
+    gen_pairs(tmp_path, tiny_world, str(tiny_sd3_folder), out, solver="euler", guidance=3.0, kind=None,
+              store_text_states=False, bf16=False)
+    pairs = read_pairs(out)
+    assert len(pairs) == 64
+    meta = json.loads((out / "generation.json").read_text())
+    assert (meta["family"], meta["kind"], meta["solver"], meta["latent_shape"]) == ("sd3", "flow_matching", "euler",
+                                                                                     [4, 8, 8])
+    model = SD3Model.from_pretrained(str(tiny_sd3_folder))
+    key = sorted(pairs)[5]
+    caption = pairs[key]["txt"].decode()
+    want = model.sample_latents([caption], 3, 3.0, seeds=[sample_seed(key, 0)])
+    got = torch.from_numpy(np.load(__import__("io").BytesIO(pairs[key]["x1.npy"])).astype(np.float32))
+    torch.testing.assert_close(got, want[0], atol=2e-3, rtol=0)  # stored as float16
+
+
+def test_missing_sd3_model_fails_naming_it(tmp_path):
+    from instaflow.models.families import SD3Model
+    from instaflow.models.loading import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError, match="stabilityai/stable-diffusion-3-medium-diffusers"):
+        SD3Model.from_pretrained("stabilityai/stable-diffusion-3-medium-diffusers")
+    with pytest.raises(ModelNotFoundError, match=str(tmp_path / "no-sd3")):
+        SD3Model.from_pretrained(str(tmp_path / "no-sd3"))
