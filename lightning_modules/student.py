@@ -19,7 +19,8 @@ from instaflow.flow.guidance import drop_captions
 from instaflow.flow.losses import check_finite
 from instaflow.flow.schedules import adamw_with_warmup
 from instaflow.flow.velocity import velocity_field
-from instaflow.models import loading, lora, sharding
+from instaflow.flow.flow_matching import FlowMatchingVelocity
+from instaflow.models import families, loading, lora, sharding
 from instaflow.models.sampler import TextToImage
 from instaflow.models.saving import save_pipeline
 from instaflow.models.text_encoder import load_text_encoder
@@ -78,14 +79,18 @@ class FlowStudent(L.LightningModule, abc.ABC):
         if self.unet is not None:
             return
         h = self.hparams
-        self.vae = loading.load_vae(h.init)
-        self.text_encoder = load_text_encoder(h.init, cache_size=h.text_cache_size)
-        self.scheduler_config = loading.load_scheduler_config(h.init)
-        self.components = loading.component_sources(h.init)
-        self.unet = self.student_unet(loading.load_unet(h.init)).train()
-        if h.lora_rank:
-            lora.add_lora(self.unet, h.lora_rank, h.lora_alpha, h.lora_target_modules)
-        self.velocity = velocity_field(self.unet, self.kind, self.scheduler_config)
+        self.family = families.family_of(h.init)
+        if self.family == "sd3":
+            self._configure_sd3()
+        else:
+            self.vae = loading.load_vae(h.init)
+            self.text_encoder = load_text_encoder(h.init, cache_size=h.text_cache_size)
+            self.scheduler_config = loading.load_scheduler_config(h.init)
+            self.components = loading.component_sources(h.init)
+            self.unet = self.student_unet(loading.load_unet(h.init)).train()
+            if h.lora_rank:
+                lora.add_lora(self.unet, h.lora_rank, h.lora_alpha, h.lora_target_modules)
+            self.velocity = velocity_field(self.unet, self.kind, self.scheduler_config)
         # each data-parallel rank draws its own t and caption dropout (rank 0 = the single-device draws)
         self._gen = torch.Generator().manual_seed(h.seed + self.global_rank)
         if h.activation_checkpointing:
@@ -101,17 +106,42 @@ class FlowStudent(L.LightningModule, abc.ABC):
             raise ValueError("fsdp_mixed_precision needs trainer.strategy ModelParallelStrategy (FSDP2, see "
                              "experiments/sharding/fsdp2.yaml); on one device or DDP use trainer.precision: bf16-mixed")
 
+    def _configure_sd3(self) -> None:
+        """An SD3 init: its transformer is the trainable network, seen through the flow-matching conversion
+        (a flow already: ``parameterization: flow``); its text encoders and VAE are frozen module children."""
+        h = self.hparams
+        if h.parameterization != "flow":
+            raise ValueError(f"'{h.init}' is an SD3 pipeline, a flow-matching model already: use parameterization "
+                             f"flow (got {h.parameterization!r})")
+        if h.lora_rank or h.get("student", "unet") != "unet":
+            raise NotImplementedError("SD3 students train the whole transformer for now (no LoRA, no stacking)")
+        self.family_model = families.SD3Model.from_pretrained(h.init, uniform=True)  # our flows: dt = 1/N
+        pipe = self.family_model.pipe
+        self.vae = pipe.vae.requires_grad_(False)
+        self.text_encoders = torch.nn.ModuleList(  # registered, so the strategy moves them with the module
+            [te.requires_grad_(False) for te in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3)
+             if te is not None])
+        self.text_encoder = None
+        self.scheduler_config = self.family_model.scheduler_config
+        self.components = {"kind": "flow_matching", "family": "sd3"}
+        self.unet = pipe.transformer.train()
+        self.velocity = FlowMatchingVelocity(self.unet)
+
     def student_unet(self, unet: torch.nn.Module) -> torch.nn.Module:
         """The trainable network built from the init's UNet (the UNet itself; DistillTraining may stack it)."""
         return unet
 
     @property
     def kind(self) -> str:
+        if getattr(self, "family", "sd") == "sd3":
+            return "flow_matching"
         return "ddpm_velocity" if self.hparams.parameterization == "velocity_wrapper" else "flow"
 
-    def text_states(self, captions: list[str], dropout: float = 0.0) -> torch.Tensor:
+    def text_states(self, captions: list[str], dropout: float = 0.0):
         if dropout:
             captions = drop_captions(captions, dropout, self._gen)
+        if getattr(self, "family", "sd") == "sd3":
+            return self.family_model.encode(captions, 1.0)[0]  # Conditioning: token states + pooled
         return self.text_encoder(captions)  # (B, L, D)
 
     def batch_states(self, batch: dict, dropout: float = 0.0) -> torch.Tensor:
@@ -124,6 +154,9 @@ class FlowStudent(L.LightningModule, abc.ABC):
         """
         if "text_states" not in batch:
             return self.text_states(batch["caption"], dropout)
+        if getattr(self, "family", "sd") != "sd":
+            raise ValueError(f"couplings with stored text states are not supported for the {self.family} family yet: "
+                             "regenerate them with store_text_states: false")
         states = batch["text_states"].to(self.device, torch.float32)  # (B, L, D)
         want = (self.text_encoder.max_length, self.text_encoder.hidden_size)
         if tuple(states.shape[1:]) != want:
@@ -147,8 +180,11 @@ class FlowStudent(L.LightningModule, abc.ABC):
         g = torch.Generator().manual_seed(1000 + batch_idx)  # same t every validation
         self.log("val/loss", self.loss(batch, g, 0.0), prog_bar=True)
 
-    def sampler(self) -> TextToImage:
-        """The module's live networks as a ``TextToImage`` (Euler in flow time, through ``self.velocity``)."""
+    def sampler(self):
+        """The module's live networks as a ``TextToImage`` (Euler in flow time, through ``self.velocity``);
+        for an SD3 student its ``SD3Model`` (the same transformer object, uniform Euler steps)."""
+        if getattr(self, "family", "sd") == "sd3":
+            return self.family_model
         return TextToImage(unet=self.unet, vae=self.vae, text_encoder=self.text_encoder,
                            scheduler_config=self.scheduler_config, kind=self.kind, velocity_module=self.velocity)
 
@@ -217,6 +253,8 @@ class FlowStudent(L.LightningModule, abc.ABC):
         return unet
 
     def export(self, dirpath: str, unet: torch.nn.Module | None = None) -> Path:
+        if getattr(self, "family", "sd") == "sd3":
+            return self.family_model.save_flow(dirpath, transformer=unet)
         if unet is None:
             if sharding.is_sharded(self.unet):
                 raise RuntimeError("the UNet is FSDP2-sharded: gather it first on every rank with export_unet() "

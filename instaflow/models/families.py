@@ -23,7 +23,7 @@ import torch
 from instaflow.flow.flow_matching import Conditioning, FlowMatchingVelocity, flow_matching_time_grid
 from instaflow.flow.guidance import guided
 from instaflow.flow.noise import seeded_noise
-from instaflow.flow.solvers import sample_euler
+from instaflow.flow.solvers import sample_euler, time_grid
 from instaflow.models import loading
 
 FAMILY_PIPELINES = {"StableDiffusion3Pipeline": "sd3"}
@@ -51,18 +51,23 @@ class SD3Model:
     kind = "flow_matching"
     family = "sd3"
 
-    def __init__(self, pipe, max_sequence_length: int = 256) -> None:
+    def __init__(self, pipe, max_sequence_length: int = 256, uniform: bool = False) -> None:
         self.pipe, self.max_sequence_length = pipe, max_sequence_length
+        self.uniform = uniform  # True: Euler with dt = 1/N (our rectified flows); False: the scheduler's sigmas
         self.bf16 = False
 
     @classmethod
-    def from_pretrained(cls, pretrained: str, **kw) -> "SD3Model":
+    def from_pretrained(cls, pretrained: str, uniform: bool | None = None, **kw) -> "SD3Model":
+        """Load an SD3 folder or hub id; ``uniform`` defaults to what a folder this framework wrote says."""
         from diffusers import StableDiffusion3Pipeline
 
         pipe = loading.from_pretrained(StableDiffusion3Pipeline, pretrained, what="SD3 pipeline",
                                        **_absent_components(pretrained))
         pipe.set_progress_bar_config(disable=True)
-        return cls(pipe, **kw)
+        if uniform is None:
+            marker = Path(loading.resolve_path(pretrained)) / loading.COMPONENTS_FILE
+            uniform = marker.is_file() and json.loads(marker.read_text()).get("sampling") == "uniform"
+        return cls(pipe, uniform=uniform, **kw)
 
     @property
     def unet(self) -> torch.nn.Module:  # the denoiser, under the name the stages use
@@ -94,10 +99,36 @@ class SD3Model:
         return FlowMatchingVelocity(self.pipe.transformer)
 
     def time_grid(self, steps: int) -> torch.Tensor:
-        """Our times at the family scheduler's sigmas (its shift included), 0 -> 1."""
+        """0 -> 1: uniform (dt = 1/N) for our rectified flows, else at the family scheduler's (shifted) sigmas."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
+        if self.uniform:
+            return time_grid(steps)
         return flow_matching_time_grid(FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config), steps)
+
+    def save_flow(self, dirpath: str | Path, transformer: torch.nn.Module | None = None) -> Path:
+        """Write a trained SD3 rectified flow as an SD3 pipeline folder that plain diffusers loads.
+
+        It is still a flow-matching model (the transformer predicts noise - data at timestep sigma * 1000),
+        so ``StableDiffusion3Pipeline`` samples it; the scheduler is saved with ``shift`` 1 so that
+        ``pipe(..., sigmas=[1 - i / N for i in range(N)])`` takes our uniform Euler steps (dt = 1/N).
+        """
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        out = Path(dirpath)
+        scheduler, own = self.pipe.scheduler, self.pipe.transformer
+        try:
+            self.pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config, shift=1.0)
+            if transformer is not None:
+                self.pipe.transformer = transformer
+            self.pipe.save_pretrained(out)
+        finally:
+            self.pipe.scheduler, self.pipe.transformer = scheduler, own
+        (out / loading.COMPONENTS_FILE).write_text(json.dumps(
+            {"kind": "flow_matching", "family": "sd3", "sampling": "uniform",
+             "diffusers": "StableDiffusion3Pipeline.from_pretrained(dir)(prompt, num_inference_steps=N, "
+                          "sigmas=[1 - i / N for i in range(N)])"}, indent=2))
+        return out
 
     @torch.no_grad()
     def sample_latents(self, prompts: list[str], steps: int, guidance: float, seeds: list[int] | None = None,

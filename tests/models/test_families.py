@@ -96,3 +96,68 @@ def test_missing_sd3_model_fails_naming_it(tmp_path):
         SD3Model.from_pretrained("stabilityai/stable-diffusion-3-medium-diffusers")
     with pytest.raises(ModelNotFoundError, match=str(tmp_path / "no-sd3")):
         SD3Model.from_pretrained(str(tmp_path / "no-sd3"))
+
+
+RELOAD_SD3 = """
+import sys, torch
+from diffusers import StableDiffusion3Pipeline
+folder, latents, out = sys.argv[1], sys.argv[2], sys.argv[3]
+pipe = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
+pipe.set_progress_bar_config(disable=True)
+for n, w in ((1, 1.0), (3, 2.0)):
+    images = pipe({prompts!r}, latents=torch.load(latents), num_inference_steps=n, guidance_scale=w,
+                  sigmas=[1 - i / n for i in range(n)], height=16, width=16, output_type="pt").images
+    torch.save(images.cpu(), out + f"_{{n}}.pt")
+project = [m for m in sys.modules if m.split(".")[0] in ("instaflow", "lightning_modules", "callbacks", "data")]
+assert not project, project
+"""
+
+
+def test_sd3_chain_reflow_distill_export_reloads_with_plain_diffusers(tiny_sd3_folder, tiny_world, tmp_path):
+    """SD3 teacher couplings -> reflow (the transformer, flow-matching conversion) -> 2-RF couplings -> one-step
+    distillation -> an SD3 folder that StableDiffusion3Pipeline samples as we do (uniform sigmas, shift 1)."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from instaflow.flow.noise import seeded_noise
+    from instaflow.models.families import SD3Model, family_of
+    from tests.lightning_modules.test_chain import BASE, cli, scalars, tiny_yaml
+
+    kw = dict(solver="euler", kind=None, store_text_states=False, bf16=False)
+    gen_pairs(tmp_path, tiny_world, str(tiny_sd3_folder), tmp_path / "pairs_teacher", guidance=3.0, **kw)
+    models, runs = tmp_path / "models", tmp_path / "runs"
+    train = {"max_steps": 12, "val_check_interval": 6, "limit_val_batches": 1, "log_every_n_steps": 1}
+    pdata = {"batch_size": 8, "num_workers": 0, "shuffle_buffer": 16}
+    stage = {"parameterization": "flow", "lr": 1e-3, "warmup_steps": 1}
+    cli(["fit", "-c", BASE, "-c", tiny_yaml("reflow.yaml", tmp_path, {
+        **stage, "init": str(tiny_sd3_folder), "export_dir": str(models / "rf2"), "grid_steps": [1, 2]},
+        {**pdata, "train": str(tmp_path / "pairs_teacher"), "val": str(tmp_path / "pairs_teacher")}, train)])
+    loss = scalars(next((runs / "reflow").glob("version_*")), "train/loss")
+    assert len(loss) == 12 and np.isfinite(loss).all() and np.mean(loss[-3:]) < np.mean(loss[:3]), loss
+    assert family_of(str(models / "rf2")) == "sd3" and SD3Model.from_pretrained(str(models / "rf2")).uniform
+
+    gen_pairs(tmp_path, tiny_world, str(models / "rf2"), tmp_path / "pairs_rf2", src="pairs_rf2.yaml", guidance=1.5,
+              **kw)
+    assert len(read_pairs(tmp_path / "pairs_rf2")) == 64
+    cli(["fit", "-c", BASE, "-c", tiny_yaml("distill.yaml", tmp_path, {
+        **stage, "init": str(models / "rf2"), "export_dir": str(models / "instaflow")},
+        {**pdata, "train": str(tmp_path / "pairs_rf2"), "val": str(tmp_path / "pairs_rf2")},
+        {**train, "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                             "init_args": {"save_dir": str(runs), "name": "distill"}}})])
+    loss = scalars(next((runs / "distill").glob("version_*")), "train/loss")
+    assert np.mean(loss[-3:]) < np.mean(loss[:3]), loss
+
+    student = SD3Model.from_pretrained(str(models / "instaflow"))
+    x0 = seeded_noise([0, 1], student.latent_shape)  # (2, 4, 8, 8)
+    torch.save(x0, tmp_path / "x0.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", RELOAD_SD3.format(prompts=PROMPTS), str(models / "instaflow"),
+                           str(tmp_path / "x0.pt"), str(tmp_path / "plain")], cwd=tmp_path,
+                          env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for n, w in ((1, 1.0), (3, 2.0)):
+        ours = student.decode(student.sample_latents(PROMPTS, n, w, x0=x0))
+        torch.testing.assert_close(torch.load(tmp_path / f"plain_{n}.pt"), ours, atol=1e-5, rtol=0)
