@@ -189,3 +189,66 @@ def tiny_clip_folder(tmp_path_factory) -> Path:
     for part in (model, tok, proc):
         part.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_folder(tmp_path_factory) -> Path:
+    """CLIP-L and CLIP-G stand-ins (8-wide, projections of 4: states 16 = joint_attention_dim, pooled 8), no T5
+    (the pipeline then uses zeros for its tokens, as SD3 allows), a tiny VAE with a shift factor, shift 3.0."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from tests.flow.test_flow_matching import TINY_SD3
+
+    root = tmp_path_factory.mktemp("sd3")
+    vocab, merges = write_tiny_clip_vocab(root / "vocab")
+    torch.manual_seed(0)
+    text = dict(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_hidden_layers=1, vocab_size=1000,
+                max_position_embeddings=77, projection_dim=4, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    pipe = StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(**TINY_SD3), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[4, 8],
+                          down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                          layers_per_block=1, norm_num_groups=2, sample_size=16, scaling_factor=1.5,
+                          shift_factor=0.1),
+        text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**text)),
+        tokenizer=CLIPTokenizer(str(vocab), str(merges), model_max_length=77),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text)),
+        tokenizer_2=CLIPTokenizer(str(vocab), str(merges), model_max_length=77),
+        text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(root / "pipeline")
+    return root / "pipeline"
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_folder(tmp_path_factory) -> Path:
+    """Two 8-wide CLIP stand-ins (states 16 = cross_attention_dim; the second's projection of 4 is the pooled
+    text), a text_time UNet (4 + 6 x 8 added inputs), DPM-Solver++ as ours configures it, a tiny VAE."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from instaflow.flow.diffusion import SD_SCHEDULE
+    from instaflow.flow.solvers import dpm_solver_scheduler
+
+    root = tmp_path_factory.mktemp("sdxl")
+    vocab, merges = write_tiny_clip_vocab(root / "vocab")
+    torch.manual_seed(0)
+    text = dict(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_hidden_layers=2, vocab_size=1000,
+                max_position_embeddings=77, projection_dim=4, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=[8, 16], layers_per_block=1,
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=4 + 6 * 8)
+    pipe = StableDiffusionXLPipeline(
+        vae=AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[4, 8],
+                          down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                          layers_per_block=1, norm_num_groups=2, sample_size=16, scaling_factor=0.13025),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**text)),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text)),
+        tokenizer=CLIPTokenizer(str(vocab), str(merges), model_max_length=77),
+        tokenizer_2=CLIPTokenizer(str(vocab), str(merges), model_max_length=77),
+        unet=unet, scheduler=dpm_solver_scheduler(SD_SCHEDULE, 25))
+    pipe.save_pretrained(root / "pipeline")
+    return root / "pipeline"

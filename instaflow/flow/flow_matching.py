@@ -15,25 +15,11 @@ x + (t_next - t) v = x + (sigma_next - sigma) net.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from instaflow.flow.conditioning import Conditioning
+
 Tensor = torch.Tensor
-
-
-@dataclass
-class Conditioning:
-    """What the text side hands a denoiser: token states (B, L, D) and, for SDXL / SD3 / Flux, pooled
-    embeddings (B, P). ``cat`` stacks two along the batch (for classifier-free guidance)."""
-
-    states: Tensor
-    pooled: Tensor | None = None
-
-    @staticmethod
-    def cat(items: list["Conditioning"]) -> "Conditioning":
-        pooled = None if items[0].pooled is None else torch.cat([c.pooled for c in items])
-        return Conditioning(torch.cat([c.states for c in items]), pooled)
 
 
 def fm_timestep(t: Tensor, scale: float = 1000.0) -> Tensor:

@@ -10,6 +10,7 @@ from typing import Sequence
 
 import torch
 
+from instaflow.flow.conditioning import call_unet
 from instaflow.flow.guidance import VelocityFn, cfg_combine
 
 Tensor = torch.Tensor
@@ -79,11 +80,15 @@ def sample_dpm_solver(unet, scheduler_config: dict, x0: Tensor, cond: Tensor, un
         path.append((0.0, x0))
     x = x0 * sched.init_noise_sigma
     use_cfg = guidance > 1.0 and uncond is not None
-    states = torch.cat([uncond, cond]) if use_cfg else cond
+    if use_cfg:
+        states = torch.cat([uncond, cond]) if isinstance(cond, Tensor) else type(cond).cat([uncond, cond])
+    else:
+        states = cond
+    states = states.to(x.dtype)
     for t in sched.timesteps:
         inp = torch.cat([x, x]) if use_cfg else x
         inp = sched.scale_model_input(inp, t)
-        out = unet(inp, t, encoder_hidden_states=states.to(x.dtype)).sample
+        out = call_unet(unet, inp, t, states)
         if use_cfg:
             out = cfg_combine(*out.chunk(2), guidance)
         x = sched.step(out, t, x).prev_sample

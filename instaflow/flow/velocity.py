@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from instaflow.flow import diffusion
+from instaflow.flow.conditioning import call_unet
 from instaflow.flow.paths import bcast, rf_unet_timestep
 
 
@@ -44,7 +45,7 @@ class DiffusionVelocity(nn.Module):
         timestep = diffusion.ddpm_timestep(ab, self.alphas_cumprod)  # (B,)
         scale_t = t64 if self.boundary == "scale_t_min" else t_true
         x_s = x_t * bcast(diffusion.flow_to_diffusion_scale(scale_t), x_t)  # same SNR, unit noise
-        out = self.unet(x_s, timestep.to(x_t.dtype), encoder_hidden_states=states).sample
+        out = call_unet(self.unet, x_s, timestep.to(x_t.dtype), states)
         x1_hat, eps_hat = diffusion.diffusion_to_x1_eps(out, x_s, ab.to(x_t.dtype), self.prediction_type)
         v = x1_hat - eps_hat  # (B, C, h, w)
         if self.boundary != "x1_consistent":
@@ -61,7 +62,7 @@ class RectifiedFlowVelocity(nn.Module):
         self.unet = unet
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-        return self.unet(x_t, rf_unet_timestep(t).to(x_t.dtype), encoder_hidden_states=states).sample
+        return call_unet(self.unet, x_t, rf_unet_timestep(t).to(x_t.dtype), states)
 
 
 KINDS = ("ddpm", "flow", "ddpm_velocity")

@@ -1,5 +1,6 @@
 """Model families beyond SD 1.x/2.x, each seen as: prompts -> ``Conditioning``; a velocity field in our
-flow time; latents -> images. Written so far: SD3 / SD3.5 (a flow-matching teacher).
+flow time; latents -> images. Written so far: SD3 / SD3.5 (a flow-matching teacher; its students
+train and export too) and SDXL (a diffusion teacher: couplings only, so far).
 
 The family's own diffusers pipeline is loaded (hub id or local folder, through ``loading.from_pretrained``,
 so a missing model fails at once naming it and the local-folder fix) and its own ``encode_prompt`` makes
@@ -20,17 +21,18 @@ from pathlib import Path
 
 import torch
 
-from instaflow.flow.flow_matching import Conditioning, FlowMatchingVelocity, flow_matching_time_grid
+from instaflow.flow.conditioning import Conditioning
+from instaflow.flow.flow_matching import FlowMatchingVelocity, flow_matching_time_grid
 from instaflow.flow.guidance import guided
 from instaflow.flow.noise import seeded_noise
 from instaflow.flow.solvers import sample_euler, time_grid
 from instaflow.models import loading
 
-FAMILY_PIPELINES = {"StableDiffusion3Pipeline": "sd3"}
+FAMILY_PIPELINES = {"StableDiffusion3Pipeline": "sd3", "StableDiffusionXLPipeline": "sdxl"}
 
 
 def family_of(pretrained: str) -> str:
-    """"sd3" for a folder whose model_index.json names an SD3 pipeline, else "sd" (SD 1.x/2.x, the embedded SD)."""
+    """"sd3" / "sdxl" for a folder whose model_index.json names that pipeline, else "sd" (SD 1.x/2.x, the embedded SD)."""
     index = Path(loading.resolve_path(pretrained)) / "model_index.json"
     if not index.is_file():
         return "sd"
@@ -153,8 +155,93 @@ class SD3Model:
                           for i in range(0, len(prompts), batch_size)])
 
 
+class SDXLModel:
+    """An SDXL pipeline as a diffusion teacher (epsilon prediction): DPM-Solver++ with its conditioning.
+
+    The conditioning is the pipeline's own: ``encode_prompt`` (both CLIP encoders' penultimate states
+    concatenated, the second one's pooled projection; with ``force_zeros_for_empty_prompt`` the
+    unconditional embeddings are zeros, not the empty prompt's) and ``_get_add_time_ids`` (original
+    size = target size = the output size, crop (0, 0), as the pipeline defaults), carried in a
+    ``Conditioning`` that ``call_unet`` passes as ``added_cond_kwargs``. ``vae``: another VAE to decode
+    with (e.g. a local copy of the community's fp16-fixed SDXL VAE, ``madebyollin/sdxl-vae-fp16-fix``).
+    """
+
+    kind = "ddpm"
+    family = "sdxl"
+
+    def __init__(self, pipe) -> None:
+        self.pipe = pipe
+        self.bf16 = False
+
+    @classmethod
+    def from_pretrained(cls, pretrained: str, vae: str | None = None) -> "SDXLModel":
+        from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+
+        extra = _absent_components(pretrained)
+        if vae is not None:
+            extra["vae"] = loading.from_pretrained(AutoencoderKL, vae, what="SDXL VAE")
+        pipe = loading.from_pretrained(StableDiffusionXLPipeline, pretrained, what="SDXL pipeline", **extra)
+        pipe.set_progress_bar_config(disable=True)
+        return cls(pipe)
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.pipe.unet
+
+    @property
+    def scheduler_config(self) -> dict:
+        return dict(self.pipe.scheduler.config)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        c = self.pipe.unet.config
+        return (c.in_channels, c.sample_size, c.sample_size)  # (4, 128, 128) for 1024 px
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.pipe.unet.parameters()).device
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], guidance: float) -> tuple[Conditioning, Conditioning | None]:
+        cfg = guidance > 1.0
+        pe, npe, ppe, nppe = self.pipe.encode_prompt(prompts, device=self.device, do_classifier_free_guidance=cfg)
+        size = self.latent_shape[1] * self.pipe.vae_scale_factor
+        proj = (self.pipe.text_encoder_2.config.projection_dim if self.pipe.text_encoder_2 is not None
+                else int(ppe.shape[-1]))
+        ids = self.pipe._get_add_time_ids((size, size), (0, 0), (size, size), dtype=pe.dtype,
+                                          text_encoder_projection_dim=proj).to(self.device).repeat(len(prompts), 1)
+        return Conditioning(pe, ppe, ids), (Conditioning(npe, nppe, ids) if cfg else None)
+
+    @torch.no_grad()
+    def sample_latents(self, prompts: list[str], steps: int, guidance: float, seeds: list[int] | None = None,
+                       x0: torch.Tensor | None = None, path: list | None = None) -> torch.Tensor:
+        from instaflow.flow.solvers import sample_dpm_solver
+
+        x0 = (seeded_noise(seeds, self.latent_shape) if x0 is None else x0).to(self.device)
+        cond, uncond = self.encode(prompts, guidance)
+        return sample_dpm_solver(self.pipe.unet, self.scheduler_config, x0, cond, uncond, guidance, steps,
+                                 path=path).float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        return ((vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample.float() + 1) / 2).clamp(0, 1)
+
+    @torch.no_grad()
+    def sample_images(self, prompts: list[str], steps: int, guidance: float, seeds: list[int],
+                      batch_size: int = 64) -> torch.Tensor:
+        return torch.cat([self.decode(self.sample_latents(prompts[i:i + batch_size], steps, guidance,
+                                                          seeds[i:i + batch_size]))
+                          for i in range(0, len(prompts), batch_size)])
+
+
 def load_teacher(pretrained: str, kind: str | None = None):
-    """The model a coupling stage solves: an ``SD3Model`` for SD3 folders, else a ``TextToImage``."""
+    """The model a coupling stage solves: ``SD3Model`` / ``SDXLModel`` for those folders, else a ``TextToImage``."""
+    if family_of(pretrained) == "sdxl":
+        if kind not in (None, "ddpm"):
+            raise ValueError(f"'{pretrained}' is an SDXL pipeline (a diffusion teacher): kind must be null or ddpm, "
+                             f"got {kind!r}")
+        return SDXLModel.from_pretrained(pretrained)
     if family_of(pretrained) == "sd3":
         if kind not in (None, "flow_matching"):
             raise ValueError(f"'{pretrained}' is an SD3 pipeline (a flow-matching model): kind must be null or "

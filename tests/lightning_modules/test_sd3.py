@@ -10,7 +10,6 @@ import torch
 
 from tests.conftest import ROOT
 from tests.lightning_modules.test_sd15 import cli, config_chain, stated_global_batch, write_couplings
-from tests.models.test_families import tiny_sd3_folder  # noqa: F401  (the fixture)
 
 SD3 = sorted((ROOT / "experiments" / "sd3").glob("*.yaml"))
 
@@ -21,7 +20,7 @@ def sd3_couplings(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("exp", SD3, ids=lambda p: p.stem)
-def test_sd3_experiment_instantiates_with_a_tiny_sd3(exp, tmp_path, tiny_sd3_folder, tiny_world,  # noqa: F811
+def test_sd3_experiment_instantiates_with_a_tiny_sd3(exp, tmp_path, tiny_sd3_folder, tiny_world,
                                                     sd3_couplings):
     from instaflow.models.families import SD3Model
 

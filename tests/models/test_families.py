@@ -4,45 +4,13 @@ come out of the unchanged coupling stage, and a missing model fails naming it.""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.flow.test_flow_matching import TINY_SD3
 from tests.lightning_modules.test_chain import gen_pairs, read_pairs
 
 PROMPTS = ["a red circle in the center", "two blue squares on a white background"]
-
-
-@pytest.fixture(scope="module")
-def tiny_sd3_folder(tmp_path_factory) -> Path:
-    """CLIP-L and CLIP-G stand-ins (8-wide, projections of 4: states 16 = joint_attention_dim, pooled 8), no T5
-    (the pipeline then uses zeros for its tokens, as SD3 allows), a tiny VAE with a shift factor, shift 3.0."""
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                           StableDiffusion3Pipeline)
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
-
-    from tests.conftest import write_tiny_clip_vocab
-
-    root = tmp_path_factory.mktemp("sd3")
-    vocab, merges = write_tiny_clip_vocab(root / "vocab")
-    torch.manual_seed(0)
-    text = dict(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_hidden_layers=1, vocab_size=1000,
-                max_position_embeddings=77, projection_dim=4, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    pipe = StableDiffusion3Pipeline(
-        transformer=SD3Transformer2DModel(**TINY_SD3), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[4, 8],
-                          down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                          layers_per_block=1, norm_num_groups=2, sample_size=16, scaling_factor=1.5,
-                          shift_factor=0.1),
-        text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**text)),
-        tokenizer=CLIPTokenizer(str(vocab), str(merges), model_max_length=77),
-        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text)),
-        tokenizer_2=CLIPTokenizer(str(vocab), str(merges), model_max_length=77),
-        text_encoder_3=None, tokenizer_3=None)
-    pipe.save_pretrained(root / "pipeline")
-    return root / "pipeline"
 
 
 @pytest.mark.parametrize("steps,w", [(1, 1.0), (5, 4.0)])
@@ -161,3 +129,42 @@ def test_sd3_chain_reflow_distill_export_reloads_with_plain_diffusers(tiny_sd3_f
     for n, w in ((1, 1.0), (3, 2.0)):
         ours = student.decode(student.sample_latents(PROMPTS, n, w, x0=x0))
         torch.testing.assert_close(torch.load(tmp_path / f"plain_{n}.pt"), ours, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("steps,w", [(4, 1.0), (8, 5.0)])
+def test_sdxl_dpm_solver_couplings_equal_the_pipeline(tiny_sdxl_folder, steps, w):
+    """SDXL's conditioning (both encoders, pooled text, time ids, zeros for the empty prompt) through our
+    DPM-Solver++ equals StableDiffusionXLPipeline with that scheduler, latents out."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from instaflow.models.families import SDXLModel, family_of, load_teacher
+
+    assert family_of(str(tiny_sdxl_folder)) == "sdxl"
+    ours = load_teacher(str(tiny_sdxl_folder))
+    assert isinstance(ours, SDXLModel) and ours.latent_shape == (4, 8, 8)
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl_folder))
+    pipe.set_progress_bar_config(disable=True)
+    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    kw = dict(prompt=PROMPTS, latents=x0.clone(), num_inference_steps=steps, guidance_scale=w, height=16, width=16)
+    x1 = ours.sample_latents(PROMPTS, steps, w, x0=x0)
+    torch.testing.assert_close(x1, pipe(**kw, output_type="latent").images, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.decode(x1), pipe(**kw, output_type="pt").images, atol=1e-5, rtol=0)
+
+
+def test_sdxl_couplings_from_the_coupling_stage(tiny_sdxl_folder, tiny_world, tmp_path):
+    out = tmp_path / "pairs"
+    gen_pairs(tmp_path, tiny_world, str(tiny_sdxl_folder), out, guidance=5.0, kind=None, store_text_states=False,
+              bf16=False)
+    assert len(read_pairs(out)) == 64
+    meta = json.loads((out / "generation.json").read_text())
+    assert (meta["family"], meta["kind"], meta["solver"]) == ("sdxl", "ddpm", "dpm_solver++")
+
+
+def test_missing_sdxl_model_fails_naming_it():
+    from instaflow.models.families import SDXLModel
+    from instaflow.models.loading import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError, match="stabilityai/stable-diffusion-xl-base-1.0"):
+        SDXLModel.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0")
+    with pytest.raises(ModelNotFoundError, match="madebyollin/sdxl-vae-fp16-fix"):
+        SDXLModel.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0", vae="madebyollin/sdxl-vae-fp16-fix")
