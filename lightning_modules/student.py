@@ -113,8 +113,8 @@ class FlowStudent(L.LightningModule, abc.ABC):
         if h.parameterization != "flow":
             raise ValueError(f"'{h.init}' is an SD3 pipeline, a flow-matching model already: use parameterization "
                              f"flow (got {h.parameterization!r})")
-        if h.lora_rank or h.get("student", "unet") != "unet":
-            raise NotImplementedError("SD3 students train the whole transformer for now (no LoRA, no stacking)")
+        if h.get("student", "unet") != "unet":
+            raise NotImplementedError("SD3 students train their own transformer (no stacked student)")
         self.family_model = families.SD3Model.from_pretrained(h.init, uniform=True)  # our flows: dt = 1/N
         pipe = self.family_model.pipe
         self.vae = pipe.vae.requires_grad_(False)
@@ -125,6 +125,8 @@ class FlowStudent(L.LightningModule, abc.ABC):
         self.scheduler_config = self.family_model.scheduler_config
         self.components = {"kind": "flow_matching", "family": "sd3"}
         self.unet = pipe.transformer.train()
+        if h.lora_rank:
+            lora.add_lora(self.unet, h.lora_rank, h.lora_alpha, h.lora_target_modules)
         self.velocity = FlowMatchingVelocity(self.unet)
 
     def student_unet(self, unet: torch.nn.Module) -> torch.nn.Module:
@@ -254,7 +256,13 @@ class FlowStudent(L.LightningModule, abc.ABC):
 
     def export(self, dirpath: str, unet: torch.nn.Module | None = None) -> Path:
         if getattr(self, "family", "sd") == "sd3":
-            return self.family_model.save_flow(dirpath, transformer=unet)
+            net = self.unet if unet is None else unet
+            adapter = net if lora.has_lora(net) else None
+            out = self.family_model.save_flow(dirpath, transformer=lora.merged(adapter) if adapter is not None else net)
+            if adapter is not None:
+                h = self.hparams
+                lora.save_lora(adapter, out, h.init, h.lora_rank, h.lora_alpha, h.lora_target_modules, family="sd3")
+            return out
         if unet is None:
             if sharding.is_sharded(self.unet):
                 raise RuntimeError("the UNet is FSDP2-sharded: gather it first on every rank with export_unet() "

@@ -55,13 +55,25 @@ def merged(unet: torch.nn.Module) -> torch.nn.Module:
 
 
 def save_lora(unet: torch.nn.Module, folder: str | Path, base: str, rank: int, alpha: float | None,
-              targets: list[str] | tuple[str, ...]) -> Path:
-    """Write ``folder/lora/`` (diffusers LoRA weights + lora.json); returns that folder."""
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+              targets: list[str] | tuple[str, ...], family: str = "sd") -> Path:
+    """Write ``folder/lora/`` (diffusers LoRA weights + lora.json); returns that folder.
 
+    SD 1.x/2.x: a UNet LoRA (``StableDiffusionLoraLoaderMixin``); SD3: a transformer LoRA in the format
+    diffusers' SD3 LoRA training writes (``SD3LoraLoaderMixin``, peft state dict under ``transformer.``).
+    """
     out = Path(folder) / LORA_DIR
-    StableDiffusionLoraLoaderMixin.save_lora_weights(out, unet_lora_layers=lora_state_dict(unet),
-                                                     safe_serialization=True)
-    (out / "lora.json").write_text(json.dumps({"base": base, "rank": rank, "alpha": alpha if alpha is not None else rank,
+    if family == "sd3":
+        from diffusers.loaders import SD3LoraLoaderMixin
+        from peft.utils import get_peft_model_state_dict
+
+        SD3LoraLoaderMixin.save_lora_weights(out, transformer_lora_layers=get_peft_model_state_dict(unet),
+                                             safe_serialization=True)
+    else:
+        from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+        StableDiffusionLoraLoaderMixin.save_lora_weights(out, unet_lora_layers=lora_state_dict(unet),
+                                                         safe_serialization=True)
+    (out / "lora.json").write_text(json.dumps({"base": base, "family": family, "rank": rank,
+                                               "alpha": alpha if alpha is not None else rank,
                                                "target_modules": list(targets)}, indent=2))
     return out

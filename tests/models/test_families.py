@@ -168,3 +168,56 @@ def test_missing_sdxl_model_fails_naming_it():
         SDXLModel.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0")
     with pytest.raises(ModelNotFoundError, match="madebyollin/sdxl-vae-fp16-fix"):
         SDXLModel.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0", vae="madebyollin/sdxl-vae-fp16-fix")
+
+
+RELOAD_SD3_LORA = """
+import sys, torch
+from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+base, lora, latents, out = sys.argv[1:5]
+pipe = StableDiffusion3Pipeline.from_pretrained(base, text_encoder_3=None, tokenizer_3=None)
+pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=1.0)  # uniform steps
+pipe.load_lora_weights(lora)
+pipe.set_progress_bar_config(disable=True)
+images = pipe({prompts!r}, latents=torch.load(latents), num_inference_steps=2, guidance_scale=2.0,
+              sigmas=[1.0, 0.5], height=16, width=16, output_type="pt").images
+torch.save(images.cpu(), out)
+assert not [m for m in sys.modules if m.split(".")[0] in ("instaflow", "lightning_modules", "callbacks", "data")]
+"""
+
+
+def test_sd3_lora_reflow_exports_a_transformer_lora_for_plain_diffusers(tiny_sd3_folder, tiny_world, tmp_path):
+    """A LoRA on the SD3 transformer: only the adapter trains; the export's lora/ loads onto the original SD3
+    folder with StableDiffusion3Pipeline.load_lora_weights and samples as the merged export does."""
+    import os
+    import subprocess
+    import sys
+
+    from instaflow.flow.noise import seeded_noise
+    from instaflow.models.families import SD3Model
+    from tests.lightning_modules.test_chain import BASE, cli, tiny_yaml
+
+    gen_pairs(tmp_path, tiny_world, str(tiny_sd3_folder), tmp_path / "pairs", guidance=3.0, solver="euler", kind=None,
+              store_text_states=False, bf16=False)
+    out = tmp_path / "models" / "rf2_lora"
+    cli(["fit", "-c", BASE, "-c", tiny_yaml("reflow.yaml", tmp_path, {
+        "init": str(tiny_sd3_folder), "parameterization": "flow", "export_dir": str(out), "lr": 1e-2,
+        "warmup_steps": 1, "grid_steps": [1], "lora_rank": 4},
+        {"batch_size": 8, "num_workers": 0, "shuffle_buffer": 16, "train": str(tmp_path / "pairs"),
+         "val": str(tmp_path / "pairs")}, {"max_steps": 6, "val_check_interval": 6, "limit_val_batches": 1})])
+    ckpt = torch.load(next((tmp_path / "ckpt" / "reflow.yaml").glob("*.ckpt")), weights_only=False)
+    assert ckpt["state_dict"] and all("lora_" in k for k in ckpt["state_dict"])
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert json.loads((out / "lora" / "lora.json").read_text())["family"] == "sd3"
+
+    merged = SD3Model.from_pretrained(str(out))
+    x0 = seeded_noise([0, 1], merged.latent_shape)
+    torch.save(x0, tmp_path / "x0.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", RELOAD_SD3_LORA.format(prompts=PROMPTS), str(tiny_sd3_folder),
+                           str(out / "lora"), str(tmp_path / "x0.pt"), str(tmp_path / "lora.pt")], cwd=tmp_path,
+                          env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ours = merged.decode(merged.sample_latents(PROMPTS, 2, 2.0, x0=x0))
+    torch.testing.assert_close(torch.load(tmp_path / "lora.pt"), ours, atol=1e-5, rtol=0)
+    base = SD3Model.from_pretrained(str(tiny_sd3_folder), uniform=True)
+    assert (base.decode(base.sample_latents(PROMPTS, 2, 2.0, x0=x0)) - ours).abs().max() > 1e-4  # it trained
