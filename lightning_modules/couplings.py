@@ -44,11 +44,13 @@ class CouplingGeneration(L.LightningModule):
         store_noise: also write x0 itself (it can always be regenerated from the seed).
         store_text_states: also write the text encoder's token states (saves encoding later).
         bf16: bf16 autocast for text encoding and the UNet evaluations (the ODE state stays fp32).
+        resolution: pixel size for families whose denoiser does not fix it (Flux; default 1024);
+            SD, SDXL and SD3 read it from their UNet / transformer config.
     """
 
     def __init__(self, model: str, kind: str | None = None, solver: str = "dpm_solver++", steps: int = 25,
                  guidance: float = 5.0, base_seed: int = 0, store_noise: bool = False,
-                 store_text_states: bool = False, bf16: bool = False) -> None:
+                 store_text_states: bool = False, bf16: bool = False, resolution: int | None = None) -> None:
         super().__init__()
         if kind is not None:
             _check_solver(kind, solver)
@@ -57,7 +59,7 @@ class CouplingGeneration(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.pipe is None:
-            self.pipe = load_teacher(self.hparams.model, kind=self.hparams.kind)
+            self.pipe = load_teacher(self.hparams.model, kind=self.hparams.kind, resolution=self.hparams.resolution)
             _check_solver(self.pipe.kind, self.hparams.solver)
             if isinstance(self.pipe, TextToImage):
                 self.pipe.unet.to(self.device)

@@ -252,3 +252,40 @@ def tiny_sdxl_folder(tmp_path_factory) -> Path:
         unet=unet, scheduler=dpm_solver_scheduler(SD_SCHEDULE, 25))
     pipe.save_pretrained(root / "pipeline")
     return root / "pipeline"
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_folder(tmp_path_factory) -> Path:
+    """A tiny FLUX.1-dev-like pipeline: CLIP (pooled 8) and T5 (states 16 = joint_attention_dim) stand-ins, a
+    Unigram T5 tokenizer built offline, a guidance-embedding transformer on 2x2-packed 4-channel latents, the
+    dynamic-shift scheduler, a tiny VAE with a shift factor."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+
+    root = tmp_path_factory.mktemp("flux")
+    vocab, merges = write_tiny_clip_vocab(root / "vocab")
+    words = ["<pad>", "</s>", "<unk>"] + "a red blue circle square squares two in the center on white background".split()
+    t5_tok = Tokenizer(models.Unigram([(w, -1.0) for w in words], unk_id=2))
+    t5_tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    torch.manual_seed(0)
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                  base_image_seq_len=256, max_image_seq_len=4096),
+        vae=AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[4, 8],
+                          down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                          layers_per_block=1, norm_num_groups=2, sample_size=16, scaling_factor=0.3611,
+                          shift_factor=0.1159),
+        text_encoder=CLIPTextModel(CLIPTextConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2,
+                                                  num_hidden_layers=1, vocab_size=1000, max_position_embeddings=77,
+                                                  bos_token_id=0, eos_token_id=1, pad_token_id=1)),
+        tokenizer=CLIPTokenizer(str(vocab), str(merges), model_max_length=77),
+        text_encoder_2=T5EncoderModel(T5Config(vocab_size=len(words), d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                               num_heads=2, decoder_start_token_id=0)),
+        tokenizer_2=T5TokenizerFast(tokenizer_object=t5_tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                    extra_ids=0),
+        transformer=FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                           attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                           pooled_projection_dim=8, guidance_embeds=True, axes_dims_rope=[2, 2, 4]))
+    pipe.save_pretrained(root / "pipeline")
+    return root / "pipeline"

@@ -3,7 +3,8 @@
 SD 1.x/2.x: token states (B, L, D), a bare tensor. SDXL: token states of both encoders concatenated,
 the second encoder's pooled projection (B, P) and ``time_ids`` (B, 6: original size, crop corner,
 target size), passed as the UNet's ``added_cond_kwargs`` (Podell et al. 2023, SDXL, sec. 2.2).
-SD3 / Flux: token states and pooled embeddings (``flow_matching``).
+SD3: token states and pooled embeddings (``flow_matching``). Flux: T5 states, CLIP pooled and, for
+guidance-distilled checkpoints, the guidance scale as an input (no unconditional pass).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class Conditioning:
     states: Tensor
     pooled: Tensor | None = None
     time_ids: Tensor | None = None
+    guidance: Tensor | None = None  # (B,): the guidance *input* of guidance-distilled models (Flux dev)
 
     @staticmethod
     def cat(items: list["Conditioning"]) -> "Conditioning":
@@ -30,11 +32,11 @@ class Conditioning:
             parts = [getattr(c, name) for c in items]
             return None if parts[0] is None else torch.cat(parts)
 
-        return Conditioning(join("states"), join("pooled"), join("time_ids"))
+        return Conditioning(join("states"), join("pooled"), join("time_ids"), join("guidance"))
 
     def to(self, dtype: torch.dtype) -> "Conditioning":
         cast = lambda x: None if x is None else x.to(dtype)  # noqa: E731
-        return Conditioning(cast(self.states), cast(self.pooled), cast(self.time_ids))
+        return Conditioning(cast(self.states), cast(self.pooled), cast(self.time_ids), self.guidance)
 
 
 def call_unet(unet, x: Tensor, timestep: Tensor, cond: Tensor | Conditioning) -> Tensor:

@@ -1,6 +1,7 @@
 """Model families beyond SD 1.x/2.x, each seen as: prompts -> ``Conditioning``; a velocity field in our
 flow time; latents -> images. Written so far: SD3 / SD3.5 (a flow-matching teacher; its students
-train and export too) and SDXL (a diffusion teacher: couplings only, so far).
+train and export too), SDXL (a diffusion teacher) and Flux (a flow-matching teacher with packed
+latents and a guidance input): couplings only, so far, for the last two.
 
 The family's own diffusers pipeline is loaded (hub id or local folder, through ``loading.from_pretrained``,
 so a missing model fails at once naming it and the local-folder fix) and its own ``encode_prompt`` makes
@@ -22,13 +23,13 @@ from pathlib import Path
 import torch
 
 from instaflow.flow.conditioning import Conditioning
-from instaflow.flow.flow_matching import FlowMatchingVelocity, flow_matching_time_grid
+from instaflow.flow.flow_matching import FlowMatchingVelocity, flow_matching_time_grid, fm_timestep, fm_to_velocity
 from instaflow.flow.guidance import guided
 from instaflow.flow.noise import seeded_noise
 from instaflow.flow.solvers import sample_euler, time_grid
 from instaflow.models import loading
 
-FAMILY_PIPELINES = {"StableDiffusion3Pipeline": "sd3", "StableDiffusionXLPipeline": "sdxl"}
+FAMILY_PIPELINES = {"StableDiffusion3Pipeline": "sd3", "StableDiffusionXLPipeline": "sdxl", "FluxPipeline": "flux"}
 
 
 def family_of(pretrained: str) -> str:
@@ -235,13 +236,132 @@ class SDXLModel:
                           for i in range(0, len(prompts), batch_size)])
 
 
-def load_teacher(pretrained: str, kind: str | None = None):
+def pack_latents(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> Flux's 2x2 patches (B, h/2 * w/2, 4C), as ``FluxPipeline._pack_latents``."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Flux's patches (B, h/2 * w/2, 4C) -> (B, C, h, w), as ``FluxPipeline._unpack_latents``."""
+    b, _, c4 = x.shape
+    return x.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c4 // 4, h, w)
+
+
+class FluxVelocity(torch.nn.Module):
+    """A Flux transformer as v(x_t, t, cond) on unpacked latents (B, C, h, w) in our time.
+
+    Flux is a flow-matching model fed sigma itself (its pipeline passes timestep / 1000): packed x_t,
+    timestep 1 - t, the guidance input of guidance-distilled checkpoints (``cond.guidance``), zero text
+    ids and (row, column) image ids as the pipeline makes them; v = -unpack(output) (``flow_matching``).
+    """
+
+    def __init__(self, transformer: torch.nn.Module) -> None:
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        b, _, h, w = x_t.shape
+        img_ids = torch.zeros(h // 2, w // 2, 3)
+        img_ids[..., 1] += torch.arange(h // 2)[:, None]
+        img_ids[..., 2] += torch.arange(w // 2)[None, :]
+        txt_ids = torch.zeros(cond.states.shape[1], 3)
+        out = self.transformer(hidden_states=pack_latents(x_t), timestep=fm_timestep(t, 1.0).to(x_t.dtype),
+                               guidance=cond.guidance, pooled_projections=cond.pooled,
+                               encoder_hidden_states=cond.states, txt_ids=txt_ids.to(x_t),
+                               img_ids=img_ids.reshape(-1, 3).to(x_t), return_dict=False)[0]
+        return fm_to_velocity(unpack_latents(out, h, w))
+
+
+class FluxModel:
+    """A FLUX.1 pipeline as a flow-matching teacher in our time: its ``encode_prompt`` (T5 states, CLIP
+    pooled), Euler at its scheduler's sigmas (linspace(1, 1/N, N) shifted by mu from the image's token
+    count, as ``FluxPipeline``), guidance as an input when the checkpoint is guidance-distilled (dev),
+    latents unpacked (B, 16, h, w) between steps. ``resolution``: the pixel size it samples."""
+
+    kind = "flow_matching"
+    family = "flux"
+
+    def __init__(self, pipe, resolution: int = 1024, max_sequence_length: int = 512) -> None:
+        self.pipe, self.resolution, self.max_sequence_length = pipe, resolution, max_sequence_length
+        self.bf16 = False
+
+    @classmethod
+    def from_pretrained(cls, pretrained: str, **kw) -> "FluxModel":
+        from diffusers import FluxPipeline
+
+        pipe = loading.from_pretrained(FluxPipeline, pretrained, what="Flux pipeline", **_absent_components(pretrained))
+        pipe.set_progress_bar_config(disable=True)
+        return cls(pipe, **kw)
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.pipe.transformer
+
+    @property
+    def scheduler_config(self) -> dict:
+        return dict(self.pipe.scheduler.config)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        h = 2 * (self.resolution // (self.pipe.vae_scale_factor * 2))
+        return (self.pipe.transformer.config.in_channels // 4, h, h)  # (16, 128, 128) at 1024 px
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.pipe.transformer.parameters()).device
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], guidance: float) -> tuple[Conditioning, None]:
+        """(cond, None): a guidance-distilled Flux takes w as an input; there is no unconditional pass."""
+        pe, ppe, _ = self.pipe.encode_prompt(prompts, prompts, device=self.device,
+                                             max_sequence_length=self.max_sequence_length)
+        g = (torch.full((len(prompts),), float(guidance), device=self.device)
+             if self.pipe.transformer.config.guidance_embeds else None)
+        return Conditioning(pe, ppe, guidance=g), None
+
+    def velocity(self) -> torch.nn.Module:
+        return FluxVelocity(self.pipe.transformer)
+
+    def time_grid(self, steps: int) -> torch.Tensor:
+        import numpy as np
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        c = self.scheduler_config
+        _, h, w = self.latent_shape
+        mu = calculate_shift((h // 2) * (w // 2), c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                             c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+        sched = FlowMatchEulerDiscreteScheduler.from_config(c)
+        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+        return 1.0 - sched.sigmas.to(torch.float64)
+
+    @torch.no_grad()
+    def sample_latents(self, prompts: list[str], steps: int, guidance: float, seeds: list[int] | None = None,
+                       x0: torch.Tensor | None = None, path: list | None = None) -> torch.Tensor:
+        x0 = (seeded_noise(seeds, self.latent_shape) if x0 is None else x0).to(self.device)
+        cond, uncond = self.encode(prompts, guidance)
+        return sample_euler(guided(self.velocity(), cond, uncond, guidance), x0, self.time_grid(steps), path).float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        z = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        return ((vae.decode(z.to(vae.dtype)).sample.float() + 1) / 2).clamp(0, 1)
+
+
+def load_teacher(pretrained: str, kind: str | None = None, resolution: int | None = None):
     """The model a coupling stage solves: ``SD3Model`` / ``SDXLModel`` for those folders, else a ``TextToImage``."""
     if family_of(pretrained) == "sdxl":
         if kind not in (None, "ddpm"):
             raise ValueError(f"'{pretrained}' is an SDXL pipeline (a diffusion teacher): kind must be null or ddpm, "
                              f"got {kind!r}")
         return SDXLModel.from_pretrained(pretrained)
+    if family_of(pretrained) == "flux":
+        if kind not in (None, "flow_matching"):
+            raise ValueError(f"'{pretrained}' is a Flux pipeline (a flow-matching model): kind must be null or "
+                             f"flow_matching, got {kind!r}")
+        return FluxModel.from_pretrained(pretrained, resolution=resolution or 1024)
     if family_of(pretrained) == "sd3":
         if kind not in (None, "flow_matching"):
             raise ValueError(f"'{pretrained}' is an SD3 pipeline (a flow-matching model): kind must be null or "

@@ -221,3 +221,55 @@ def test_sd3_lora_reflow_exports_a_transformer_lora_for_plain_diffusers(tiny_sd3
     torch.testing.assert_close(torch.load(tmp_path / "lora.pt"), ours, atol=1e-5, rtol=0)
     base = SD3Model.from_pretrained(str(tiny_sd3_folder), uniform=True)
     assert (base.decode(base.sample_latents(PROMPTS, 2, 2.0, x0=x0)) - ours).abs().max() > 1e-4  # it trained
+
+
+@pytest.mark.parametrize("steps,w", [(1, 3.5), (4, 3.5)])
+def test_flux_sampling_equals_the_pipeline(tiny_flux_folder, steps, w):
+    """Packed latents, ids, the guidance input and dynamic-shift sigmas: our Euler on unpacked latents in our time
+    equals FluxPipeline (latents packed in and out)."""
+    from diffusers import FluxPipeline
+
+    from instaflow.models.families import FluxModel, family_of, load_teacher, pack_latents, unpack_latents
+
+    assert family_of(str(tiny_flux_folder)) == "flux"
+    ours = load_teacher(str(tiny_flux_folder))
+    assert isinstance(ours, FluxModel)
+    ours.resolution, ours.max_sequence_length = 16, 16
+    assert ours.latent_shape == (4, 8, 8)
+    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(unpack_latents(pack_latents(x0), 8, 8), x0)
+    pipe = FluxPipeline.from_pretrained(str(tiny_flux_folder))
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(prompt=PROMPTS, latents=pack_latents(x0), num_inference_steps=steps, guidance_scale=w, height=16,
+              width=16, max_sequence_length=16)
+    x1 = ours.sample_latents(PROMPTS, steps, w, x0=x0)
+    torch.testing.assert_close(pack_latents(x1), pipe(**kw, output_type="latent").images, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.decode(x1), pipe(**kw, output_type="pt").images, atol=1e-5, rtol=0)
+
+
+def test_missing_flux_model_fails_naming_it():
+    from instaflow.models.families import FluxModel
+    from instaflow.models.loading import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError, match="black-forest-labs/FLUX.1-dev"):
+        FluxModel.from_pretrained("black-forest-labs/FLUX.1-dev")
+
+
+def test_flux_couplings_from_the_coupling_stage(tiny_flux_folder, tiny_world, tmp_path):
+    """pairs_teacher.yaml pointed at a Flux folder: unpacked x1 of the family's sampler, generation.json says flux."""
+    import numpy as np
+
+    from instaflow.flow.noise import sample_seed
+    from instaflow.models.families import FluxModel
+
+    out = tmp_path / "pairs"
+    gen_pairs(tmp_path, tiny_world, str(tiny_flux_folder), out, solver="euler", guidance=3.5, kind=None,
+              store_text_states=False, bf16=False, resolution=16)
+    pairs = read_pairs(out)
+    meta = json.loads((out / "generation.json").read_text())
+    assert len(pairs) == 64 and (meta["family"], meta["latent_shape"]) == ("flux", [4, 8, 8])
+    model = FluxModel.from_pretrained(str(tiny_flux_folder), resolution=16)
+    key = sorted(pairs)[3]
+    want = model.sample_latents([pairs[key]["txt"].decode()], 3, 3.5, seeds=[sample_seed(key, 0)])
+    got = torch.from_numpy(np.load(__import__("io").BytesIO(pairs[key]["x1.npy"])).astype(np.float32))
+    torch.testing.assert_close(got, want[0], atol=2e-3, rtol=0)  # stored as float16
