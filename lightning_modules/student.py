@@ -19,7 +19,6 @@ from instaflow.flow.guidance import drop_captions
 from instaflow.flow.losses import check_finite
 from instaflow.flow.schedules import adamw_with_warmup
 from instaflow.flow.velocity import velocity_field
-from instaflow.flow.flow_matching import FlowMatchingVelocity
 from instaflow.models import families, loading, lora, sharding
 from instaflow.models.sampler import TextToImage
 from instaflow.models.saving import save_pipeline
@@ -49,6 +48,10 @@ class FlowStudent(L.LightningModule, abc.ABC):
             checkpointed; the export holds the merged model and the adapter alone in ``lora/``.
         lora_alpha: LoRA scale numerator (scale alpha / rank); null: alpha = rank.
         lora_target_modules: module names the adapter wraps (default: the attention projections).
+        guidance_input: the guidance value fed as an input to guidance-distilled students (Flux dev) in
+            training and sampling; set it to the guidance of the couplings they learn from.
+        resolution: pixel size the student samples at, for families whose denoiser does not fix it
+            (Flux; null: what the init folder says, else 1024).
     """
 
     def __init__(self, init: str, parameterization: str = "raw", export_dir: str | None = None,
@@ -58,7 +61,8 @@ class FlowStudent(L.LightningModule, abc.ABC):
                  seed: int = 0, fsdp_mixed_precision: str | None = None,
                  activation_checkpointing: bool = False, lora_rank: int | None = None,
                  lora_alpha: float | None = None,
-                 lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")) -> None:
+                 lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0"),
+                 guidance_input: float = 3.5, resolution: int | None = None) -> None:
         super().__init__()
         if parameterization not in ("raw", "velocity_wrapper", "flow"):
             raise ValueError(f"parameterization must be raw, velocity_wrapper or flow, got {parameterization!r}")
@@ -80,8 +84,8 @@ class FlowStudent(L.LightningModule, abc.ABC):
             return
         h = self.hparams
         self.family = families.family_of(h.init)
-        if self.family == "sd3":
-            self._configure_sd3()
+        if self.family in ("sd3", "flux"):
+            self._configure_flow_family()
         else:
             self.vae = loading.load_vae(h.init)
             self.text_encoder = load_text_encoder(h.init, cache_size=h.text_cache_size)
@@ -106,28 +110,33 @@ class FlowStudent(L.LightningModule, abc.ABC):
             raise ValueError("fsdp_mixed_precision needs trainer.strategy ModelParallelStrategy (FSDP2, see "
                              "experiments/sharding/fsdp2.yaml); on one device or DDP use trainer.precision: bf16-mixed")
 
-    def _configure_sd3(self) -> None:
-        """An SD3 init: its transformer is the trainable network, seen through the flow-matching conversion
-        (a flow already: ``parameterization: flow``); its text encoders and VAE are frozen module children."""
+    def _configure_flow_family(self) -> None:
+        """An SD3 or Flux init: its transformer is the trainable network, seen through the flow-matching
+        conversion (a flow already: ``parameterization: flow``); its text encoders and VAE are frozen module
+        children. Flux students are fed the fixed ``guidance_input`` (their couplings' guidance)."""
         h = self.hparams
         if h.parameterization != "flow":
-            raise ValueError(f"'{h.init}' is an SD3 pipeline, a flow-matching model already: use parameterization "
-                             f"flow (got {h.parameterization!r})")
+            raise ValueError(f"'{h.init}' is a {self.family} pipeline, a flow-matching model already: use "
+                             f"parameterization flow (got {h.parameterization!r})")
         if h.get("student", "unet") != "unet":
-            raise NotImplementedError("SD3 students train their own transformer (no stacked student)")
-        self.family_model = families.SD3Model.from_pretrained(h.init, uniform=True)  # our flows: dt = 1/N
+            raise NotImplementedError(f"{self.family} students train their own transformer (no stacked student)")
+        if self.family == "sd3":
+            self.family_model = families.SD3Model.from_pretrained(h.init, uniform=True)  # our flows: dt = 1/N
+        else:
+            self.family_model = families.FluxModel.from_pretrained(h.init, uniform=True, resolution=h.resolution,
+                                                                   guidance_input=h.guidance_input)
         pipe = self.family_model.pipe
         self.vae = pipe.vae.requires_grad_(False)
         self.text_encoders = torch.nn.ModuleList(  # registered, so the strategy moves them with the module
-            [te.requires_grad_(False) for te in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3)
-             if te is not None])
+            [te.requires_grad_(False) for te in (pipe.text_encoder, pipe.text_encoder_2,
+                                                 getattr(pipe, "text_encoder_3", None)) if te is not None])
         self.text_encoder = None
         self.scheduler_config = self.family_model.scheduler_config
-        self.components = {"kind": "flow_matching", "family": "sd3"}
+        self.components = {"kind": "flow_matching", "family": self.family}
         self.unet = pipe.transformer.train()
         if h.lora_rank:
             lora.add_lora(self.unet, h.lora_rank, h.lora_alpha, h.lora_target_modules)
-        self.velocity = FlowMatchingVelocity(self.unet)
+        self.velocity = self.family_model.velocity()  # over self.unet (the pipeline's transformer object)
 
     def student_unet(self, unet: torch.nn.Module) -> torch.nn.Module:
         """The trainable network built from the init's UNet (the UNet itself; DistillTraining may stack it)."""
@@ -135,14 +144,14 @@ class FlowStudent(L.LightningModule, abc.ABC):
 
     @property
     def kind(self) -> str:
-        if getattr(self, "family", "sd") == "sd3":
+        if getattr(self, "family", "sd") in ("sd3", "flux"):
             return "flow_matching"
         return "ddpm_velocity" if self.hparams.parameterization == "velocity_wrapper" else "flow"
 
     def text_states(self, captions: list[str], dropout: float = 0.0):
         if dropout:
             captions = drop_captions(captions, dropout, self._gen)
-        if getattr(self, "family", "sd") == "sd3":
+        if getattr(self, "family", "sd") in ("sd3", "flux"):
             return self.family_model.encode(captions, 1.0)[0]  # Conditioning: token states + pooled
         return self.text_encoder(captions)  # (B, L, D)
 
@@ -185,7 +194,7 @@ class FlowStudent(L.LightningModule, abc.ABC):
     def sampler(self):
         """The module's live networks as a ``TextToImage`` (Euler in flow time, through ``self.velocity``);
         for an SD3 student its ``SD3Model`` (the same transformer object, uniform Euler steps)."""
-        if getattr(self, "family", "sd") == "sd3":
+        if getattr(self, "family", "sd") in ("sd3", "flux"):
             return self.family_model
         return TextToImage(unet=self.unet, vae=self.vae, text_encoder=self.text_encoder,
                            scheduler_config=self.scheduler_config, kind=self.kind, velocity_module=self.velocity)
@@ -255,13 +264,14 @@ class FlowStudent(L.LightningModule, abc.ABC):
         return unet
 
     def export(self, dirpath: str, unet: torch.nn.Module | None = None) -> Path:
-        if getattr(self, "family", "sd") == "sd3":
+        if getattr(self, "family", "sd") in ("sd3", "flux"):
             net = self.unet if unet is None else unet
             adapter = net if lora.has_lora(net) else None
             out = self.family_model.save_flow(dirpath, transformer=lora.merged(adapter) if adapter is not None else net)
             if adapter is not None:
                 h = self.hparams
-                lora.save_lora(adapter, out, h.init, h.lora_rank, h.lora_alpha, h.lora_target_modules, family="sd3")
+                lora.save_lora(adapter, out, h.init, h.lora_rank, h.lora_alpha, h.lora_target_modules,
+                               family=self.family)
             return out
         if unet is None:
             if sharding.is_sharded(self.unet):

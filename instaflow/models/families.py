@@ -282,17 +282,27 @@ class FluxModel:
     kind = "flow_matching"
     family = "flux"
 
-    def __init__(self, pipe, resolution: int = 1024, max_sequence_length: int = 512) -> None:
+    def __init__(self, pipe, resolution: int = 1024, max_sequence_length: int = 512, uniform: bool = False,
+                 guidance_input: float | None = None) -> None:
         self.pipe, self.resolution, self.max_sequence_length = pipe, resolution, max_sequence_length
+        self.uniform = uniform  # True: Euler with dt = 1/N (our rectified flows); False: the pipeline's sigmas
+        self.guidance_input = guidance_input  # a student's fixed guidance input (it was trained at that value)
         self.bf16 = False
 
     @classmethod
-    def from_pretrained(cls, pretrained: str, **kw) -> "FluxModel":
+    def from_pretrained(cls, pretrained: str, resolution: int | None = None, uniform: bool | None = None,
+                        **kw) -> "FluxModel":
+        """Load a Flux folder or hub id; a folder this framework wrote also fixes resolution, uniform steps
+        and the guidance input it was trained at."""
         from diffusers import FluxPipeline
 
         pipe = loading.from_pretrained(FluxPipeline, pretrained, what="Flux pipeline", **_absent_components(pretrained))
         pipe.set_progress_bar_config(disable=True)
-        return cls(pipe, **kw)
+        marker = Path(loading.resolve_path(pretrained)) / loading.COMPONENTS_FILE
+        saved = json.loads(marker.read_text()) if marker.is_file() else {}
+        kw.setdefault("guidance_input", saved.get("guidance_input"))
+        return cls(pipe, resolution=resolution or saved.get("resolution", 1024),
+                   uniform=saved.get("sampling") == "uniform" if uniform is None else uniform, **kw)
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -316,7 +326,8 @@ class FluxModel:
         """(cond, None): a guidance-distilled Flux takes w as an input; there is no unconditional pass."""
         pe, ppe, _ = self.pipe.encode_prompt(prompts, prompts, device=self.device,
                                              max_sequence_length=self.max_sequence_length)
-        g = (torch.full((len(prompts),), float(guidance), device=self.device)
+        w = self.guidance_input if self.guidance_input is not None else guidance
+        g = (torch.full((len(prompts),), float(w), device=self.device)
              if self.pipe.transformer.config.guidance_embeds else None)
         return Conditioning(pe, ppe, guidance=g), None
 
@@ -328,6 +339,8 @@ class FluxModel:
         from diffusers import FlowMatchEulerDiscreteScheduler
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
+        if self.uniform:
+            return time_grid(steps)
         c = self.scheduler_config
         _, h, w = self.latent_shape
         mu = calculate_shift((h // 2) * (w // 2), c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
@@ -349,6 +362,39 @@ class FluxModel:
         z = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
         return ((vae.decode(z.to(vae.dtype)).sample.float() + 1) / 2).clamp(0, 1)
 
+    @torch.no_grad()
+    def sample_images(self, prompts: list[str], steps: int, guidance: float, seeds: list[int],
+                      batch_size: int = 64) -> torch.Tensor:
+        return torch.cat([self.decode(self.sample_latents(prompts[i:i + batch_size], steps, guidance,
+                                                          seeds[i:i + batch_size]))
+                          for i in range(0, len(prompts), batch_size)])
+
+    def save_flow(self, dirpath: str | Path, transformer: torch.nn.Module | None = None) -> Path:
+        """Write a trained Flux rectified flow as a Flux pipeline folder that plain diffusers samples as we do.
+
+        The scheduler is saved without dynamic shifting and with shift 1, so ``FluxPipeline``'s own default
+        sigmas (linspace(1, 1/N, N), then 0) are our uniform Euler steps; call it with
+        ``guidance_scale`` = the guidance input the student was trained at (``instaflow_components.json``).
+        """
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        out = Path(dirpath)
+        scheduler, own = self.pipe.scheduler, self.pipe.transformer
+        try:
+            self.pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+                scheduler.config, use_dynamic_shifting=False, shift=1.0)
+            if transformer is not None:
+                self.pipe.transformer = transformer
+            self.pipe.save_pretrained(out)
+        finally:
+            self.pipe.scheduler, self.pipe.transformer = scheduler, own
+        (out / loading.COMPONENTS_FILE).write_text(json.dumps(
+            {"kind": "flow_matching", "family": "flux", "sampling": "uniform", "resolution": self.resolution,
+             "guidance_input": self.guidance_input,
+             "diffusers": "FluxPipeline.from_pretrained(dir)(prompt, num_inference_steps=N, "
+                          "guidance_scale=guidance_input, height=resolution, width=resolution)"}, indent=2))
+        return out
+
 
 def load_teacher(pretrained: str, kind: str | None = None, resolution: int | None = None):
     """The model a coupling stage solves: ``SD3Model`` / ``SDXLModel`` for those folders, else a ``TextToImage``."""
@@ -361,7 +407,7 @@ def load_teacher(pretrained: str, kind: str | None = None, resolution: int | Non
         if kind not in (None, "flow_matching"):
             raise ValueError(f"'{pretrained}' is a Flux pipeline (a flow-matching model): kind must be null or "
                              f"flow_matching, got {kind!r}")
-        return FluxModel.from_pretrained(pretrained, resolution=resolution or 1024)
+        return FluxModel.from_pretrained(pretrained, resolution=resolution)
     if family_of(pretrained) == "sd3":
         if kind not in (None, "flow_matching"):
             raise ValueError(f"'{pretrained}' is an SD3 pipeline (a flow-matching model): kind must be null or "

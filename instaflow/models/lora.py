@@ -62,12 +62,12 @@ def save_lora(unet: torch.nn.Module, folder: str | Path, base: str, rank: int, a
     diffusers' SD3 LoRA training writes (``SD3LoraLoaderMixin``, peft state dict under ``transformer.``).
     """
     out = Path(folder) / LORA_DIR
-    if family == "sd3":
-        from diffusers.loaders import SD3LoraLoaderMixin
+    if family in ("sd3", "flux"):
+        from diffusers.loaders import FluxLoraLoaderMixin, SD3LoraLoaderMixin
         from peft.utils import get_peft_model_state_dict
 
-        SD3LoraLoaderMixin.save_lora_weights(out, transformer_lora_layers=get_peft_model_state_dict(unet),
-                                             safe_serialization=True)
+        mixin = SD3LoraLoaderMixin if family == "sd3" else FluxLoraLoaderMixin
+        mixin.save_lora_weights(out, transformer_lora_layers=get_peft_model_state_dict(unet), safe_serialization=True)
     else:
         from diffusers.loaders import StableDiffusionLoraLoaderMixin
 

@@ -273,3 +273,60 @@ def test_flux_couplings_from_the_coupling_stage(tiny_flux_folder, tiny_world, tm
     want = model.sample_latents([pairs[key]["txt"].decode()], 3, 3.5, seeds=[sample_seed(key, 0)])
     got = torch.from_numpy(np.load(__import__("io").BytesIO(pairs[key]["x1.npy"])).astype(np.float32))
     torch.testing.assert_close(got, want[0], atol=2e-3, rtol=0)  # stored as float16
+
+
+RELOAD_FLUX = """
+import sys, torch
+from diffusers import FluxPipeline
+folder, latents, out = sys.argv[1], sys.argv[2], sys.argv[3]
+pipe = FluxPipeline.from_pretrained(folder)
+pipe.set_progress_bar_config(disable=True)
+for n in (1, 3):
+    images = pipe({prompts!r}, latents=torch.load(latents), num_inference_steps=n, guidance_scale=3.5,
+                  height=16, width=16, output_type="pt").images
+    torch.save(images.cpu(), out + f"_{{n}}.pt")
+assert not [m for m in sys.modules if m.split(".")[0] in ("instaflow", "lightning_modules", "callbacks", "data")]
+"""
+
+
+def test_flux_chain_reflow_distill_export_reloads_with_plain_diffusers(tiny_flux_folder, tiny_world, tmp_path):
+    """Flux teacher couplings (guidance input 3.5) -> reflow and distillation at that guidance input -> a Flux
+    folder (no dynamic shift, shift 1) that FluxPipeline's default sigmas sample as our uniform Euler."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from instaflow.models.families import FluxModel, pack_latents
+    from instaflow.flow.noise import seeded_noise
+    from tests.lightning_modules.test_chain import BASE, cli, scalars, tiny_yaml
+
+    kw = dict(solver="euler", kind=None, store_text_states=False, bf16=False, resolution=16)
+    gen_pairs(tmp_path, tiny_world, str(tiny_flux_folder), tmp_path / "pairs", guidance=3.5, **kw)
+    models, runs = tmp_path / "models", tmp_path / "runs"
+    train = {"max_steps": 8, "val_check_interval": 8, "limit_val_batches": 1, "log_every_n_steps": 1}
+    data = {"batch_size": 8, "num_workers": 0, "shuffle_buffer": 16, "train": str(tmp_path / "pairs"),
+            "val": str(tmp_path / "pairs")}
+    stage = {"parameterization": "flow", "lr": 1e-3, "warmup_steps": 1, "guidance_input": 3.5, "resolution": 16}
+    cli(["fit", "-c", BASE, "-c", tiny_yaml("reflow.yaml", tmp_path, {
+        **stage, "init": str(tiny_flux_folder), "export_dir": str(models / "rf2"), "grid_steps": [1, 2]}, data, train)])
+    loss = scalars(next((runs / "reflow").glob("version_*")), "train/loss")
+    assert len(loss) == 8 and np.mean(loss[-3:]) < np.mean(loss[:3]), loss
+    cli(["fit", "-c", BASE, "-c", tiny_yaml("distill.yaml", tmp_path, {
+        **stage, "init": str(models / "rf2"), "export_dir": str(models / "instaflow")}, data,
+        {**train, "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                             "init_args": {"save_dir": str(runs), "name": "distill"}}})])
+
+    student = FluxModel.from_pretrained(str(models / "instaflow"))
+    assert (student.uniform, student.resolution, student.guidance_input) == (True, 16, 3.5)
+    x0 = seeded_noise([0, 1], student.latent_shape)
+    torch.save(pack_latents(x0), tmp_path / "x0.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", RELOAD_FLUX.format(prompts=PROMPTS), str(models / "instaflow"),
+                           str(tmp_path / "x0.pt"), str(tmp_path / "plain")], cwd=tmp_path,
+                          env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for n in (1, 3):
+        ours = student.decode(student.sample_latents(PROMPTS, n, 1.0, x0=x0))  # the guidance input is fixed
+        torch.testing.assert_close(torch.load(tmp_path / f"plain_{n}.pt"), ours, atol=1e-5, rtol=0)
