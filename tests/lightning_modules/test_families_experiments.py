@@ -1,5 +1,5 @@
-"""experiments/sd3/: every file parses and instantiates with a tiny SD3 swapped in by command-line overrides,
-and runs its stage's step (a coupling batch, a training loss)."""
+"""experiments/sd3/ and experiments/flux/: every file parses and instantiates with a tiny model of its family
+swapped in by command-line overrides, and runs its stage's step (a coupling batch, a training loss)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from tests.conftest import ROOT
 from tests.lightning_modules.test_sd15 import cli, config_chain, stated_global_batch, write_couplings
 
-SD3 = sorted((ROOT / "experiments" / "sd3").glob("*.yaml"))
+SD3 = sorted((ROOT / "experiments" / "sd3").glob("*.yaml")) + sorted((ROOT / "experiments" / "flux").glob("*.yaml"))
 
 
 @pytest.fixture(scope="module")
@@ -19,34 +19,39 @@ def sd3_couplings(tmp_path_factory) -> Path:
     return write_couplings(tmp_path_factory.mktemp("sd3_pairs") / "pairs", shape=(4, 8, 8))
 
 
-@pytest.mark.parametrize("exp", SD3, ids=lambda p: p.stem)
-def test_sd3_experiment_instantiates_with_a_tiny_sd3(exp, tmp_path, tiny_sd3_folder, tiny_world,
-                                                    sd3_couplings):
-    from instaflow.models.families import SD3Model
+@pytest.mark.parametrize("exp", SD3, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_family_experiment_instantiates_with_a_tiny_model(exp, tmp_path, tiny_sd3_folder, tiny_flux_folder,
+                                                         tiny_world, sd3_couplings):
+    from instaflow.models.families import FluxModel, SD3Model
 
+    family = exp.parent.name
+    folder = tiny_sd3_folder if family == "sd3" else tiny_flux_folder
     args = ["--trainer.default_root_dir", str(tmp_path / "root"), "--trainer.logger.init_args.save_dir",
             str(tmp_path / "runs")]
+    if family == "flux":
+        args += ["--model.init_args.resolution", "16"]
     if exp.stem.startswith("pairs"):
-        args += ["--model.init_args.model", str(tiny_sd3_folder), "--data.init_args.predict", tiny_world.train,
+        args += ["--model.init_args.model", str(folder), "--data.init_args.predict", tiny_world.train,
                  "--data.init_args.num_workers", "0", "--data.init_args.filters.missing_field", "keep"]
     else:
-        args += ["--model.init_args.init", str(tiny_sd3_folder), "--data.init_args.train", str(sd3_couplings),
+        args += ["--model.init_args.init", str(folder), "--data.init_args.train", str(sd3_couplings),
                  "--data.init_args.val", str(sd3_couplings), "--data.init_args.num_workers", "0"]
     c = cli([*config_chain(exp), *args])
     model, dm, trainer = c.model, c.datamodule, c.trainer
     model.configure_model()
     h = model.hparams
     if exp.stem.startswith("pairs"):
-        assert isinstance(model.pipe, SD3Model) and (h.kind, h.solver) == ("flow_matching", "euler")
+        assert isinstance(model.pipe, SD3Model if family == "sd3" else FluxModel)
+        assert (h.kind, h.solver) == ("flow_matching", "euler")
         assert not h.store_text_states
         batch = next(iter(dm.predict_dataloader()))
         out = model.predict_step({k: (v[:2] if isinstance(v, list) else v) for k, v in batch.items()}, 0)
         assert out["x1"].shape == (2, 4, 8, 8) and torch.isfinite(out["x1"]).all()
-        assert model.metadata()["family"] == "sd3"
+        assert model.metadata()["family"] == family
         return
     total, factors = stated_global_batch(exp)
     assert total == trainer.num_nodes * trainer.num_devices * dm.batch_size * trainer.accumulate_grad_batches
-    assert h.parameterization == "flow" and model.kind == "flow_matching" and model.family == "sd3"
+    assert h.parameterization == "flow" and model.kind == "flow_matching" and model.family == family
     batch = next(iter(dm.train_dataloader()))
     loss = model.loss(batch, torch.Generator().manual_seed(0), 0.1)
     assert loss.ndim == 0 and torch.isfinite(loss)
