@@ -330,3 +330,51 @@ def test_flux_chain_reflow_distill_export_reloads_with_plain_diffusers(tiny_flux
     for n in (1, 3):
         ours = student.decode(student.sample_latents(PROMPTS, n, 1.0, x0=x0))  # the guidance input is fixed
         torch.testing.assert_close(torch.load(tmp_path / f"plain_{n}.pt"), ours, atol=1e-5, rtol=0)
+
+
+RELOAD_FLUX_LORA = """
+import sys, torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+base, lora, latents, out = sys.argv[1:5]
+pipe = FluxPipeline.from_pretrained(base)
+pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, use_dynamic_shifting=False,
+                                                             shift=1.0)  # uniform steps
+pipe.load_lora_weights(lora)
+pipe.set_progress_bar_config(disable=True)
+images = pipe({prompts!r}, latents=torch.load(latents), num_inference_steps=2, guidance_scale=3.5, height=16,
+              width=16, output_type="pt").images
+torch.save(images.cpu(), out)
+assert not [m for m in sys.modules if m.split(".")[0] in ("instaflow", "lightning_modules", "callbacks", "data")]
+"""
+
+
+def test_flux_lora_reflow_exports_a_transformer_lora_for_plain_diffusers(tiny_flux_folder, tiny_world, tmp_path):
+    """A LoRA on the Flux transformer: the export's lora/ loads onto the original Flux folder with
+    FluxPipeline.load_lora_weights and samples as the merged export does."""
+    import os
+    import subprocess
+    import sys
+
+    from instaflow.flow.noise import seeded_noise
+    from instaflow.models.families import FluxModel, pack_latents
+    from tests.lightning_modules.test_chain import BASE, cli, tiny_yaml
+
+    gen_pairs(tmp_path, tiny_world, str(tiny_flux_folder), tmp_path / "pairs", guidance=3.5, solver="euler",
+              kind=None, store_text_states=False, bf16=False, resolution=16)
+    out = tmp_path / "models" / "rf2_lora"
+    cli(["fit", "-c", BASE, "-c", tiny_yaml("reflow.yaml", tmp_path, {
+        "init": str(tiny_flux_folder), "parameterization": "flow", "export_dir": str(out), "lr": 1e-2,
+        "warmup_steps": 1, "grid_steps": [1], "lora_rank": 4, "guidance_input": 3.5, "resolution": 16},
+        {"batch_size": 8, "num_workers": 0, "shuffle_buffer": 16, "train": str(tmp_path / "pairs"),
+         "val": str(tmp_path / "pairs")}, {"max_steps": 6, "val_check_interval": 6, "limit_val_batches": 1})])
+    assert json.loads((out / "lora" / "lora.json").read_text())["family"] == "flux"
+    merged = FluxModel.from_pretrained(str(out))
+    x0 = seeded_noise([0, 1], merged.latent_shape)
+    torch.save(pack_latents(x0), tmp_path / "x0.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", RELOAD_FLUX_LORA.format(prompts=PROMPTS), str(tiny_flux_folder),
+                           str(out / "lora"), str(tmp_path / "x0.pt"), str(tmp_path / "lora.pt")], cwd=tmp_path,
+                          env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ours = merged.decode(merged.sample_latents(PROMPTS, 2, 3.5, x0=x0))
+    torch.testing.assert_close(torch.load(tmp_path / "lora.pt"), ours, atol=1e-5, rtol=0)
