@@ -86,6 +86,8 @@ class FlowStudent(L.LightningModule, abc.ABC):
         self.family = families.family_of(h.init)
         if self.family in ("sd3", "flux"):
             self._configure_flow_family()
+        elif self.family == "sdxl":
+            self._configure_sdxl()
         else:
             self.vae = loading.load_vae(h.init)
             self.text_encoder = load_text_encoder(h.init, cache_size=h.text_cache_size)
@@ -138,6 +140,27 @@ class FlowStudent(L.LightningModule, abc.ABC):
             lora.add_lora(self.unet, h.lora_rank, h.lora_alpha, h.lora_target_modules)
         self.velocity = self.family_model.velocity()  # over self.unet (the pipeline's transformer object)
 
+    def _configure_sdxl(self) -> None:
+        """An SDXL init: its UNet is trained through the velocity conversion (``velocity_wrapper``, from the
+        diffusion teacher) or continued as a rectified flow (``flow``); pooled text and time ids come with the
+        text states (``Conditioning``); its encoders and VAE are frozen module children."""
+        h = self.hparams
+        if h.parameterization not in ("velocity_wrapper", "flow"):
+            raise ValueError(f"'{h.init}' is an SDXL pipeline: use parameterization velocity_wrapper (from the "
+                             f"diffusion teacher) or flow (a 2-RF), got {h.parameterization!r}")
+        if h.lora_rank or h.get("student", "unet") != "unet":
+            raise NotImplementedError("SDXL students train their whole UNet for now (no LoRA, no stacked student)")
+        self.family_model = families.SDXLModel.from_pretrained(h.init, velocity_kind=self.kind)
+        pipe = self.family_model.pipe
+        self.vae = pipe.vae.requires_grad_(False)
+        self.text_encoders = torch.nn.ModuleList([te.requires_grad_(False) for te in (pipe.text_encoder,
+                                                                                     pipe.text_encoder_2)])
+        self.text_encoder = None
+        self.scheduler_config = self.family_model.scheduler_config
+        self.components = {"kind": self.kind, "family": "sdxl"}
+        self.unet = pipe.unet.train()
+        self.velocity = velocity_field(self.unet, self.kind, self.scheduler_config)
+
     def student_unet(self, unet: torch.nn.Module) -> torch.nn.Module:
         """The trainable network built from the init's UNet (the UNet itself; DistillTraining may stack it)."""
         return unet
@@ -145,7 +168,7 @@ class FlowStudent(L.LightningModule, abc.ABC):
     @property
     def kind(self) -> str:
         if getattr(self, "family", "sd") in ("sd3", "flux"):
-            return "flow_matching"
+            return "flow_matching"  # (SDXL students keep SD's kinds: the same velocity conversion)
         return "ddpm_velocity" if self.hparams.parameterization == "velocity_wrapper" else "flow"
 
     def text_states(self, captions: list[str], dropout: float = 0.0):
@@ -153,6 +176,14 @@ class FlowStudent(L.LightningModule, abc.ABC):
             captions = drop_captions(captions, dropout, self._gen)
         if getattr(self, "family", "sd") in ("sd3", "flux"):
             return self.family_model.encode(captions, 1.0)[0]  # Conditioning: token states + pooled
+        if getattr(self, "family", "sd") == "sdxl":
+            cond = self.family_model.encode(captions, 1.0)[0]  # states, pooled text, time ids
+            if dropout and self.family_model.pipe.config.force_zeros_for_empty_prompt:
+                # a dropped caption gets SDXL's unconditional embedding: zeros, not the empty prompt's
+                keep = torch.tensor([c != "" for c in captions], device=cond.states.device)
+                cond.states = cond.states * keep[:, None, None].to(cond.states.dtype)
+                cond.pooled = cond.pooled * keep[:, None].to(cond.pooled.dtype)
+            return cond
         return self.text_encoder(captions)  # (B, L, D)
 
     def batch_states(self, batch: dict, dropout: float = 0.0) -> torch.Tensor:
@@ -194,7 +225,7 @@ class FlowStudent(L.LightningModule, abc.ABC):
     def sampler(self):
         """The module's live networks as a ``TextToImage`` (Euler in flow time, through ``self.velocity``);
         for an SD3 student its ``SD3Model`` (the same transformer object, uniform Euler steps)."""
-        if getattr(self, "family", "sd") in ("sd3", "flux"):
+        if getattr(self, "family", "sd") in ("sd3", "flux", "sdxl"):
             return self.family_model
         return TextToImage(unet=self.unet, vae=self.vae, text_encoder=self.text_encoder,
                            scheduler_config=self.scheduler_config, kind=self.kind, velocity_module=self.velocity)
@@ -264,6 +295,8 @@ class FlowStudent(L.LightningModule, abc.ABC):
         return unet
 
     def export(self, dirpath: str, unet: torch.nn.Module | None = None) -> Path:
+        if getattr(self, "family", "sd") == "sdxl":
+            return self.family_model.save_flow(dirpath, unet=unet)
         if getattr(self, "family", "sd") in ("sd3", "flux"):
             net = self.unet if unet is None else unet
             adapter = net if lora.has_lora(net) else None

@@ -90,7 +90,22 @@ def _export(model: str, out: str | Path, prompt: str, unet_from: str | None = No
     """The pipeline folder of ``model`` (its UNet, or ``unet_from``'s: a LoRA's base, sampled as ``model``'s kind)."""
     from diffusers import DDPMScheduler
 
+    from instaflow.models import families
     from instaflow.models.rf_pipeline import RectifiedFlowPipeline
+
+    if families.family_of(model) == "sdxl":  # an SDXL rectified flow: SDXL's conditioning, our sampling
+        sdxl = families.SDXLModel.from_pretrained(model)
+        if sdxl.velocity_kind not in KIND_TEXT:
+            raise ValueError(f"'{model}' is an SDXL diffusion teacher, not a rectified flow: export the 2-RF or "
+                             "one-step folders that reflow and distillation write")
+        p = sdxl.pipe
+        pipe = RectifiedFlowPipeline(vae=p.vae, text_encoder=p.text_encoder, text_encoder_2=p.text_encoder_2,
+                                     tokenizer=p.tokenizer, tokenizer_2=p.tokenizer_2, unet=p.unet.eval(),
+                                     scheduler=DDPMScheduler.from_config(p.scheduler.config), kind=sdxl.velocity_kind,
+                                     force_zeros_for_empty_prompt=p.config.force_zeros_for_empty_prompt)
+        out = Path(out)
+        pipe.save_pretrained(out)
+        return out
 
     kind = loading.component_sources(model)["kind"]
     if kind not in KIND_TEXT:

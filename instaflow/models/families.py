@@ -1,7 +1,7 @@
 """Model families beyond SD 1.x/2.x, each seen as: prompts -> ``Conditioning``; a velocity field in our
-flow time; latents -> images. Written so far: SD3 / SD3.5 (a flow-matching teacher; its students
-train and export too), SDXL (a diffusion teacher) and Flux (a flow-matching teacher with packed
-latents and a guidance input): couplings only, so far, for the last two.
+flow time; latents -> images. Written: SDXL (a diffusion teacher; its students are trained
+through the velocity conversion), SD3 / SD3.5 and Flux (flow-matching teachers; Flux with packed
+latents and a guidance input); each family's students train and export.
 
 The family's own diffusers pipeline is loaded (hub id or local folder, through ``loading.from_pretrained``,
 so a missing model fails at once naming it and the local-folder fix) and its own ``encode_prompt`` makes
@@ -167,15 +167,21 @@ class SDXLModel:
     with (e.g. a local copy of the community's fp16-fixed SDXL VAE, ``madebyollin/sdxl-vae-fp16-fix``).
     """
 
-    kind = "ddpm"
     family = "sdxl"
 
-    def __init__(self, pipe) -> None:
+    def __init__(self, pipe, velocity_kind: str | None = None) -> None:
         self.pipe = pipe
+        # None: the diffusion teacher (DPM-Solver++); "ddpm_velocity" / "flow": a rectified flow trained
+        # from it (Euler with dt = 1/N through instaflow.flow.velocity), as this framework's students save
+        self.velocity_kind = velocity_kind
         self.bf16 = False
 
+    @property
+    def kind(self) -> str:
+        return self.velocity_kind or "ddpm"
+
     @classmethod
-    def from_pretrained(cls, pretrained: str, vae: str | None = None) -> "SDXLModel":
+    def from_pretrained(cls, pretrained: str, vae: str | None = None, velocity_kind: str | None = None) -> "SDXLModel":
         from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
         extra = _absent_components(pretrained)
@@ -183,7 +189,34 @@ class SDXLModel:
             extra["vae"] = loading.from_pretrained(AutoencoderKL, vae, what="SDXL VAE")
         pipe = loading.from_pretrained(StableDiffusionXLPipeline, pretrained, what="SDXL pipeline", **extra)
         pipe.set_progress_bar_config(disable=True)
-        return cls(pipe)
+        if velocity_kind is None:
+            marker = Path(loading.resolve_path(pretrained)) / loading.COMPONENTS_FILE
+            velocity_kind = json.loads(marker.read_text()).get("kind") if marker.is_file() else None
+        return cls(pipe, velocity_kind=velocity_kind)
+
+    def velocity(self) -> torch.nn.Module:
+        """A student's velocity field in flow time (only for rectified flows, ``velocity_kind`` set)."""
+        from instaflow.flow.velocity import velocity_field
+
+        return velocity_field(self.pipe.unet, self.velocity_kind, self.scheduler_config)
+
+    def time_grid(self, steps: int) -> torch.Tensor:
+        return time_grid(steps)
+
+    def save_flow(self, dirpath: str | Path, unet: torch.nn.Module | None = None) -> Path:
+        """Write an SDXL rectified flow as an SDXL pipeline folder plus ``instaflow_components.json`` (its kind);
+        ``instaflow.models.export`` turns it into a ``RectifiedFlowPipeline`` folder (SDXL conditioning) for plain diffusers."""
+        out = Path(dirpath)
+        own = self.pipe.unet
+        try:
+            if unet is not None:
+                self.pipe.unet = unet
+            self.pipe.save_pretrained(out)
+        finally:
+            self.pipe.unet = own
+        (out / loading.COMPONENTS_FILE).write_text(json.dumps({"kind": self.velocity_kind, "family": "sdxl"},
+                                                              indent=2))
+        return out
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -220,6 +253,8 @@ class SDXLModel:
 
         x0 = (seeded_noise(seeds, self.latent_shape) if x0 is None else x0).to(self.device)
         cond, uncond = self.encode(prompts, guidance)
+        if self.velocity_kind is not None:  # a rectified flow: Euler in flow time, dt = 1/N
+            return sample_euler(guided(self.velocity(), cond, uncond, guidance), x0, time_grid(steps), path).float()
         return sample_dpm_solver(self.pipe.unet, self.scheduler_config, x0, cond, uncond, guidance, steps,
                                  path=path).float()
 
@@ -399,10 +434,13 @@ class FluxModel:
 def load_teacher(pretrained: str, kind: str | None = None, resolution: int | None = None):
     """The model a coupling stage solves: ``SD3Model`` / ``SDXLModel`` for those folders, else a ``TextToImage``."""
     if family_of(pretrained) == "sdxl":
-        if kind not in (None, "ddpm"):
-            raise ValueError(f"'{pretrained}' is an SDXL pipeline (a diffusion teacher): kind must be null or ddpm, "
-                             f"got {kind!r}")
-        return SDXLModel.from_pretrained(pretrained)
+        if kind not in (None, "ddpm", "ddpm_velocity", "flow"):
+            raise ValueError(f"'{pretrained}' is an SDXL pipeline: kind must be null, ddpm (the diffusion teacher), "
+                             f"ddpm_velocity or flow (a rectified flow trained from it), got {kind!r}")
+        model = SDXLModel.from_pretrained(pretrained)  # kind from the folder (a framework export says), as SD's
+        if kind is not None:
+            model.velocity_kind = None if kind == "ddpm" else kind
+        return model
     if family_of(pretrained) == "flux":
         if kind not in (None, "flow_matching"):
             raise ValueError(f"'{pretrained}' is a Flux pipeline (a flow-matching model): kind must be null or "

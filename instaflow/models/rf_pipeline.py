@@ -94,20 +94,33 @@ class RectifiedFlowPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         max_length: text padding length (default: the tokenizer's, at most 512).
         unet: a UNet2DConditionModel, or any model called like one (the stacked U-Net of InstaFlow-1.7B,
             a custom component in ``unet/stacked_unet.py``).
+        text_encoder_2, tokenizer_2: given, the UNet is SDXL's and is conditioned as SDXL does (Podell et
+            al. 2023): both encoders' penultimate states concatenated, the second one's pooled projection
+            and the time ids (height, width, 0, 0, height, width) as ``added_cond_kwargs``; with
+            ``force_zeros_for_empty_prompt`` the unconditional embeddings are zeros unless a
+            ``negative_prompt`` is given.
     """
 
-    model_cpu_offload_seq = "text_encoder->unet->vae"
-    _optional_components = ["scheduler"]
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
+    _optional_components = ["scheduler", "text_encoder_2", "tokenizer_2"]
 
     def __init__(self, vae: AutoencoderKL, text_encoder, tokenizer, unet: ModelMixin, scheduler=None,
-                 kind: str = "flow", max_length: int | None = None):
+                 kind: str = "flow", max_length: int | None = None, text_encoder_2=None, tokenizer_2=None,
+                 force_zeros_for_empty_prompt: bool = True):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         if kind == "ddpm_velocity" and scheduler is None:
             raise ValueError("kind 'ddpm_velocity' needs the DDPM scheduler of the model (its noise schedule)")
-        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
-        self.register_to_config(kind=kind, max_length=max_length)
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                              text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+        self.register_to_config(kind=kind, max_length=max_length,
+                                force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
+
+    @property
+    def is_xl(self) -> bool:
+        """An SDXL-architecture UNet (a second text encoder): SDXL's conditioning (``encode_prompt_xl``)."""
+        return getattr(self, "text_encoder_2", None) is not None
 
     # --- text ---------------------------------------------------------------------------------
 
@@ -139,7 +152,7 @@ class RectifiedFlowPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         dtype = self.unet.dtype
         if self.config.kind == "flow":
             timestep = 1000.0 * (1.0 - t)  # the released models' timestep
-            return self.unet(x_t.to(dtype), timestep.to(x_t.dtype), encoder_hidden_states=states).sample.float()
+            return self._unet_out(x_t.to(dtype), timestep.to(x_t.dtype), states)
         alphas, prediction_type, t_min = self._ddpm_schedule()
         t_true = t.to(torch.float64).clamp(0.0, 1 - 1e-6)
         t64 = t_true.clamp(min=t_min)  # the UNet's noisiest level is as far as it goes
@@ -148,19 +161,79 @@ class RectifiedFlowPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         scale = 1.0 / (t_true**2 + (1 - t_true) ** 2).sqrt()  # unit-variance noise (1 at t = 0)
         shape = (-1, *([1] * (x_t.ndim - 1)))
         x_s = x_t * scale.reshape(shape).to(x_t.dtype)
-        out = self.unet(x_s.to(dtype), timestep.to(x_t.dtype), encoder_hidden_states=states).sample.float()
+        out = self._unet_out(x_s.to(dtype), timestep.to(x_t.dtype), states)
         x1_hat, eps_hat = diffusion_to_x1_eps(out, x_s, ab.to(x_t.dtype), prediction_type)
         # below t_min: the velocity from the actual x_t to the UNet's x1 estimate
         below = (t_true < t_min).reshape(shape)
         return torch.where(below, (x1_hat - x_t) / (1 - t_true).reshape(shape).to(x_t.dtype), x1_hat - eps_hat)
+
+    def _unet_out(self, x: torch.Tensor, timestep: torch.Tensor, states) -> torch.Tensor:
+        """The UNet's output (float32) for text states, or SDXL's (states, pooled text, time ids)."""
+        if isinstance(states, tuple):
+            states, pooled, ids = states
+            return self.unet(x, timestep, encoder_hidden_states=states,
+                             added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample.float()
+        return self.unet(x, timestep, encoder_hidden_states=states).sample.float()
+
+    @staticmethod
+    def _cat_cond(uncond, cond):
+        if isinstance(cond, tuple):
+            return tuple(torch.cat([u, c]) for u, c in zip(uncond, cond))
+        return torch.cat([uncond, cond])
 
     def guided_velocity(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
                         guidance_scale: float) -> torch.Tensor:
         """v_u + w (v_c - v_u) when w > 1 (one batched pass); the conditional velocity alone otherwise."""
         if uncond is None:
             return self.velocity(x, t, cond)
-        v_u, v_c = self.velocity(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond])).chunk(2)
+        v_u, v_c = self.velocity(torch.cat([x, x]), torch.cat([t, t]), self._cat_cond(uncond, cond)).chunk(2)
         return v_u + guidance_scale * (v_c - v_u)
+
+    @torch.no_grad()
+    def encode_prompt_xl(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(states (B, 77, D1 + D2), pooled (B, P)) as StableDiffusionXLPipeline.encode_prompt makes them."""
+        states, pooled = [], None
+        for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids
+            out = encoder(ids.to(self._execution_device), output_hidden_states=True)
+            if out[0].ndim == 2:  # the projection model's pooled text embedding
+                pooled = out[0]
+            states.append(out.hidden_states[-2])
+        return torch.cat(states, dim=-1), pooled
+
+    def _conditioning_xl(self, prompts, negative_prompt, guidance_scale, num_images_per_prompt, size):
+        dtype, n = self.unet.dtype, len(prompts)
+        ids = torch.tensor([[size[0], size[1], 0, 0, size[0], size[1]]], dtype=dtype,
+                           device=self._execution_device).repeat(n, 1)
+        states, pooled = self.encode_prompt_xl(prompts)
+        cond = (states.to(dtype), pooled.to(dtype), ids)
+        uncond = None
+        if guidance_scale > 1.0:
+            if negative_prompt is None and self.config.force_zeros_for_empty_prompt:
+                uncond = (torch.zeros_like(cond[0]), torch.zeros_like(cond[1]), ids)
+            else:
+                neg = negative_prompt or ""
+                neg = [neg] * n if isinstance(neg, str) else [q for q in neg for _ in range(num_images_per_prompt)]
+                s_u, p_u = self.encode_prompt_xl(neg)
+                uncond = (s_u.to(dtype), p_u.to(dtype), ids)
+        return cond, uncond
+
+    def _conditioning(self, prompts: list[str], negative_prompt, guidance_scale: float, num_images_per_prompt: int,
+                      size: tuple[int, int]):
+        """(cond, uncond) text states of the prompts; uncond (``negative_prompt``, default "") only when w > 1."""
+        if self.is_xl:
+            return self._conditioning_xl(prompts, negative_prompt, guidance_scale, num_images_per_prompt, size)
+        dtype, n = self.unet.dtype, len(prompts)
+        cond = self.encode_prompt(prompts).to(dtype)
+        uncond = None
+        if guidance_scale > 1.0:
+            neg = negative_prompt if negative_prompt is not None else ""
+            if isinstance(neg, str):  # one prompt: encoded once (as the project encodes "")
+                uncond = self.encode_prompt([neg]).expand(n, -1, -1).to(dtype)
+            else:
+                uncond = self.encode_prompt([q for q in neg for _ in range(num_images_per_prompt)]).to(dtype)
+        return cond, uncond
 
     # --- noise --------------------------------------------------------------------------------
 
@@ -221,15 +294,8 @@ class RectifiedFlowPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
              self.prepare_noise(n, shape, num_images_per_prompt, seeds, generator)).to(device)
 
         # Text states; the unconditional ones only when guidance is on.
-        dtype = self.unet.dtype
-        cond = self.encode_prompt(prompts).to(dtype)
-        uncond = None
-        if guidance_scale > 1.0:
-            neg = negative_prompt if negative_prompt is not None else ""
-            if isinstance(neg, str):  # one prompt: encoded once (as the project encodes "")
-                uncond = self.encode_prompt([neg]).expand(n, -1, -1).to(dtype)
-            else:
-                uncond = self.encode_prompt([q for q in neg for _ in range(num_images_per_prompt)]).to(dtype)
+        cond, uncond = self._conditioning(prompts, negative_prompt, guidance_scale, num_images_per_prompt,
+                                          (h * vae_scale, w * vae_scale))
 
         # Euler steps on the uniform grid t_i = i / N.
         ts = torch.linspace(0.0, 1.0, num_inference_steps + 1, dtype=torch.float64)
@@ -270,3 +336,4 @@ class RectifiedFlowPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 # not by the module path it was imported under here
                 index[name] = [stem, type(module).__name__]
         index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+

@@ -11,7 +11,7 @@ import torch
 from tests.conftest import ROOT
 from tests.lightning_modules.test_sd15 import cli, config_chain, stated_global_batch, write_couplings
 
-SD3 = sorted((ROOT / "experiments" / "sd3").glob("*.yaml")) + sorted((ROOT / "experiments" / "flux").glob("*.yaml"))
+SD3 = [p for fam in ("sd3", "flux", "sdxl") for p in sorted((ROOT / "experiments" / fam).glob("*.yaml"))]
 
 
 @pytest.fixture(scope="module")
@@ -21,11 +21,11 @@ def sd3_couplings(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("exp", SD3, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_family_experiment_instantiates_with_a_tiny_model(exp, tmp_path, tiny_sd3_folder, tiny_flux_folder,
-                                                         tiny_world, sd3_couplings):
-    from instaflow.models.families import FluxModel, SD3Model
+                                                         tiny_sdxl_folder, tiny_world, sd3_couplings):
+    from instaflow.models.families import FluxModel, SD3Model, SDXLModel
 
     family = exp.parent.name
-    folder = tiny_sd3_folder if family == "sd3" else tiny_flux_folder
+    folder = {"sd3": tiny_sd3_folder, "flux": tiny_flux_folder, "sdxl": tiny_sdxl_folder}[family]
     args = ["--trainer.default_root_dir", str(tmp_path / "root"), "--trainer.logger.init_args.save_dir",
             str(tmp_path / "runs")]
     if family == "flux":
@@ -41,8 +41,12 @@ def test_family_experiment_instantiates_with_a_tiny_model(exp, tmp_path, tiny_sd
     model.configure_model()
     h = model.hparams
     if exp.stem.startswith("pairs"):
-        assert isinstance(model.pipe, SD3Model if family == "sd3" else FluxModel)
-        assert (h.kind, h.solver) == ("flow_matching", "euler")
+        assert isinstance(model.pipe, {"sd3": SD3Model, "flux": FluxModel, "sdxl": SDXLModel}[family])
+        if family == "sdxl":
+            assert (h.kind, h.solver) == (("ddpm", "dpm_solver++") if exp.stem == "pairs_teacher" else
+                                          ("ddpm_velocity", "euler"))
+        else:
+            assert (h.kind, h.solver) == ("flow_matching", "euler")
         assert not h.store_text_states
         batch = next(iter(dm.predict_dataloader()))
         out = model.predict_step({k: (v[:2] if isinstance(v, list) else v) for k, v in batch.items()}, 0)
@@ -51,7 +55,10 @@ def test_family_experiment_instantiates_with_a_tiny_model(exp, tmp_path, tiny_sd
         return
     total, factors = stated_global_batch(exp)
     assert total == trainer.num_nodes * trainer.num_devices * dm.batch_size * trainer.accumulate_grad_batches
-    assert h.parameterization == "flow" and model.kind == "flow_matching" and model.family == family
+    if family == "sdxl":
+        assert h.parameterization == "velocity_wrapper" and model.kind == "ddpm_velocity" and model.family == family
+    else:
+        assert h.parameterization == "flow" and model.kind == "flow_matching" and model.family == family
     batch = next(iter(dm.train_dataloader()))
     loss = model.loss(batch, torch.Generator().manual_seed(0), 0.1)
     assert loss.ndim == 0 and torch.isfinite(loss)

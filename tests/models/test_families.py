@@ -378,3 +378,67 @@ def test_flux_lora_reflow_exports_a_transformer_lora_for_plain_diffusers(tiny_fl
     assert proc.returncode == 0, proc.stderr[-4000:]
     ours = merged.decode(merged.sample_latents(PROMPTS, 2, 3.5, x0=x0))
     torch.testing.assert_close(torch.load(tmp_path / "lora.pt"), ours, atol=1e-5, rtol=0)
+
+
+RELOAD_SDXL = """
+import sys, torch
+from diffusers import DiffusionPipeline
+folder, latents, out = sys.argv[1], sys.argv[2], sys.argv[3]
+pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+pipe.set_progress_bar_config(disable=True)
+for n, w in ((1, 1.0), (3, 2.0)):
+    images = pipe({prompts!r}, latents=torch.load(latents), num_inference_steps=n, guidance_scale=w,
+                  height=16, width=16, output_type="pt").images
+    torch.save(images.cpu(), out + f"_{{n}}.pt")
+assert type(pipe).__name__ == "RectifiedFlowPipeline" and pipe.is_xl
+assert not [m for m in sys.modules if m.split(".")[0] in ("instaflow", "lightning_modules", "callbacks", "data")]
+"""
+
+
+def test_sdxl_chain_reflow_distill_export_reloads_with_plain_diffusers(tiny_sdxl_folder, tiny_world, tmp_path):
+    """SDXL teacher couplings -> reflow through the velocity conversion (pooled text, time ids, zeros for dropped
+    captions) -> 2-RF couplings -> distillation -> make export's RectifiedFlowPipeline folder (SDXL conditioning), which plain
+    diffusers samples as we do."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from instaflow.flow.noise import seeded_noise
+    from instaflow.models.export import export
+    from instaflow.models.families import SDXLModel
+    from tests.lightning_modules.test_chain import BASE, cli, scalars, tiny_yaml
+
+    kw = dict(kind=None, store_text_states=False, bf16=False)
+    gen_pairs(tmp_path, tiny_world, str(tiny_sdxl_folder), tmp_path / "pairs_teacher", guidance=5.0, **kw)
+    models, runs = tmp_path / "models", tmp_path / "runs"
+    train = {"max_steps": 8, "val_check_interval": 8, "limit_val_batches": 1, "log_every_n_steps": 1}
+    pdata = {"batch_size": 8, "num_workers": 0, "shuffle_buffer": 16}
+    stage = {"parameterization": "velocity_wrapper", "lr": 1e-3, "warmup_steps": 1}
+    cli(["fit", "-c", BASE, "-c", tiny_yaml("reflow.yaml", tmp_path, {
+        **stage, "init": str(tiny_sdxl_folder), "export_dir": str(models / "rf2"), "grid_steps": [1, 2]},
+        {**pdata, "train": str(tmp_path / "pairs_teacher"), "val": str(tmp_path / "pairs_teacher")}, train)])
+    loss = scalars(next((runs / "reflow").glob("version_*")), "train/loss")
+    assert len(loss) == 8 and np.mean(loss[-3:]) < np.mean(loss[:3]), loss
+    assert SDXLModel.from_pretrained(str(models / "rf2")).kind == "ddpm_velocity"
+    gen_pairs(tmp_path, tiny_world, str(models / "rf2"), tmp_path / "pairs_rf2", src="pairs_rf2.yaml", guidance=1.5,
+              solver="euler", **kw)
+    cli(["fit", "-c", BASE, "-c", tiny_yaml("distill.yaml", tmp_path, {
+        **stage, "init": str(models / "rf2"), "export_dir": str(models / "instaflow")},
+        {**pdata, "train": str(tmp_path / "pairs_rf2"), "val": str(tmp_path / "pairs_rf2")},
+        {**train, "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                             "init_args": {"save_dir": str(runs), "name": "distill"}}})])
+
+    student = SDXLModel.from_pretrained(str(models / "instaflow"))
+    out = export(str(models / "instaflow"), tmp_path / "export")
+    x0 = seeded_noise([0, 1], student.latent_shape)
+    torch.save(x0, tmp_path / "x0.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", RELOAD_SDXL.format(prompts=PROMPTS), str(out),
+                           str(tmp_path / "x0.pt"), str(tmp_path / "plain")], cwd=tmp_path,
+                          env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for n, w in ((1, 1.0), (3, 2.0)):
+        ours = student.decode(student.sample_latents(PROMPTS, n, w, x0=x0))
+        torch.testing.assert_close(torch.load(tmp_path / f"plain_{n}.pt"), ours, atol=1e-5, rtol=0)
