@@ -148,8 +148,8 @@ class FlowStudent(L.LightningModule, abc.ABC):
         if h.parameterization not in ("velocity_wrapper", "flow"):
             raise ValueError(f"'{h.init}' is an SDXL pipeline: use parameterization velocity_wrapper (from the "
                              f"diffusion teacher) or flow (a 2-RF), got {h.parameterization!r}")
-        if h.lora_rank or h.get("student", "unet") != "unet":
-            raise NotImplementedError("SDXL students train their whole UNet for now (no LoRA, no stacked student)")
+        if h.get("student", "unet") != "unet":
+            raise NotImplementedError("SDXL students train their own UNet (no stacked student)")
         self.family_model = families.SDXLModel.from_pretrained(h.init, velocity_kind=self.kind)
         pipe = self.family_model.pipe
         self.vae = pipe.vae.requires_grad_(False)
@@ -159,6 +159,8 @@ class FlowStudent(L.LightningModule, abc.ABC):
         self.scheduler_config = self.family_model.scheduler_config
         self.components = {"kind": self.kind, "family": "sdxl"}
         self.unet = pipe.unet.train()
+        if h.lora_rank:
+            lora.add_lora(self.unet, h.lora_rank, h.lora_alpha, h.lora_target_modules)
         self.velocity = velocity_field(self.unet, self.kind, self.scheduler_config)
 
     def student_unet(self, unet: torch.nn.Module) -> torch.nn.Module:
@@ -295,12 +297,10 @@ class FlowStudent(L.LightningModule, abc.ABC):
         return unet
 
     def export(self, dirpath: str, unet: torch.nn.Module | None = None) -> Path:
-        if getattr(self, "family", "sd") == "sdxl":
-            return self.family_model.save_flow(dirpath, unet=unet)
-        if getattr(self, "family", "sd") in ("sd3", "flux"):
+        if getattr(self, "family", "sd") in ("sd3", "flux", "sdxl"):
             net = self.unet if unet is None else unet
             adapter = net if lora.has_lora(net) else None
-            out = self.family_model.save_flow(dirpath, transformer=lora.merged(adapter) if adapter is not None else net)
+            out = self.family_model.save_flow(dirpath, lora.merged(adapter) if adapter is not None else net)
             if adapter is not None:
                 h = self.hparams
                 lora.save_lora(adapter, out, h.init, h.lora_rank, h.lora_alpha, h.lora_target_modules,

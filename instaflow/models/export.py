@@ -99,8 +99,9 @@ def _export(model: str, out: str | Path, prompt: str, unet_from: str | None = No
             raise ValueError(f"'{model}' is an SDXL diffusion teacher, not a rectified flow: export the 2-RF or "
                              "one-step folders that reflow and distillation write")
         p = sdxl.pipe
+        unet = loading.load_unet(unet_from) if unet_from else p.unet  # a LoRA's base
         pipe = RectifiedFlowPipeline(vae=p.vae, text_encoder=p.text_encoder, text_encoder_2=p.text_encoder_2,
-                                     tokenizer=p.tokenizer, tokenizer_2=p.tokenizer_2, unet=p.unet.eval(),
+                                     tokenizer=p.tokenizer, tokenizer_2=p.tokenizer_2, unet=unet.eval(),
                                      scheduler=DDPMScheduler.from_config(p.scheduler.config), kind=sdxl.velocity_kind,
                                      force_zeros_for_empty_prompt=p.config.force_zeros_for_empty_prompt)
         out = Path(out)

@@ -58,8 +58,9 @@ def save_lora(unet: torch.nn.Module, folder: str | Path, base: str, rank: int, a
               targets: list[str] | tuple[str, ...], family: str = "sd") -> Path:
     """Write ``folder/lora/`` (diffusers LoRA weights + lora.json); returns that folder.
 
-    SD 1.x/2.x: a UNet LoRA (``StableDiffusionLoraLoaderMixin``); SD3: a transformer LoRA in the format
-    diffusers' SD3 LoRA training writes (``SD3LoraLoaderMixin``, peft state dict under ``transformer.``).
+    SD 1.x/2.x and SDXL: a UNet LoRA (``StableDiffusionLoraLoaderMixin``'s format, which SDXL's loader
+    reads too); SD3 / Flux: a transformer LoRA in the format diffusers' SD3 / Flux LoRA training writes
+    (``SD3LoraLoaderMixin`` / ``FluxLoraLoaderMixin``, peft state dict under ``transformer.``).
     """
     out = Path(folder) / LORA_DIR
     if family in ("sd3", "flux"):

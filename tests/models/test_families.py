@@ -290,7 +290,7 @@ assert not [m for m in sys.modules if m.split(".")[0] in ("instaflow", "lightnin
 
 
 def test_flux_chain_reflow_distill_export_reloads_with_plain_diffusers(tiny_flux_folder, tiny_world, tmp_path):
-    """Flux teacher couplings (guidance input 3.5) -> reflow and distillation at that guidance input -> a Flux
+    """Flux teacher couplings (guidance input 3.5) -> reflow -> 2-RF couplings -> distillation at that input -> a Flux
     folder (no dynamic shift, shift 1) that FluxPipeline's default sigmas sample as our uniform Euler."""
     import os
     import subprocess
@@ -313,6 +313,10 @@ def test_flux_chain_reflow_distill_export_reloads_with_plain_diffusers(tiny_flux
         **stage, "init": str(tiny_flux_folder), "export_dir": str(models / "rf2"), "grid_steps": [1, 2]}, data, train)])
     loss = scalars(next((runs / "reflow").glob("version_*")), "train/loss")
     assert len(loss) == 8 and np.mean(loss[-3:]) < np.mean(loss[:3]), loss
+    gen_pairs(tmp_path, tiny_world, str(models / "rf2"), tmp_path / "pairs_rf2", src="pairs_rf2.yaml", guidance=3.5,
+              **kw)
+    assert len(read_pairs(tmp_path / "pairs_rf2")) == 64
+    data = {**data, "train": str(tmp_path / "pairs_rf2"), "val": str(tmp_path / "pairs_rf2")}
     cli(["fit", "-c", BASE, "-c", tiny_yaml("distill.yaml", tmp_path, {
         **stage, "init": str(models / "rf2"), "export_dir": str(models / "instaflow")}, data,
         {**train, "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
@@ -442,3 +446,52 @@ def test_sdxl_chain_reflow_distill_export_reloads_with_plain_diffusers(tiny_sdxl
     for n, w in ((1, 1.0), (3, 2.0)):
         ours = student.decode(student.sample_latents(PROMPTS, n, w, x0=x0))
         torch.testing.assert_close(torch.load(tmp_path / f"plain_{n}.pt"), ours, atol=1e-5, rtol=0)
+
+
+RELOAD_SDXL_LORA = """
+import sys, torch
+from diffusers import DiffusionPipeline
+base, lora, latents, out = sys.argv[1:5]
+pipe = DiffusionPipeline.from_pretrained(base, trust_remote_code=True)
+pipe.load_lora_weights(lora)
+pipe.set_progress_bar_config(disable=True)
+images = pipe({prompts!r}, latents=torch.load(latents), num_inference_steps=2, guidance_scale=2.0, height=16,
+              width=16, output_type="pt").images
+torch.save(images.cpu(), out)
+assert not [m for m in sys.modules if m.split(".")[0] in ("instaflow", "lightning_modules", "callbacks", "data")]
+"""
+
+
+def test_sdxl_lora_reflow_export_loads_onto_the_base_with_plain_diffusers(tiny_sdxl_folder, tiny_world, tmp_path):
+    """A LoRA on the SDXL UNet: make export writes lora/ and lora/base; load_lora_weights on that base equals the
+    merged student."""
+    import os
+    import subprocess
+    import sys
+
+    from instaflow.flow.noise import seeded_noise
+    from instaflow.models.export import export
+    from instaflow.models.families import SDXLModel
+    from tests.lightning_modules.test_chain import BASE, cli, tiny_yaml
+
+    gen_pairs(tmp_path, tiny_world, str(tiny_sdxl_folder), tmp_path / "pairs", guidance=5.0, kind=None,
+              store_text_states=False, bf16=False)
+    model = tmp_path / "models" / "rf2_lora"
+    cli(["fit", "-c", BASE, "-c", tiny_yaml("reflow.yaml", tmp_path, {
+        "init": str(tiny_sdxl_folder), "parameterization": "velocity_wrapper", "export_dir": str(model), "lr": 1e-2,
+        "warmup_steps": 1, "grid_steps": [1], "lora_rank": 4},
+        {"batch_size": 8, "num_workers": 0, "shuffle_buffer": 16, "train": str(tmp_path / "pairs"),
+         "val": str(tmp_path / "pairs")}, {"max_steps": 6, "val_check_interval": 6, "limit_val_batches": 1})])
+    ckpt = torch.load(next((tmp_path / "ckpt" / "reflow.yaml").glob("*.ckpt")), weights_only=False)
+    assert ckpt["state_dict"] and all("lora_" in k for k in ckpt["state_dict"])
+    out = export(str(model), tmp_path / "export")
+    merged = SDXLModel.from_pretrained(str(model))
+    x0 = seeded_noise([0, 1], merged.latent_shape)
+    torch.save(x0, tmp_path / "x0.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", RELOAD_SDXL_LORA.format(prompts=PROMPTS), str(out / "lora" / "base"),
+                           str(out / "lora"), str(tmp_path / "x0.pt"), str(tmp_path / "lora.pt")], cwd=tmp_path,
+                          env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ours = merged.decode(merged.sample_latents(PROMPTS, 2, 2.0, x0=x0))
+    torch.testing.assert_close(torch.load(tmp_path / "lora.pt"), ours, atol=1e-5, rtol=0)
