@@ -73,7 +73,9 @@ class CouplingGeneration(L.LightningModule):
     def metadata(self) -> dict:
         """What produced the couplings; written next to them (formula and w included, docs/pitfalls.md)."""
         h = self.hparams
-        meta = {"model": h.model, "family": getattr(self.pipe, "family", "sd"), "kind": self.pipe.kind, "solver": h.solver, "steps": h.steps, "guidance": h.guidance,
+        meta = {"model": h.model, "family": getattr(self.pipe, "family", "sd"),
+                "conditioning": getattr(self.pipe, "conditioning", "text encoder token states"),
+                "kind": self.pipe.kind, "solver": h.solver, "steps": h.steps, "guidance": h.guidance,
                 "guidance_formula": "out_u + w * (out_c - out_u), applied when w > 1", "base_seed": h.base_seed,
                 "seed_rule": "crc32(f'{base_seed}/{key}') & 0x7FFFFFFF; x0 = randn(latent_shape, CPU generator)",
                 "latent_shape": list(self.pipe.latent_shape), "time_convention": "t=0 noise, t=1 data",

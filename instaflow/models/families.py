@@ -53,6 +53,7 @@ class SD3Model:
 
     kind = "flow_matching"
     family = "sd3"
+    conditioning = "CLIP-L + CLIP-G + T5 token states, CLIP pooled projections (encode_prompt)"
 
     def __init__(self, pipe, max_sequence_length: int = 256, uniform: bool = False) -> None:
         self.pipe, self.max_sequence_length = pipe, max_sequence_length
@@ -168,6 +169,7 @@ class SDXLModel:
     """
 
     family = "sdxl"
+    conditioning = "CLIP-L + CLIP-G penultimate states, CLIP-G pooled projection, time ids; zeros as uncond"
 
     def __init__(self, pipe, velocity_kind: str | None = None) -> None:
         self.pipe = pipe
@@ -316,6 +318,7 @@ class FluxModel:
 
     kind = "flow_matching"
     family = "flux"
+    conditioning = "T5 token states, CLIP pooled output, guidance as an input (no unconditional pass)"
 
     def __init__(self, pipe, resolution: int = 1024, max_sequence_length: int = 512, uniform: bool = False,
                  guidance_input: float | None = None) -> None:

@@ -158,6 +158,7 @@ def test_sdxl_couplings_from_the_coupling_stage(tiny_sdxl_folder, tiny_world, tm
     assert len(read_pairs(out)) == 64
     meta = json.loads((out / "generation.json").read_text())
     assert (meta["family"], meta["kind"], meta["solver"]) == ("sdxl", "ddpm", "dpm_solver++")
+    assert "time ids" in meta["conditioning"]
 
 
 def test_missing_sdxl_model_fails_naming_it():
@@ -268,6 +269,7 @@ def test_flux_couplings_from_the_coupling_stage(tiny_flux_folder, tiny_world, tm
     pairs = read_pairs(out)
     meta = json.loads((out / "generation.json").read_text())
     assert len(pairs) == 64 and (meta["family"], meta["latent_shape"]) == ("flux", [4, 8, 8])
+    assert "guidance as an input" in meta["conditioning"] and meta["guidance"] == 3.5
     model = FluxModel.from_pretrained(str(tiny_flux_folder), resolution=16)
     key = sorted(pairs)[3]
     want = model.sample_latents([pairs[key]["txt"].decode()], 3, 3.5, seeds=[sample_seed(key, 0)])
