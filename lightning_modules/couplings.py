@@ -46,11 +46,14 @@ class CouplingGeneration(L.LightningModule):
         bf16: bf16 autocast for text encoding and the UNet evaluations (the ODE state stays fp32).
         resolution: pixel size for families whose denoiser does not fix it (Flux; default 1024);
             SD, SDXL and SD3 read it from their UNet / transformer config.
+        vae: another VAE (hub id or folder) to decode an SDXL teacher's couplings with, e.g. a local copy of
+            the fp16-fixed ``madebyollin/sdxl-vae-fp16-fix`` (SDXL only; the couplings' x1 does not change).
     """
 
     def __init__(self, model: str, kind: str | None = None, solver: str = "dpm_solver++", steps: int = 25,
                  guidance: float = 5.0, base_seed: int = 0, store_noise: bool = False,
-                 store_text_states: bool = False, bf16: bool = False, resolution: int | None = None) -> None:
+                 store_text_states: bool = False, bf16: bool = False, resolution: int | None = None,
+                 vae: str | None = None) -> None:
         super().__init__()
         if kind is not None:
             _check_solver(kind, solver)
@@ -59,7 +62,8 @@ class CouplingGeneration(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.pipe is None:
-            self.pipe = load_teacher(self.hparams.model, kind=self.hparams.kind, resolution=self.hparams.resolution)
+            h = self.hparams
+            self.pipe = load_teacher(h.model, kind=h.kind, resolution=h.resolution, vae=h.vae)
             _check_solver(self.pipe.kind, self.hparams.solver)
             if isinstance(self.pipe, TextToImage):
                 self.pipe.unet.to(self.device)

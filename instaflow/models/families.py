@@ -434,13 +434,16 @@ class FluxModel:
         return out
 
 
-def load_teacher(pretrained: str, kind: str | None = None, resolution: int | None = None):
-    """The model a coupling stage solves: ``SD3Model`` / ``SDXLModel`` for those folders, else a ``TextToImage``."""
+def load_teacher(pretrained: str, kind: str | None = None, resolution: int | None = None, vae: str | None = None):
+    """The model a coupling stage solves: ``SD3Model`` / ``SDXLModel`` / ``FluxModel`` for those folders, else a
+    ``TextToImage``; ``vae`` (SDXL only) decodes with another VAE."""
+    if vae is not None and family_of(pretrained) != "sdxl":
+        raise ValueError(f"vae={vae!r} is an option of SDXL teachers; '{pretrained}' is not an SDXL pipeline folder")
     if family_of(pretrained) == "sdxl":
         if kind not in (None, "ddpm", "ddpm_velocity", "flow"):
             raise ValueError(f"'{pretrained}' is an SDXL pipeline: kind must be null, ddpm (the diffusion teacher), "
                              f"ddpm_velocity or flow (a rectified flow trained from it), got {kind!r}")
-        model = SDXLModel.from_pretrained(pretrained)  # kind from the folder (a framework export says), as SD's
+        model = SDXLModel.from_pretrained(pretrained, vae=vae)  # kind from the folder (a framework export says)
         if kind is not None:
             model.velocity_kind = None if kind == "ddpm" else kind
         return model

@@ -497,3 +497,23 @@ def test_sdxl_lora_reflow_export_loads_onto_the_base_with_plain_diffusers(tiny_s
     assert proc.returncode == 0, proc.stderr[-4000:]
     ours = merged.decode(merged.sample_latents(PROMPTS, 2, 2.0, x0=x0))
     torch.testing.assert_close(torch.load(tmp_path / "lora.pt"), ours, atol=1e-5, rtol=0)
+
+
+def test_sdxl_teacher_decodes_with_another_vae(tiny_sdxl_folder, tmp_path):
+    """The coupling stage's ``vae`` key (e.g. the fp16-fixed SDXL VAE): the teacher decodes with it, x1 unchanged."""
+    from diffusers import AutoencoderKL
+
+    from instaflow.models.families import load_teacher
+
+    torch.manual_seed(1)
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[4, 8],
+                  down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                  layers_per_block=1, norm_num_groups=2, sample_size=16, scaling_factor=0.2).save_pretrained(
+        tmp_path / "vae")
+    plain, fixed = load_teacher(str(tiny_sdxl_folder)), load_teacher(str(tiny_sdxl_folder), vae=str(tmp_path / "vae"))
+    assert fixed.pipe.vae.config.scaling_factor == 0.2 and plain.pipe.vae.config.scaling_factor == 0.13025
+    x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(fixed.sample_latents(PROMPTS[:1], 3, 2.0, x0=x0), plain.sample_latents(PROMPTS[:1], 3, 2.0,
+                                                                                                      x0=x0))
+    with pytest.raises(ValueError, match="SDXL"):
+        load_teacher(str(tmp_path / "vae"), vae=str(tmp_path / "vae"))
