@@ -103,6 +103,10 @@ class FlowStudent(L.LightningModule, abc.ABC):
             self.unet.enable_gradient_checkpointing()
         mesh = getattr(self, "_device_mesh", None)  # set by ModelParallelStrategy before this hook
         if mesh is not None:
+            if self.family != "sd":
+                raise NotImplementedError(f"FSDP2 sharding of {self.family} students is not implemented yet (the "
+                                          "per-block sharding and the sharded export are written for SD UNets): train "
+                                          "them with DDP (and LoRA where memory is short; python -m instaflow.tools.memory)")
             if h.lora_rank:
                 raise NotImplementedError("LoRA students under FSDP2 are not supported yet (the sharded export "
                                           "gathers a plain UNet): train LoRA on one device or with DDP")

@@ -517,3 +517,15 @@ def test_sdxl_teacher_decodes_with_another_vae(tiny_sdxl_folder, tmp_path):
                                                                                                       x0=x0))
     with pytest.raises(ValueError, match="SDXL"):
         load_teacher(str(tmp_path / "vae"), vae=str(tmp_path / "vae"))
+
+
+def test_sharding_a_family_student_is_refused_by_name(tiny_sd3_folder):
+    """FSDP2 sharding is written for SD UNets: an SD3 (SDXL, Flux) student under a device mesh stops with a message."""
+    from lightning_modules.reflow import ReflowTraining
+    from tests.conftest import one_rank_device_mesh
+
+    with one_rank_device_mesh() as mesh:
+        model = ReflowTraining(str(tiny_sd3_folder), parameterization="flow")
+        model._device_mesh = mesh
+        with pytest.raises(NotImplementedError, match="FSDP2 sharding of sd3 students"):
+            model.configure_model()
