@@ -160,6 +160,11 @@ def test_instaflow_chain_on_tiny_models(tiny_world, tiny_sd_folder, tmp_path):
     logdir = next((runs / "reflow").glob("version_*"))
     loss = scalars(logdir, "train/loss")
     assert np.mean(loss[-5:]) < np.mean(loss[:5]), loss
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(logdir))
+    ea.Reload()
+    assert "hp_metric" not in ea.Tags()["scalars"]  # base/default.yaml: no placeholder -1 (experiments inherit it)
     for tag in ("quality/fid_euler1_w1", "quality/alignment_euler3_w1.5",  # at start and after each validation
                 "quality/straightness_euler25_w1.5"):  # reflow.yaml's straightness_n: the path it straightens
         curve = scalars(logdir, tag)
