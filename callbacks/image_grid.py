@@ -9,7 +9,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 
 from instaflow.contracts import SamplesGrid
-from instaflow.evaluation.grids import make_grid, save_png
+from instaflow.evaluation.grids import captioned_grid, save_png
 
 
 class ImageGrid(Callback):
@@ -17,7 +17,9 @@ class ImageGrid(Callback):
     and log every grid.
 
     ``sample_grid`` returns ``{name: (N, 3, H, W) in [0, 1]}`` (e.g. one-step beside multi-step),
-    one image per prompt, from the same seeds every time so grids are comparable across steps.
+    one image per prompt, from the same seeds every time so grids are comparable across steps. Every
+    image carries its prompt and the grid's setting (e.g. ``euler1_w1``) under it, in TensorBoard
+    (``samples/<name>``) and in the PNGs (``<log_dir>/grids/<name>_<step>.png``), upscaled ``png_scale`` times.
     """
 
     def __init__(self, prompts: list[str], seed: int = 0, nrow: int = 8, png_scale: int = 4) -> None:
@@ -41,10 +43,11 @@ class ImageGrid(Callback):
     @rank_zero_only
     def _log(self, trainer: L.Trainer, grids: dict, log_dir: str | None) -> None:
         for name, images in grids.items():
-            grid = make_grid(images, self.nrow)
+            captions = [f"{p} [{name}, seed {self.seed + i}]" for i, p in enumerate(self.prompts[:len(images)])]
+            grid = captioned_grid(images, captions, self.nrow, scale=self.png_scale)
             for logger in trainer.loggers:
                 exp = getattr(logger, "experiment", None)
                 if hasattr(exp, "add_image"):
                     exp.add_image(f"samples/{name}", grid, trainer.global_step)
             if log_dir:
-                save_png(grid, Path(log_dir) / "grids" / f"{name}_{trainer.global_step:06d}.png", self.png_scale)
+                save_png(grid, Path(log_dir) / "grids" / f"{name}_{trainer.global_step:06d}.png")

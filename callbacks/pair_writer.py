@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from data.laion import expand_shards
 from data.shards import npy_bytes, write_tar
 from instaflow.contracts import DescribesCouplings
-from instaflow.evaluation.grids import make_grid, save_png
+from instaflow.evaluation.grids import captioned_grid, save_png
 
 
 def shard_name(url: str) -> str:
@@ -117,7 +117,8 @@ class CouplingWriter(BasePredictionWriter):
         if self._grid_logged or not self.grid_size or not isinstance(pl_module, DescribesCouplings):
             return
         k = min(self.grid_size, len(prediction["key"]))
-        grid = make_grid(pl_module.decode(prediction["x1"][:k]), nrow=8)  # (3, H', W')
+        grid = captioned_grid(pl_module.decode(prediction["x1"][:k]), list(prediction["caption"][:k]), nrow=8,
+                              scale=4)  # (3, H', W'), each x1 above its caption
         captions = "  \n".join(f"{i}: {c}" for i, c in enumerate(prediction["caption"][:k]))
         for logger in trainer.loggers:
             exp = getattr(logger, "experiment", None)
@@ -126,7 +127,7 @@ class CouplingWriter(BasePredictionWriter):
                 exp.add_text("couplings/captions", captions, 0)
         log_dir = getattr(trainer.loggers[0], "log_dir", None) if trainer.loggers else None  # no broadcast: rank 0 only
         if log_dir:
-            save_png(grid, Path(log_dir) / "grids" / "couplings_x1.png", 4)
+            save_png(grid, Path(log_dir) / "grids" / "couplings_x1.png")
         self._grid_logged = True
 
     def _flush(self, url: str) -> None:

@@ -3,7 +3,7 @@
     python -m instaflow.tools.generate --model runs/embedded/models/instaflow --steps 1 \
         --prompt "a large red circle in the center on a white background" --out runs/generate
 
-Writes ``<out>/<i>_<seed>.png`` (one per prompt x seed), ``<out>/grid.png`` (rows = prompts) and
+Writes ``<out>/<i>_<seed>.png`` (one per prompt x seed), ``<out>/grid.png`` (rows = prompts; each image captioned with its prompt, steps, guidance and seed) and
 ``<out>/generation.json`` (model, steps, guidance, seeds, prompts, seconds), so an image can be
 regenerated exactly: prompt i with seed s always starts from the same noise.
 """
@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from instaflow.evaluation.grids import make_grid, save_png
+from instaflow.evaluation.grids import captioned_grid, save_png
 from instaflow.models.sampler import TextToImage
 
 
@@ -50,7 +50,9 @@ def main(argv: list[str] | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for i, (img, s) in enumerate(zip(images, seeds)):
         save_png(img, out / f"{i // k:03d}_{s}.png", a.scale)
-    save_png(make_grid(images, nrow=k), out / "grid.png", a.scale)
+    captions = [f"{q} [{a.steps} step{'s' if a.steps > 1 else ''}, w {a.guidance:g}, seed {s}]"
+                for q, s in zip(flat, seeds)]
+    save_png(captioned_grid(images, captions, nrow=k, scale=a.scale), out / "grid.png")
     (out / "generation.json").write_text(json.dumps({
         "model": a.model, "kind": model.kind, "steps": a.steps, "guidance": a.guidance, "bf16": a.bf16,
         "seeds": list(range(a.seed, a.seed + k)), "prompts": prompts, "seconds": round(seconds, 3)}, indent=2))

@@ -284,7 +284,9 @@ def test_generate_writes_pngs_grid_and_record_reproducibly(tiny_sd_folder, tmp_p
     pngs = sorted(p.name for p in out.glob("0*.png"))
     assert pngs == ["000_5.png", "000_6.png", "001_5.png", "001_6.png"]
     grid = Image.open(out / "grid.png")
-    assert grid.size == (2 * 16 + 3, 2 * 16 + 3)  # 2x2 images of 16 px with 1-px gaps
+    cap = 3 * 13 + 4  # three caption lines (prompt, steps, w, seed) under each image
+    assert grid.size == (2 * (16 + 2) + 2, 2 * (16 + cap + 2) + 2)  # 2x2 captioned images of 16 px, 2-px gaps
+    assert np.array_equal(np.asarray(grid.convert("RGB"))[2:18, 2:18], np.asarray(Image.open(out / "000_5.png")))
     rec = json.loads((out / "generation.json").read_text())
     assert rec["seeds"] == [5, 6] and rec["steps"] == 2 and rec["prompts"] == ["a red circle", "a blue square"]
     again = generate.main(args + ["--out", str(tmp_path / "b")])
