@@ -43,7 +43,9 @@ class ImageGrid(Callback):
     @rank_zero_only
     def _log(self, trainer: L.Trainer, grids: dict, log_dir: str | None) -> None:
         for name, images in grids.items():
-            captions = [f"{p} [{name}, seed {self.seed + i}]" for i, p in enumerate(self.prompts[:len(images)])]
+            # modules without prompts (e.g. a VAE's reconstructions) label each image by its index
+            prompts = self.prompts if len(self.prompts) >= len(images) else [f"#{i}" for i in range(len(images))]
+            captions = [f"{p} [{name}, seed {self.seed + i}]" for i, p in enumerate(prompts[:len(images)])]
             grid = captioned_grid(images, captions, self.nrow, scale=self.png_scale)
             for logger in trainer.loggers:
                 exp = getattr(logger, "experiment", None)
