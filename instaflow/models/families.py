@@ -48,7 +48,41 @@ def _absent_components(pretrained: str) -> dict:
     return {k: None for k, v in json.loads(index.read_text()).items() if isinstance(v, list) and v[0] is None}
 
 
-class SD3Model:
+class _FamilyPipeline:
+    """What every family adapter shares: the denoiser under the name the stages use (``unet``), the
+    scheduler config, the device, VAE decoding (scale, and shift where the family has one) and chunked
+    sampling to images. ``_denoiser``: the pipeline attribute holding the trained network."""
+
+    _denoiser = "transformer"
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return getattr(self.pipe, self._denoiser)
+
+    @property
+    def scheduler_config(self) -> dict:
+        return dict(self.pipe.scheduler.config)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images (B, 3, H, W) in [0, 1], undoing the VAE's scaling (and shift) as the pipeline does."""
+        vae = self.pipe.vae
+        z = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
+        return ((vae.decode(z.to(vae.dtype)).sample.float() + 1) / 2).clamp(0, 1)
+
+    @torch.no_grad()
+    def sample_images(self, prompts: list[str], steps: int, guidance: float, seeds: list[int],
+                      batch_size: int = 64) -> torch.Tensor:
+        return torch.cat([self.decode(self.sample_latents(prompts[i:i + batch_size], steps, guidance,
+                                                          seeds[i:i + batch_size]))
+                          for i in range(0, len(prompts), batch_size)])
+
+
+class SD3Model(_FamilyPipeline):
     """An SD3 / SD3.5 pipeline as a flow-matching teacher in our time (no weights change: it is already a flow)."""
 
     kind = "flow_matching"
@@ -74,21 +108,9 @@ class SD3Model:
         return cls(pipe, uniform=uniform, **kw)
 
     @property
-    def unet(self) -> torch.nn.Module:  # the denoiser, under the name the stages use
-        return self.pipe.transformer
-
-    @property
-    def scheduler_config(self) -> dict:
-        return dict(self.pipe.scheduler.config)
-
-    @property
     def latent_shape(self) -> tuple[int, int, int]:
         c = self.pipe.transformer.config
         return (c.in_channels, c.sample_size, c.sample_size)  # (16, 128, 128) for 1024 px
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.pipe.transformer.parameters()).device
 
     @torch.no_grad()
     def encode(self, prompts: list[str], guidance: float) -> tuple[Conditioning, Conditioning | None]:
@@ -142,22 +164,7 @@ class SD3Model:
         cond, uncond = self.encode(prompts, guidance)
         return sample_euler(guided(self.velocity(), cond, uncond, guidance), x0, self.time_grid(steps), path).float()
 
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> images (B, 3, H, W) in [0, 1], undoing the VAE's scaling and shift as the pipeline does."""
-        vae = self.pipe.vae
-        z = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-        return ((vae.decode(z.to(vae.dtype)).sample.float() + 1) / 2).clamp(0, 1)
-
-    @torch.no_grad()
-    def sample_images(self, prompts: list[str], steps: int, guidance: float, seeds: list[int],
-                      batch_size: int = 64) -> torch.Tensor:
-        return torch.cat([self.decode(self.sample_latents(prompts[i:i + batch_size], steps, guidance,
-                                                          seeds[i:i + batch_size]))
-                          for i in range(0, len(prompts), batch_size)])
-
-
-class SDXLModel:
+class SDXLModel(_FamilyPipeline):
     """An SDXL pipeline as a diffusion teacher (epsilon prediction): DPM-Solver++ with its conditioning.
 
     The conditioning is the pipeline's own: ``encode_prompt`` (both CLIP encoders' penultimate states
@@ -169,6 +176,7 @@ class SDXLModel:
     """
 
     family = "sdxl"
+    _denoiser = "unet"
     conditioning = "CLIP-L + CLIP-G penultimate states, CLIP-G pooled projection, time ids; zeros as uncond"
 
     def __init__(self, pipe, velocity_kind: str | None = None) -> None:
@@ -221,21 +229,9 @@ class SDXLModel:
         return out
 
     @property
-    def unet(self) -> torch.nn.Module:
-        return self.pipe.unet
-
-    @property
-    def scheduler_config(self) -> dict:
-        return dict(self.pipe.scheduler.config)
-
-    @property
     def latent_shape(self) -> tuple[int, int, int]:
         c = self.pipe.unet.config
         return (c.in_channels, c.sample_size, c.sample_size)  # (4, 128, 128) for 1024 px
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.pipe.unet.parameters()).device
 
     @torch.no_grad()
     def encode(self, prompts: list[str], guidance: float) -> tuple[Conditioning, Conditioning | None]:
@@ -259,19 +255,6 @@ class SDXLModel:
             return sample_euler(guided(self.velocity(), cond, uncond, guidance), x0, time_grid(steps), path).float()
         return sample_dpm_solver(self.pipe.unet, self.scheduler_config, x0, cond, uncond, guidance, steps,
                                  path=path).float()
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self.pipe.vae
-        return ((vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample.float() + 1) / 2).clamp(0, 1)
-
-    @torch.no_grad()
-    def sample_images(self, prompts: list[str], steps: int, guidance: float, seeds: list[int],
-                      batch_size: int = 64) -> torch.Tensor:
-        return torch.cat([self.decode(self.sample_latents(prompts[i:i + batch_size], steps, guidance,
-                                                          seeds[i:i + batch_size]))
-                          for i in range(0, len(prompts), batch_size)])
-
 
 def pack_latents(x: torch.Tensor) -> torch.Tensor:
     """(B, C, h, w) -> Flux's 2x2 patches (B, h/2 * w/2, 4C), as ``FluxPipeline._pack_latents``."""
@@ -310,7 +293,7 @@ class FluxVelocity(torch.nn.Module):
         return fm_to_velocity(unpack_latents(out, h, w))
 
 
-class FluxModel:
+class FluxModel(_FamilyPipeline):
     """A FLUX.1 pipeline as a flow-matching teacher in our time: its ``encode_prompt`` (T5 states, CLIP
     pooled), Euler at its scheduler's sigmas (linspace(1, 1/N, N) shifted by mu from the image's token
     count, as ``FluxPipeline``), guidance as an input when the checkpoint is guidance-distilled (dev),
@@ -343,21 +326,9 @@ class FluxModel:
                    uniform=saved.get("sampling") == "uniform" if uniform is None else uniform, **kw)
 
     @property
-    def unet(self) -> torch.nn.Module:
-        return self.pipe.transformer
-
-    @property
-    def scheduler_config(self) -> dict:
-        return dict(self.pipe.scheduler.config)
-
-    @property
     def latent_shape(self) -> tuple[int, int, int]:
         h = 2 * (self.resolution // (self.pipe.vae_scale_factor * 2))
         return (self.pipe.transformer.config.in_channels // 4, h, h)  # (16, 128, 128) at 1024 px
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.pipe.transformer.parameters()).device
 
     @torch.no_grad()
     def encode(self, prompts: list[str], guidance: float) -> tuple[Conditioning, None]:
@@ -393,19 +364,6 @@ class FluxModel:
         x0 = (seeded_noise(seeds, self.latent_shape) if x0 is None else x0).to(self.device)
         cond, uncond = self.encode(prompts, guidance)
         return sample_euler(guided(self.velocity(), cond, uncond, guidance), x0, self.time_grid(steps), path).float()
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self.pipe.vae
-        z = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-        return ((vae.decode(z.to(vae.dtype)).sample.float() + 1) / 2).clamp(0, 1)
-
-    @torch.no_grad()
-    def sample_images(self, prompts: list[str], steps: int, guidance: float, seeds: list[int],
-                      batch_size: int = 64) -> torch.Tensor:
-        return torch.cat([self.decode(self.sample_latents(prompts[i:i + batch_size], steps, guidance,
-                                                          seeds[i:i + batch_size]))
-                          for i in range(0, len(prompts), batch_size)])
 
     def save_flow(self, dirpath: str | Path, transformer: torch.nn.Module | None = None) -> Path:
         """Write a trained Flux rectified flow as a Flux pipeline folder that plain diffusers samples as we do.
