@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
 .PHONY: help venv data data-chain train-vae train-teacher-unet train-teacher-binding train-teacher-decoder train-teacher train-evaluator eval-teacher floors \
-        gen-pairs train-2rf train-distill eval report ablation generate export run train-reflow sweep test test-full bench bench-gpu tensorboard clean
+        gen-pairs train-2rf train-distill eval report ablation generate export run train-reflow sweep test test-full bench bench-gpu memory tensorboard clean
 
 help: ## list every target with one line each
 	@echo "InstaFlow training framework. Layout (docs/architecture.md): lightning_modules/ the stages and CLI;"
@@ -117,7 +117,7 @@ MODEL ?= runs/embedded/models/instaflow
 STEPS ?= 1
 W ?= 1.0
 PROMPT ?= a large red circle in the center on a white background
-generate: $(VENV)/.installed ## PNGs and a grid for PROMPT from MODEL (STEPS, W=guidance) into runs/generate/
+generate: $(VENV)/.installed ## PNGs and a captioned grid for PROMPT from MODEL (STEPS, W=guidance) into runs/generate/
 	$(PY) -m instaflow.tools.generate --model $(MODEL) --steps $(STEPS) --guidance $(W) --prompt "$(PROMPT)" --out runs/generate
 
 # make export MODEL=runs/embedded/models/instaflow OUT=runs/export/instaflow
@@ -186,6 +186,9 @@ test-full: $(VENV)/.installed ## all tests, including the slow ones
 
 bench: $(VENV)/.installed ## CPU couplings/s and reflow steps/s (embedded default + tiny SD, ~20 s each) -> benchmarks/results_cpu.json
 	$(PY) -m benchmarks.bench_cpu
+
+memory: $(VENV)/.installed ## GiB per GPU of weights, grads and AdamW per family (SD 1.5, SDXL, SD3, Flux): DDP, FSDP2 over GPUS=8, LoRA
+	$(PY) -m instaflow.tools.memory --gpus $(or $(GPUS),8)
 
 bench-gpu: $(VENV)/.installed ## SD-1.5-sized reflow step time/memory/MFU (bf16, FSDP2), couplings/s, one-step latency; needs CUDA
 	$(PY) -m benchmarks.bench_gpu
