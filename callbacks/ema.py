@@ -84,10 +84,19 @@ class EMA(Callback):
         self._ctx.__enter__()
 
     def on_validation_end(self, trainer, pl_module) -> None:
+        self.restore_training_weights()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        # an error or SIGTERM inside validation must not leave the average in the module (a checkpoint
+        # saved after it would hold the EMA as the training weights)
+        self.restore_training_weights()
+
+    def restore_training_weights(self) -> None:
+        """Leave the validation swap, if inside it (idempotent)."""
         ctx = getattr(self, "_ctx", None)
         if ctx is not None:
-            ctx.__exit__(None, None, None)
             self._ctx = None
+            ctx.__exit__(None, None, None)
 
     def state_dict(self) -> dict:
         # FSDP2 shards are gathered (a collective: Lightning asks every rank), so rank 0 saves whole tensors

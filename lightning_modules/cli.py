@@ -10,20 +10,67 @@
 
 Every setting lives in the YAML: this file adds nothing to it (no hidden scaling of learning
 rates or batch sizes); ``--experiment`` only names the files (``instaflow.experiments``).
+
+Resume anywhere: every run has the ``callbacks.resume.Resume`` callback (config key ``resume``), and
+a ``fit`` without ``--ckpt_path`` first looks for its own unfinished checkpoint
+(``lightning_modules.resume``) and continues from it, in the same run folder. A fit stopped by
+SIGTERM saves ``last.ckpt`` and exits with status 143 (128 + SIGTERM), so a wrapper sees it failed.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 
+import yaml
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from callbacks.resume import Resume
 from instaflow.experiments import expand
+
+
+class InstaFlowCLI(LightningCLI):
+    """LightningCLI plus the ``resume`` callback and, before ``fit``, continuing the run's own unfinished checkpoint."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(Resume, "resume")
+
+    def before_instantiate_classes(self) -> None:
+        from lightning_modules.resume import find_unfinished
+
+        if self.subcommand != "fit":
+            return
+        cfg = self.config[self.subcommand]
+        if cfg.get("ckpt_path") is not None or not cfg.resume.auto:
+            return
+        found = find_unfinished(yaml.safe_load(self.parser.dump(self.config))[self.subcommand], log=_say)
+        if found is None:
+            return
+        cfg.ckpt_path = str(found.ckpt)
+        if found.version is not None and hasattr(cfg.trainer.get("logger"), "init_args"):
+            cfg.trainer.logger.init_args.version = found.version
+        _say(f"[resume] continuing {found.run_dir} from step {found.step} ({found.ckpt}); "
+             "--resume.auto false starts a new run instead")
+
+
+def _say(msg: str) -> None:
+    import os
+
+    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) == 0:
+        print(msg, flush=True)
 
 
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     args = expand(sys.argv[1:] if args is None else list(args), subcommand=run)
-    return LightningCLI(
+    try:
+        return _cli(args, run)
+    except SIGTERMException as exn:  # Lightning's SIGTERM exit carries no status: make it a failure
+        raise SystemExit(128 + signal.SIGTERM) from exn
+
+
+def _cli(args: list[str], run: bool) -> LightningCLI:
+    return InstaFlowCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,
         parser_kwargs={"parser_mode": "omegaconf"},

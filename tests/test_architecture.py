@@ -22,6 +22,9 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "data": ("data", "instaflow.flow"),
     "instaflow.models": ("instaflow.models", "instaflow.flow", "instaflow.contracts"),
     "instaflow.evaluation": ("instaflow.evaluation", "instaflow.models", "instaflow.flow", "instaflow.contracts", "data"),
+    # the entry point: LightningCLI assembles modules and callbacks (it adds callbacks.resume.Resume to every run)
+    "lightning_modules.cli": ("lightning_modules", "callbacks", "instaflow.flow", "instaflow.models",
+                              "instaflow.evaluation", "instaflow.contracts", "instaflow.experiments", "data"),
     "lightning_modules": ("lightning_modules", "instaflow.flow", "instaflow.models", "instaflow.evaluation",
                           "instaflow.contracts", "instaflow.experiments", "data"),
     "callbacks": ("callbacks", "instaflow.flow", "instaflow.models", "instaflow.evaluation", "instaflow.contracts", "data"),

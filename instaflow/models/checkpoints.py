@@ -1,4 +1,8 @@
-"""Read a network's weights out of a Lightning checkpoint: a file, or an FSDP2 distributed-checkpoint folder."""
+"""Read a Lightning checkpoint (a file, or an FSDP2 distributed-checkpoint folder): a network's weights, its step.
+
+``FINISHED`` is the mark a fit leaves beside its ``last.ckpt`` when it ends normally
+(``callbacks.resume``); a ``last.ckpt`` without it belongs to an unfinished fit (``lightning_modules.resume``).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,17 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+FINISHED = "fit_finished.json"
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The ``global_step`` stored in a checkpoint file or a sharded checkpoint folder's ``meta.pt``."""
+    p = Path(path)
+    if p.is_dir():
+        return int(torch.load(p / "meta.pt", map_location="cpu", weights_only=False)["global_step"])
+    # mmap: the weights stay on disk, only the small metadata is read
+    return int(torch.load(p, map_location="cpu", mmap=True, weights_only=False)["global_step"])
 
 
 def read_checkpoint(path: str | Path) -> dict:

@@ -4,12 +4,14 @@
 
 Writes ``<dir>/<stage>.json`` = {stage, command, start, end, wall_s, returncode} only when the
 command succeeds (a failed stage leaves no record, so a rerun is timed afresh); the exit status
-is passed through.
+is passed through. A SIGTERM sent to this wrapper alone (``kill <pid>``, a container's PID 1) is
+passed on to the command, so a training stage still saves its checkpoint before it exits.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -40,7 +42,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out_dir, stage, cmd = Path(argv[0]), argv[1], argv[3:]
     start = time.time()
-    rc = subprocess.call(cmd)
+    proc = subprocess.Popen(cmd)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
+    try:
+        rc = proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     end = time.time()
     if rc == 0:
         write_record(out_dir, stage, " ".join(cmd), start, end)
