@@ -114,7 +114,8 @@ class CouplingWriter(BasePredictionWriter):
                    "couplings/skipped_inputs": float(self._skips)}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=self._n)
-        if self._grid_logged or not self.grid_size or not isinstance(pl_module, DescribesCouplings):
+        if (self._grid_logged or not self.grid_size or not prediction["key"]
+                or not isinstance(pl_module, DescribesCouplings)):
             return
         k = min(self.grid_size, len(prediction["key"]))
         grid = captioned_grid(pl_module.decode(prediction["x1"][:k]), list(prediction["caption"][:k]), nrow=8,

@@ -14,7 +14,11 @@ non-UTF-8 caption, an unreadable or truncated tar is skipped and counted. Each s
 how many were skipped before it in its worker (the last one also those after it), so the
 ``skipped`` of all batches sums to the exact count. A tar that breaks off counts once as
 ``unreadable_tar``; the samples read before the break are kept, and a sample cut short by it is
-decoded with the members it has (no ``.txt``: skipped as ``missing_caption``).
+decoded with the members it has (no ``.txt``: skipped as ``missing_caption``). A worker whose
+shards yield no sample at all (every sample bad) has nothing to carry its count: with
+``report_empty`` (the datamodule's predict loader, whose stage reports totals) it yields one
+*carrier* ``{"carrier": True, "skipped": n, ...}`` instead, which ``collate`` drops from the batch
+while adding its count (a batch of only a carrier has no samples and ``skipped`` = n).
 
 Caption filters (``CaptionFilters``: caption length, LAION's ``punsafe``, ``pwatermark`` and
 ``similarity`` from each sample's ``.json``) drop samples the same way, each under its own reason
@@ -139,8 +143,10 @@ class LaionStream(IterableDataset):
         exclude: set[str] | frozenset[str] = frozenset(),
         filters: CaptionFilters | dict | None = None,
         split_by_rank: bool = True,
+        report_empty: bool = False,
     ) -> None:
         super().__init__()
+        self.report_empty = report_empty
         self.exclude = set(exclude)
         self.filters = CaptionFilters(**filters) if isinstance(filters, dict) else filters
         self.urls = expand_shards(shards)
@@ -248,8 +254,13 @@ class LaionStream(IterableDataset):
             prev["skipped"], self._pending = prev["skipped"] + self._pending, 0
             prev["filtered"], self._pending_filtered = prev["filtered"] + self._pending_filtered, 0
             yield prev
+        elif self._pending and self.report_empty:
+            yield {"carrier": True, "key": None, "skipped": self._pending, "filtered": self._pending_filtered,
+                   "url": None, "worker": self._worker}
+            self._pending = self._pending_filtered = 0
         elif self._pending:
-            log.warning("%d samples skipped and no sample left to report them on", self._pending)
+            log.warning("%d samples skipped and no sample left to report them on (report_empty=True counts them)",
+                        self._pending)
 
     def _expand(self, sources: Iterator[dict], select) -> Iterator[dict]:
         """Members of each shard, then an end-of-shard marker, also after a read error (webdataset
@@ -289,18 +300,20 @@ class LaionStream(IterableDataset):
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack tensors, keep strings and metadata as lists, sum the skip counts."""
+    """Stack tensors, keep strings and metadata as lists, sum the skip counts (carriers' included, their
+    entries dropped: a batch of only a carrier has empty lists and no tensors)."""
+    real = [s for s in samples if not s.get("carrier")]
     batch: dict[str, Any] = {
-        "key": [s["key"] for s in samples],
-        "caption": [s["caption"] for s in samples],
-        "meta": [s["meta"] for s in samples],
+        "key": [s["key"] for s in real],
+        "caption": [s["caption"] for s in real],
+        "meta": [s["meta"] for s in real],
         "skipped": sum(s["skipped"] for s in samples),  # filtered samples included
         "filtered": sum(s.get("filtered", 0) for s in samples),
-        "url": [s.get("url") for s in samples],
-        "worker": [s.get("worker", 0) for s in samples],
+        "url": [s.get("url") for s in real],
+        "worker": [s.get("worker", 0) for s in real],
     }
-    if "pixel_values" in samples[0]:
-        batch["pixel_values"] = torch.stack([s["pixel_values"] for s in samples])  # (B, 3, H, W)
+    if real and "pixel_values" in real[0]:
+        batch["pixel_values"] = torch.stack([s["pixel_values"] for s in real])  # (B, 3, H, W)
     return batch
 
 
@@ -356,6 +369,8 @@ class LaionDataModule(L.LightningDataModule):
             captions_only=self.captions_only, require_meta=self.require_meta, filters=self.filters, seed=self.seed,
             # a restarted run must not replay the stream it has already seen
             epoch=self.trainer.global_step if self.trainer is not None else 0,
+            # predict (coupling generation) reports the stage's skip totals: a worker left without samples reports too
+            report_empty=stage == "predict",
         )
         kw.update(overrides)
         return LaionStream(spec, exclude=self.exclude_shards.get(stage, set()), **kw)

@@ -98,6 +98,8 @@ class CouplingGeneration(L.LightningModule):
     @torch.no_grad()
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         h = self.hparams
+        if not batch["key"]:  # only a count of skipped inputs (a reader whose shards held no usable sample)
+            return {"key": [], "caption": [], "url": [], "worker": [], "seed": [], "skipped": batch["skipped"]}
         seeds = [sample_seed(k, h.base_seed) for k in batch["key"]]
         x0 = seeded_noise(seeds, self.pipe.latent_shape).to(self.device)  # (B, 4, h, w)
         cond, uncond = self.pipe.encode(batch["caption"], h.guidance)

@@ -482,3 +482,23 @@ def test_caption_filters_from_yaml_and_misspelled_key(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["-c", base, "-c", exp, "--data.init_args.filters.max_punsfe", "0.1"], run=False)
     assert "max_punsfe" in capsys.readouterr().err
+
+
+def test_a_reader_left_without_samples_still_reports_its_skips(tiny_shards, tmp_path, caplog):
+    """Every sample of a worker's shards bad: with report_empty one carrier brings the count; collate drops it."""
+    empty = _write_tar(tmp_path / "empty.tar", [("e0.jpg", _jpg(0)), ("e0.txt", b""),  # empty caption
+                                                ("e1.jpg", _jpg(1))])  # no caption at all
+    quiet = LaionStream([empty], resolution=32)
+    with caplog.at_level(logging.WARNING, logger="data.laion"):
+        assert list(quiet) == [] and quiet.skips == Counter(missing_caption=2)
+    assert "no sample left to report them on" in caplog.text  # without report_empty: said, not counted
+    (carrier,) = list(LaionStream([empty], resolution=32, report_empty=True))
+    assert carrier["carrier"] and carrier["skipped"] == 2
+    batch = collate([carrier])
+    assert batch["key"] == [] and batch["skipped"] == 2 and "pixel_values" not in batch
+    # two workers: [good shard] and [the empty shard]; the batches' counts add up to every skip
+    loader = DataLoader(LaionStream([tiny_shards.paths[0], empty], resolution=32, report_empty=True),
+                        batch_size=3, num_workers=2, collate_fn=collate)
+    batches = list(loader)
+    assert sum(len(b["key"]) for b in batches) == PER_SHARD and sum(b["skipped"] for b in batches) == 2
+    assert all(b["pixel_values"].shape[0] == len(b["key"]) for b in batches if b["key"])

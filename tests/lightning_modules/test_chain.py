@@ -127,6 +127,25 @@ def test_killed_coupling_generation_resumes_without_loss_or_duplicates(tiny_worl
         assert full[key]["x1.npy"] == again[key]["x1.npy"]
 
 
+def test_skips_in_a_shard_without_usable_samples_reach_the_stage_totals(tiny_world, tiny_sd_folder, tmp_path, capsys):
+    """Two readers: one gets a good shard, the other a shard whose only samples have empty or no captions.
+    Its skips reach the writer's total ("input samples skipped") and TensorBoard's couplings/skipped_inputs."""
+    bad = tmp_path / "bad.tar"
+    with tarfile.open(bad, "w") as tar:
+        for name, payload in [("e0.txt", b"  "), ("e0.json", b"{}"), ("e1.json", b"{}")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    out = tmp_path / "pairs"
+    spec = f"{tiny_world.root / 'train' / '00000.tar'}::{bad}"
+    cli(["predict", "-c", BASE, "-c", tiny_yaml("pairs_teacher.yaml", tmp_path, {"model": str(tiny_sd_folder), "steps": 2},
+                                                {"predict": spec, "resolution": 16, "eval_batch_size": 8,
+                                                 "num_workers": 2}, writer_dir=out)])
+    assert len(read_pairs(out)) == 16  # the good shard, whole
+    assert "; 2 input samples skipped" in capsys.readouterr().out  # the stage's printed total
+    assert scalars(tmp_path / "runs" / "pairs_teacher" / "version_0", "couplings/skipped_inputs")[-1] == 2.0
+
+
 def test_instaflow_chain_on_tiny_models(tiny_world, tiny_sd_folder, tmp_path):
     """teacher couplings -> reflow -> 2-RF couplings -> distillation (+ direct, + control): files and losses."""
     from instaflow.models.sampler import TextToImage
