@@ -95,8 +95,21 @@ class Quality(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_step = trainer.global_step
-        if self.at_start and trainer.global_step == 0:
+        if trainer.global_step > 0:
+            self._forget_after(trainer, trainer.global_step)
+        elif self.at_start:
             self._score_with_ema(trainer, pl_module)
+
+    @staticmethod
+    def _forget_after(trainer: L.Trainer, step: int) -> None:
+        """A resumed run: drop the curve's points after its checkpoint (the weights they scored are gone)."""
+        log_dir = trainer.log_dir  # a broadcast: every rank asks
+        path = Path(log_dir) / "quality.jsonl" if log_dir else None
+        if trainer.is_global_zero and path is not None and path.is_file():
+            lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+            keep = [ln for ln in lines if json.loads(ln)["step"] <= step]
+            if len(keep) < len(lines):
+                path.write_text("".join(ln + "\n" for ln in keep))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         n, step = self.every_n_train_steps, trainer.global_step

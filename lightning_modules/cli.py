@@ -48,8 +48,12 @@ class InstaFlowCLI(LightningCLI):
         if found is None:
             return
         cfg.ckpt_path = str(found.ckpt)
-        if found.version is not None and hasattr(cfg.trainer.get("logger"), "init_args"):
-            cfg.trainer.logger.init_args.version = found.version
+        logger = cfg.trainer.get("logger")
+        if found.version is not None and hasattr(logger, "init_args"):
+            logger.init_args.version = found.version
+            if str(logger.class_path).endswith("TensorBoardLogger"):
+                # TensorBoard hides what the killed run logged after the checkpoint: the curves continue cleanly
+                logger.init_args.purge_step = found.step + 1
         _say(f"[resume] continuing {found.run_dir} from step {found.step} ({found.ckpt}); "
              "--resume.auto false starts a new run instead")
 

@@ -9,9 +9,10 @@ checkpoints and export go on in the same folder. Lightning restores step, optimi
 and callback states (EMA) from the checkpoint.
 
 "Equal" ignores what says where or how a run is launched, not what it trains: ``ckpt_path``, the
-logger's ``version``, ``trainer.default_root_dir`` (the SLURM launcher keys it by job id) and
-``trainer.plugins``; anything else (another learning rate, more steps) is a different run and
-starts afresh, with a message naming the checkpoint and the differing keys.
+logger's ``version`` and ``purge_step`` (the CLI sets both on resume; TensorBoard then hides what
+the stopped run logged after its checkpoint), ``trainer.default_root_dir`` (the SLURM launcher
+keys it by job id) and ``trainer.plugins``; anything else (another learning rate, more steps) is a
+different run and starts afresh, with a message naming the checkpoint and the differing keys.
 
 Under SLURM a requeued job also has Lightning's ``hpc_ckpt_<n>.ckpt`` (saved on the requeue
 signal) in ``default_root_dir``: the newer of it and ``last.ckpt`` is used.
@@ -28,7 +29,8 @@ from instaflow.models.checkpoints import FINISHED, checkpoint_step
 
 LAST = "last.ckpt"
 # launch-only keys: a requeued or resubmitted run of the same experiment may differ in these
-IGNORED = ("ckpt_path", "trainer.logger.init_args.version", "trainer.default_root_dir", "trainer.plugins")
+IGNORED = ("ckpt_path", "trainer.logger.init_args.version", "trainer.logger.init_args.purge_step",
+           "trainer.default_root_dir", "trainer.plugins")
 VERSIONED_LOGGERS = ("TensorBoardLogger", "CSVLogger")
 
 

@@ -220,3 +220,17 @@ def test_missing_inception_or_clip_weights_fail_at_fit_start(tiny_sd_folder, tin
 def test_prompt_set_take_keeps_meta():
     s = PromptSet(["a", "b", "c"], [0, 1, 2], [{"i": 0}, {"i": 1}, {"i": 2}])
     assert s.take([2, 2]).captions == ["c", "c"] and s.take([1]).meta == [{"i": 1}]
+
+
+def test_a_resumed_run_forgets_the_curve_points_after_its_checkpoint(tmp_path):
+    """Points scored after the checkpoint belong to weights the resumed run discarded: dropped from quality.jsonl."""
+    import json
+    from types import SimpleNamespace
+
+    from callbacks.quality import Quality
+
+    path = tmp_path / "quality.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "metrics": {"quality/fid_euler1_w1": 1.0}}) + "\n"
+                            for s in (0, 160, 320)))
+    Quality._forget_after(SimpleNamespace(log_dir=str(tmp_path), is_global_zero=True), 160)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 160]

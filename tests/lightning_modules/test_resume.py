@@ -60,6 +60,7 @@ def reflow_config(root: Path, tiny_sd_folder: Path, pairs: Path, kill: tuple[int
         {"max_steps": MAX_STEPS, "val_check_interval": 20, "limit_val_batches": 1, "log_every_n_steps": 5,
          "enable_progress_bar": False})
     cfg = yaml.safe_load(Path(src).read_text())
+    cfg["trainer"]["logger"]["init_args"]["max_queue"] = 1  # events reach the file at once, as a long run's have
     for c in cfg["trainer"]["callbacks"]:
         if c["class_path"].endswith("ModelCheckpoint"):
             c["init_args"].update(every_n_train_steps=EVERY, save_top_k=-1)
@@ -96,6 +97,14 @@ def assert_same_state(a: dict, b: dict) -> None:
     assert all(torch.equal(x, y) for x, y in zip(ema_shadow(a), ema_shadow(b)))
 
 
+def scalar_events(logdir: Path, tag: str) -> list:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(logdir))
+    ea.Reload()
+    return ea.Scalars(tag)
+
+
 def flat(ts: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.flatten() for t in ts])
 
@@ -120,6 +129,11 @@ def test_kill_9_mid_fit_resumes_from_the_last_checkpoint(pairs, tiny_sd_folder, 
     assert f"[resume] continuing {tmp_path / 'runs' / 'reflow' / 'version_0'} from step 20" in resumed.stdout
     assert sorted(p.name for p in (tmp_path / "runs" / "reflow").iterdir()) == ["version_0"]  # same run folder
     assert (tmp_path / "export" / "model_index.json").exists() and (ckpts / "fit_finished.json").exists()
+    # one curve: the resumed writer purges what the killed run logged after step 20 (SummaryWriter's purge_step)
+    run = tmp_path / "runs" / "reflow" / "version_0"
+    assert yaml.safe_load((run / "config.yaml").read_text())["trainer"]["logger"]["init_args"]["purge_step"] == 21
+    steps = [e.step for e in scalar_events(run, "train/loss")]
+    assert steps == sorted(set(steps)) and steps[-1] >= MAX_STEPS - 5, steps
 
     full = uninterrupted / "ckpt" / "reflow.yaml"
     # identical: the state it resumed from is the uninterrupted run's at step 20, bit for bit
