@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
 .PHONY: help venv data data-chain train-vae train-teacher-unet train-teacher-binding train-teacher-decoder train-teacher train-evaluator eval-teacher floors \
-        gen-pairs train-2rf train-distill eval report ablation generate export run train-reflow sweep test test-full bench bench-gpu memory tensorboard clean
+        gen-pairs train-2rf train-distill eval report ablation generate demo export run train-reflow sweep test test-full bench bench-gpu memory tensorboard clean
 
 help: ## list every target with one line each
 	@echo "InstaFlow training framework. Layout (docs/architecture.md): lightning_modules/ the stages and CLI;"
@@ -119,6 +119,12 @@ W ?= 1.0
 PROMPT ?= a large red circle in the center on a white background
 generate: $(VENV)/.installed ## PNGs and a captioned grid for PROMPT from MODEL (STEPS, W=guidance) into runs/generate/
 	$(PY) -m instaflow.tools.generate --model $(MODEL) --steps $(STEPS) --guidance $(W) --prompt "$(PROMPT)" --out runs/generate
+
+# make demo [MODEL=runs/export/instaflow] [TEACHER=assets/embedded-sd] [PORT=7860]
+TEACHER ?= assets/embedded-sd
+PORT ?= 7860
+demo: $(VENV)/.installed ## live demo (Gradio, http://127.0.0.1:7860, PORT=..): MODEL's image follows the prompt as you type; seed, w, steps, TEACHER's image beside it
+	$(PY) -m instaflow.tools.demo --model $(MODEL) --teacher '$(TEACHER)' --port $(PORT)
 
 # make export MODEL=runs/embedded/models/instaflow OUT=runs/export/instaflow
 OUT ?= runs/export/$(notdir $(MODEL))

@@ -61,4 +61,4 @@ def captioned_grid(images: torch.Tensor, captions: list[str], nrow: int, scale: 
             wrapped = wrapped[:lines - 1] + [textwrap.shorten(" ".join(wrapped[lines - 1:]), chars, placeholder="...")]
         for j, line in enumerate(wrapped):
             draw.text((x + 1, y + tile_h + 2 + j * line_h), line, fill=(0, 0, 0), font=font)
-    return torch.from_numpy(np.asarray(canvas)).permute(2, 0, 1).float() / 255
+    return torch.from_numpy(np.array(canvas)).permute(2, 0, 1).float() / 255  # a copy: PIL's buffer is read-only
