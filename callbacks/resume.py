@@ -8,12 +8,17 @@ for the run's own unfinished checkpoint (``lightning_modules.resume``): a ``last
 - SIGTERM (a scheduler, Kubernetes, ``kill``): Lightning turns it into ``SIGTERMException`` at the
   next step boundary; ``on_exception`` saves ``last.ckpt`` at that step, and the CLI exits with 143;
 - a fit that ends normally writes ``fit_finished.json``, so running it again starts a new run
-  instead of "resuming" a finished one.
+  instead of "resuming" a finished one;
+- while a fit runs, ``fit_running.json`` names its host and process, so a second copy of the same
+  command on that machine (a double launch, an orphaned stage) is refused instead of training into
+  the same folder at the same time.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 from pathlib import Path
 
@@ -22,7 +27,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.ema import find_ema
-from instaflow.models.checkpoints import FINISHED
+from instaflow.models.checkpoints import FINISHED, RUNNING
 
 
 def last_checkpoint_dirs(trainer: L.Trainer) -> list[Path]:
@@ -51,8 +56,17 @@ class Resume(Callback):
         if trainer.is_global_zero:
             for d in last_checkpoint_dirs(trainer):
                 (d / FINISHED).unlink(missing_ok=True)
+                d.mkdir(parents=True, exist_ok=True)
+                (d / RUNNING).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                                     "start": time.time()}) + "\n")
+
+    def _not_running(self, trainer: L.Trainer) -> None:
+        if trainer.is_global_zero:
+            for d in last_checkpoint_dirs(trainer):
+                (d / RUNNING).unlink(missing_ok=True)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._not_running(trainer)
         # a dataloader worker killed by the same SIGTERM surfaces as a RuntimeError: still a stop between steps
         if not (isinstance(exception, SIGTERMException) or trainer.received_sigterm):
             return
@@ -69,6 +83,7 @@ class Resume(Callback):
                       "continue from it", flush=True)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._not_running(trainer)
         if trainer.is_global_zero:
             for d in last_checkpoint_dirs(trainer):
                 d.mkdir(parents=True, exist_ok=True)

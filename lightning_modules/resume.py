@@ -20,12 +20,15 @@ signal) in ``default_root_dir``: the newer of it and ``last.ckpt`` is used.
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from instaflow.models.checkpoints import FINISHED, checkpoint_step
+from instaflow.models.checkpoints import FINISHED, RUNNING, checkpoint_step
 
 LAST = "last.ckpt"
 # launch-only keys: a requeued or resubmitted run of the same experiment may differ in these
@@ -103,6 +106,29 @@ def _runs(cfg: dict) -> tuple[list[tuple[Path, str | None]], str]:
     return [(p, p.name) for p in found], ""
 
 
+def _refuse_if_alive(running: Path) -> None:
+    """Stop when the process that trains into this folder is still alive on this machine (left by a killed
+    parent, or launched twice): two runs must not write one folder. A stale mark (its process gone) is ignored."""
+    if not running.is_file():
+        return
+    try:
+        info = json.loads(running.read_text())
+        host, pid = info["host"], int(info["pid"])
+    except (ValueError, KeyError, TypeError):
+        return
+    if host != socket.gethostname() or pid == os.getpid():
+        return  # another machine's process cannot be checked from here (a requeued job's is gone)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return
+    except PermissionError:
+        pass  # alive, another user's
+    raise SystemExit(f"[resume] {running.parent} is being trained by process {pid} on this machine right now "
+                     f"({running}): stop it (kill -TERM {pid} saves a checkpoint) and run again, or pass "
+                     "--resume.auto false to start a separate run")
+
+
 def _hpc_checkpoint(cfg: dict) -> Path | None:
     """Lightning's newest SLURM requeue checkpoint in ``default_root_dir`` (only inside a SLURM job)."""
     from lightning.pytorch.plugins.environments import SLURMEnvironment
@@ -138,6 +164,7 @@ def find_unfinished(cfg: dict, log=print) -> Found | None:
             continue
         # the newest run of this config decides: finished, or never checkpointed -> start afresh
         if last is not None and not (last.parent / FINISHED).exists():
+            _refuse_if_alive(last.parent / RUNNING)
             found = Found(ckpt=last, step=checkpoint_step(last), version=version, run_dir=run_dir)
         break
     hpc = _hpc_checkpoint(cfg)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 FINISHED = "fit_finished.json"
+RUNNING = "fit_running.json"  # {host, pid, start} of the process training into this folder now
 
 
 def checkpoint_step(path: str | Path) -> int:

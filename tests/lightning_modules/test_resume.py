@@ -15,6 +15,7 @@ with an uninterrupted one, given how the streams are seeded:
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -33,13 +34,13 @@ MAX_STEPS, EVERY, KILL = 40, 10, 25
 
 
 class KillAt(L.Callback):
-    """Sends ``signum`` to its own process after optimizer step ``step``, once (``once`` marks it done)."""
+    """Rank ``rank`` sends ``signum`` to its own process after optimizer step ``step``, once (``once`` marks it done)."""
 
-    def __init__(self, step: int, signum: int, once: str) -> None:
-        self.step, self.signum, self.once = step, signum, Path(once)
+    def __init__(self, step: int, signum: int, once: str, rank: int = 0) -> None:
+        self.step, self.signum, self.once, self.rank = step, signum, Path(once), rank
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step and not self.once.exists():
+        if trainer.global_step == self.step and trainer.global_rank == self.rank and not self.once.exists():
             self.once.write_text("killed\n")
             os.kill(os.getpid(), self.signum)
 
@@ -75,6 +76,20 @@ def run_cli(config: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run([sys.executable, "-m", "lightning_modules.cli", "fit", "-c", BASE, "-c", config],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def run_group(cmd: list[str], env: dict, timeout: float = 300) -> tuple[int, str]:
+    """(returncode, stdout + stderr) of a command run in its own process group, all of which is killed on timeout
+    (torchrun's workers included)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"timed out after {timeout} s: {out[-3000:]}")
+    return proc.returncode, out
 
 
 def load(path: Path) -> dict:
@@ -205,6 +220,67 @@ def test_only_the_runs_own_unfinished_checkpoint_is_continued(tmp_path):
     assert find_unfinished(cfg) is None
 
 
+def test_a_run_still_training_on_this_machine_is_not_resumed_twice(tmp_path):
+    """fit_running.json names the process training into a folder: alive here -> refused; gone -> a stale mark."""
+    import json
+    import socket
+
+    from lightning_modules.resume import find_unfinished
+
+    d = tmp_path / "reflow" / "version_0"
+    (d / "checkpoints").mkdir(parents=True)
+    cfg = {"trainer": {"logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                                  "init_args": {"save_dir": str(tmp_path), "name": "reflow"}}}}
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    torch.save({"global_step": 3}, d / "checkpoints" / "last.ckpt")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        mark = {"host": socket.gethostname(), "pid": other.pid, "start": 0}
+        (d / "checkpoints" / "fit_running.json").write_text(json.dumps(mark))
+        with pytest.raises(SystemExit, match=f"being trained by process {other.pid}"):
+            find_unfinished(cfg)
+    finally:
+        other.kill()
+        other.wait()
+    assert find_unfinished(cfg).step == 3  # the process is gone: its mark is stale
+
+
+def test_a_killed_timed_wrapper_takes_its_stage_down_with_sigterm(tmp_path):
+    """kill -9 of the wrapper (it cannot pass anything on): the kernel sends the stage SIGTERM (parent-death signal)."""
+    import time
+
+    ready, stopped = tmp_path / "ready", tmp_path / "stopped"
+    stage = ("import signal, sys, time, pathlib; "
+             f"signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path({str(stopped)!r}).touch(), sys.exit(143))); "
+             f"pathlib.Path({str(ready)!r}).touch(); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-m", "instaflow.tools.timed", str(tmp_path / "timings"), "reflow", "--",
+                             sys.executable, "-c", stage], cwd=ROOT)
+    deadline = time.time() + 60
+    while not ready.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 30
+    while not stopped.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert stopped.exists(), "the stage trained on as an orphan"
+
+
+def test_timed_counts_the_killed_attempts_of_a_resumed_stage(tmp_path):
+    """A stage's recorded wall time is that of every attempt, not only the run that finally finished it."""
+    import json
+
+    from instaflow.tools import timed
+
+    slow = [sys.executable, "-c", "import time, sys; time.sleep(0.5); sys.exit(143)"]
+    assert timed.main([str(tmp_path), "reflow", "--", *slow]) == 143
+    assert not (tmp_path / "reflow.json").exists()
+    assert timed.main([str(tmp_path), "reflow", "--", sys.executable, "-c", "pass"]) == 0
+    rec = json.loads((tmp_path / "reflow.json").read_text())
+    assert [a["returncode"] for a in rec["attempts"]] == [143] and rec["wall_s"] >= 0.5
+    assert not (tmp_path / ".reflow.attempts.json").exists()
+
+
 def test_timed_wrapper_passes_sigterm_on_to_the_stage(tmp_path):
     """``kill <pid of the timed wrapper>`` reaches the stage it runs (which then saves and exits 143)."""
     import time
@@ -220,3 +296,27 @@ def test_timed_wrapper_passes_sigterm_on_to_the_stage(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 143
     assert not (tmp_path / "timings" / "reflow.json").exists()  # a stopped stage leaves no timing record
+
+
+def test_under_torchrun_a_killed_two_rank_fit_resumes_on_every_rank(pairs, tiny_sd_folder, tmp_path):
+    """torchrun, 2 CPU ranks (gloo, DDP): rank 0 is killed with kill -9 at step 7, torchrun stops rank 1; the
+    same torchrun command again continues both ranks from the step-5 checkpoint to the end."""
+    cfg = reflow_config(tmp_path, tiny_sd_folder, pairs, kill=(7, signal.SIGKILL))
+    c = yaml.safe_load(Path(cfg).read_text())
+    c["trainer"].update(max_steps=12, val_check_interval=1000, limit_val_batches=0, accelerator="cpu", devices=2,
+                        strategy="ddp")
+    for cb in c["trainer"]["callbacks"]:
+        if cb["class_path"].endswith("ModelCheckpoint"):
+            cb["init_args"]["every_n_train_steps"] = 5
+    Path(cfg).write_text(yaml.safe_dump(c))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "lightning_modules.cli", "fit", "-c", BASE, "-c", cfg]
+    rc, _ = run_group(cmd, env)
+    assert rc != 0
+    ckpts = tmp_path / "ckpt" / "reflow.yaml"
+    assert load(ckpts / "last.ckpt")["global_step"] == 5
+    rc, out = run_group(cmd, env)
+    assert rc == 0, out[-4000:]
+    assert "[resume] continuing" in out and "from step 5" in out
+    assert json.loads((ckpts / "fit_finished.json").read_text())["step"] == 12  # both ranks ran to the end (rc 0)
