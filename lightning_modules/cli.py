@@ -19,6 +19,7 @@ SIGTERM saves ``last.ckpt`` and exits with status 143 (128 + SIGTERM), so a wrap
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -59,8 +60,7 @@ class InstaFlowCLI(LightningCLI):
 
 
 def _say(msg: str) -> None:
-    import os
-
+    """Print on the first rank only (every rank runs the search; one says what it found)."""
     if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) == 0:
         print(msg, flush=True)
 

@@ -136,7 +136,8 @@ def _hpc_checkpoint(cfg: dict) -> Path | None:
     if not SLURMEnvironment.detect():
         return None
     root = Path(cfg.get("trainer", {}).get("default_root_dir") or ".")
-    found = [(int(m.group(1)), p) for p in root.glob("hpc_ckpt_*.ckpt") if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name))]
+    found = [(int(m.group(1)), p) for p in root.glob("hpc_ckpt_*.ckpt")
+             if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name))]
     return max(found)[1] if found else None
 
 

@@ -124,7 +124,8 @@ def build_app(gen: Generator, debounce_s: float = 0.25, prompt: str = DEFAULT_PR
         prompt = (prompt or "").strip()
         img, dt = gen.image(prompt, seed, guidance, steps)
         label = f"{int(steps)} step{'s' if int(steps) > 1 else ''}"
-        info = f"**{dt * 1000:.0f} ms** · {label} · w {float(guidance):g} · seed {int(seed)} · {Path(gen.model_path).name}"
+        info = (f"**{dt * 1000:.0f} ms** · {label} · w {float(guidance):g} · seed {int(seed)} · "
+                f"{Path(gen.model_path).name}")
         t_img = None
         if with_teacher and gen.teacher is not None:
             t_img, t_dt = gen.teacher_image(prompt, seed)
@@ -165,7 +166,8 @@ def build_app(gen: Generator, debounce_s: float = 0.25, prompt: str = DEFAULT_PR
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model folder or hub id (default: the chain's InstaFlow model)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="model folder or hub id (default: the chain's InstaFlow model)")
     p.add_argument("--teacher", default=DEFAULT_TEACHER, help="teacher folder shown on request ('' for none)")
     p.add_argument("--teacher-steps", type=int, default=25)
     p.add_argument("--teacher-guidance", type=float, default=3.0)

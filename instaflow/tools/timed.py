@@ -5,7 +5,9 @@
 Writes ``<dir>/<stage>.json`` = {stage, command, start, end, wall_s, returncode} only when the
 command succeeds; the exit status is passed through. A failed or killed attempt is kept in
 ``<dir>/.<stage>.attempts.json``, and the record of the run that finally succeeds (a resumed
-stage) adds them: ``wall_s`` is the total of all attempts, ``attempts`` lists the earlier ones. A SIGTERM sent to this wrapper alone (``kill <pid>``, a container's PID 1) is
+stage) adds them: ``wall_s`` is the total of all attempts, ``attempts`` lists the earlier ones.
+
+A SIGTERM sent to this wrapper alone (``kill <pid>``, a container's PID 1) is
 passed on to the command, so a training stage still saves its checkpoint before it exits; if the
 wrapper is killed outright (kill -9), the kernel sends the command SIGTERM (Linux's parent-death
 signal), so no stage trains on as an orphan.
@@ -29,7 +31,8 @@ def read_timings(dirpath: str | Path) -> dict[str, dict]:
 
 def write_record(out_dir: str | Path, stage: str, command: str, start: float, end: float,
                  attempts: list[dict] | None = None) -> dict:
-    """Write ``<out_dir>/<stage>.json`` atomically (a finished stage's record, earlier attempts' time added); returns it."""
+    """Write ``<out_dir>/<stage>.json`` atomically (a finished stage's record, earlier attempts' time added);
+    returns it."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     wall = end - start + sum(a["wall_s"] for a in attempts or [])

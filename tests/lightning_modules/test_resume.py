@@ -34,7 +34,8 @@ MAX_STEPS, EVERY, KILL = 40, 10, 25
 
 
 class KillAt(L.Callback):
-    """Rank ``rank`` sends ``signum`` to its own process after optimizer step ``step``, once (``once`` marks it done)."""
+    """Rank ``rank`` sends ``signum`` to its own process after optimizer step ``step``, once (``once`` marks it
+    done)."""
 
     def __init__(self, step: int, signum: int, once: str, rank: int = 0) -> None:
         self.step, self.signum, self.once, self.rank = step, signum, Path(once), rank
@@ -56,7 +57,8 @@ def reflow_config(root: Path, tiny_sd_folder: Path, pairs: Path, kill: tuple[int
     """The embedded reflow experiment on the tiny SD: checkpoints every 10 steps, validation (EMA grid) at 20."""
     root.mkdir(parents=True, exist_ok=True)
     src = tiny_yaml("reflow.yaml", root, {
-        "init": str(tiny_sd_folder), "export_dir": str(root / "export"), "lr": 2e-3, "warmup_steps": 5, "grid_steps": [1]},
+        "init": str(tiny_sd_folder), "export_dir": str(root / "export"), "lr": 2e-3, "warmup_steps": 5,
+        "grid_steps": [1]},
         {"train": str(pairs), "val": str(pairs), "batch_size": 8, "num_workers": 0, "shuffle_buffer": 32},
         {"max_steps": MAX_STEPS, "val_check_interval": 20, "limit_val_batches": 1, "log_every_n_steps": 5,
          "enable_progress_bar": False})
