@@ -26,7 +26,9 @@ from pathlib import Path
 def read_timings(dirpath: str | Path) -> dict[str, dict]:
     """``{stage: record}`` of every finished stage under ``dirpath`` (empty if none)."""
     d = Path(dirpath)
-    return {p.stem: json.loads(p.read_text()) for p in sorted(d.glob("*.json"))} if d.is_dir() else {}
+    # hidden files are not records: .<stage>.attempts.json holds a stage's unfinished attempts
+    return {p.stem: json.loads(p.read_text()) for p in sorted(d.glob("*.json"))
+            if not p.name.startswith(".")} if d.is_dir() else {}
 
 
 def write_record(out_dir: str | Path, stage: str, command: str, start: float, end: float,

@@ -281,6 +281,8 @@ def test_timed_counts_the_killed_attempts_of_a_resumed_stage(tmp_path):
     rec = json.loads((tmp_path / "reflow.json").read_text())
     assert [a["returncode"] for a in rec["attempts"]] == [143] and rec["wall_s"] >= 0.5
     assert not (tmp_path / ".reflow.attempts.json").exists()
+    assert timed.main([str(tmp_path), "eval", "--", *slow]) == 143  # an unfinished stage is not a record
+    assert sorted(timed.read_timings(tmp_path)) == ["reflow"]
 
 
 def test_timed_wrapper_passes_sigterm_on_to_the_stage(tmp_path):
