@@ -324,3 +324,27 @@ def test_under_torchrun_a_killed_two_rank_fit_resumes_on_every_rank(pairs, tiny_
     assert rc == 0, out[-4000:]
     assert "[resume] continuing" in out and "from step 5" in out
     assert json.loads((ckpts / "fit_finished.json").read_text())["step"] == 12  # both ranks ran to the end (rc 0)
+
+
+def test_in_a_requeued_slurm_job_the_newer_of_hpc_and_last_checkpoint_wins(tmp_path, monkeypatch):
+    """Lightning's requeue checkpoint (hpc_ckpt_<n>.ckpt in default_root_dir) against the run's own last.ckpt."""
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    from lightning_modules.resume import find_unfinished
+
+    monkeypatch.setattr(SLURMEnvironment, "detect", staticmethod(lambda: True))
+    root = tmp_path / "slurm" / "123" / "reflow"
+    root.mkdir(parents=True)
+    run = tmp_path / "reflow" / "version_0"
+    (run / "checkpoints").mkdir(parents=True)
+    logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+              "init_args": {"save_dir": str(tmp_path), "name": "reflow"}}
+    cfg = {"trainer": {"default_root_dir": str(root), "logger": logger}}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    torch.save({"global_step": 160}, run / "checkpoints" / "last.ckpt")
+    torch.save({"global_step": 100}, root / "hpc_ckpt_1.ckpt")
+    torch.save({"global_step": 230}, root / "hpc_ckpt_2.ckpt")  # saved on the requeue signal, after last.ckpt
+    found = find_unfinished(cfg)
+    assert (found.ckpt.name, found.step, found.version) == ("hpc_ckpt_2.ckpt", 230, "version_0")
+    (root / "hpc_ckpt_2.ckpt").unlink()  # a node lost after last.ckpt at 160: the older hpc checkpoint loses
+    assert (find_unfinished(cfg).ckpt.name, find_unfinished(cfg).step) == ("last.ckpt", 160)
