@@ -29,6 +29,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.resume import Resume
 from instaflow.experiments import expand
+from lightning_modules.resume import find_unfinished
 
 
 class InstaFlowCLI(LightningCLI):
@@ -38,8 +39,6 @@ class InstaFlowCLI(LightningCLI):
         parser.add_lightning_class_args(Resume, "resume")
 
     def before_instantiate_classes(self) -> None:
-        from lightning_modules.resume import find_unfinished
-
         if self.subcommand != "fit":
             return
         cfg = self.config[self.subcommand]

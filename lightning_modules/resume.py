@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from instaflow.models.checkpoints import FINISHED, RUNNING, checkpoint_step
 
 LAST = "last.ckpt"
@@ -143,8 +145,6 @@ def _hpc_checkpoint(cfg: dict) -> Path | None:
 
 def find_unfinished(cfg: dict, log=print) -> Found | None:
     """This fit config's own unfinished checkpoint, or None (see the module docstring)."""
-    import yaml
-
     runs, why = _runs(cfg)
     if why:
         log(f"[resume] not looking for a checkpoint to continue: {why}")

@@ -247,25 +247,34 @@ def test_a_run_still_training_on_this_machine_is_not_resumed_twice(tmp_path):
     assert find_unfinished(cfg).step == 3  # the process is gone: its mark is stale
 
 
-def test_a_killed_timed_wrapper_takes_its_stage_down_with_sigterm(tmp_path):
-    """kill -9 of the wrapper (it cannot pass anything on): the kernel sends the stage SIGTERM (parent-death signal)."""
+def wait_for(path: Path, timeout: float) -> bool:
     import time
 
-    ready, stopped = tmp_path / "ready", tmp_path / "stopped"
+    deadline = time.time() + timeout
+    while not path.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    return path.exists()
+
+
+def timed_stage(tmp_path: Path, stopped: Path) -> subprocess.Popen:
+    """``instaflow.tools.timed`` running a stand-in stage that, on SIGTERM, touches ``stopped`` and exits 143;
+    returned once the stage runs."""
+    ready = tmp_path / "ready"
     stage = ("import signal, sys, time, pathlib; "
              f"signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path({str(stopped)!r}).touch(), sys.exit(143))); "
              f"pathlib.Path({str(ready)!r}).touch(); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-m", "instaflow.tools.timed", str(tmp_path / "timings"), "reflow", "--",
                              sys.executable, "-c", stage], cwd=ROOT)
-    deadline = time.time() + 60
-    while not ready.exists() and time.time() < deadline:
-        time.sleep(0.05)
+    wait_for(ready, 60)
+    return proc
+
+
+def test_a_killed_timed_wrapper_takes_its_stage_down_with_sigterm(tmp_path):
+    """kill -9 of the wrapper (it cannot pass anything on): the kernel sends the stage SIGTERM (parent-death signal)."""
+    proc = timed_stage(tmp_path, tmp_path / "stopped")
     proc.kill()
     proc.wait()
-    deadline = time.time() + 30
-    while not stopped.exists() and time.time() < deadline:
-        time.sleep(0.05)
-    assert stopped.exists(), "the stage trained on as an orphan"
+    assert wait_for(tmp_path / "stopped", 30), "the stage trained on as an orphan"
 
 
 def test_timed_counts_the_killed_attempts_of_a_resumed_stage(tmp_path):
@@ -287,16 +296,7 @@ def test_timed_counts_the_killed_attempts_of_a_resumed_stage(tmp_path):
 
 def test_timed_wrapper_passes_sigterm_on_to_the_stage(tmp_path):
     """``kill <pid of the timed wrapper>`` reaches the stage it runs (which then saves and exits 143)."""
-    import time
-
-    ready = tmp_path / "ready"
-    stage = ("import signal, sys, time, pathlib; signal.signal(signal.SIGTERM, lambda *a: sys.exit(143)); "
-             f"pathlib.Path({str(ready)!r}).touch(); time.sleep(60)")
-    proc = subprocess.Popen([sys.executable, "-m", "instaflow.tools.timed", str(tmp_path / "timings"), "reflow", "--",
-                             sys.executable, "-c", stage], cwd=ROOT)
-    deadline = time.time() + 60
-    while not ready.exists() and time.time() < deadline:
-        time.sleep(0.05)
+    proc = timed_stage(tmp_path, tmp_path / "stopped")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 143
     assert not (tmp_path / "timings" / "reflow.json").exists()  # a stopped stage leaves no timing record
