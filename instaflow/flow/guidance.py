@@ -2,12 +2,38 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 
 Tensor = torch.Tensor
 VelocityFn = Callable[[Tensor, Tensor], Tensor]  # (x_t (B, ...), t (B,)) -> v (B, ...)
+
+
+def check_guidance(w: float, key: str = "guidance") -> float:
+    """``w`` as a float, or a ValueError naming ``key``: guidance must be a finite number >= 0.
+
+    NaN, inf or a negative w would silently sample garbage (or, before, turn guidance off).
+    """
+    try:
+        value = float(w)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} must be a number >= 0 (1 = no guidance), got {w!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{key} must be a finite number >= 0 (1 = no guidance, e.g. 1.5 or 3), got {w!r}")
+    return value
+
+
+def check_probability(p: float, key: str) -> float:
+    """``p`` as a float, or a ValueError naming ``key`` unless 0 <= p <= 1 (e.g. caption dropout)."""
+    try:
+        value = float(p)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} must be a probability in [0, 1], got {p!r}") from None
+    if not 0.0 <= value <= 1.0:  # NaN fails both comparisons
+        raise ValueError(f"{key} must be a probability in [0, 1] (e.g. 0.1), got {p!r}")
+    return value
 
 
 def drop_captions(captions: list[str], p: float, generator: torch.Generator) -> list[str]:
@@ -21,15 +47,22 @@ def cfg_combine(out_uncond: Tensor, out_cond: Tensor, w: float) -> Tensor:
     return out_uncond + w * (out_cond - out_uncond)
 
 
+def uses_uncond(w: float) -> bool:
+    """Whether guidance ``w`` needs the unconditional pass: every w but 1 (where the formula is v_c itself)."""
+    return check_guidance(w) != 1.0
+
+
 def guided(model: Callable[[Tensor, Tensor, Tensor], Tensor], cond: Tensor, uncond: Tensor | None,
            w: float) -> VelocityFn:
-    """Close a conditional model over its text states, with guidance when w > 1 (diffusers' rule).
+    """Close a conditional model over its text states, with guidance v_u + w (v_c - v_u) for every w != 1.
 
-    ``model(x, t, states)``; with w <= 1 only the conditional pass runs (InstaFlow samples its
-    one-step model this way), otherwise the batch is doubled and combined with ``cfg_combine``.
+    ``model(x, t, states)``; with w = 1 (the formula is v_c exactly) or without ``uncond`` (a
+    guidance-distilled model such as Flux dev takes w as an input instead) only the conditional pass
+    runs (InstaFlow samples its one-step model this way); otherwise the batch is doubled and combined
+    with ``cfg_combine``: w > 1 extrapolates, 0 <= w < 1 interpolates towards the unconditional model.
     ``cond``/``uncond`` are text states, or any conditioning with a ``cat`` (e.g. ``flow_matching.Conditioning``).
     """
-    if w <= 1.0 or uncond is None:
+    if not uses_uncond(w) or uncond is None:
         return lambda x, t: model(x, t, cond)
 
     def fn(x: Tensor, t: Tensor) -> Tensor:

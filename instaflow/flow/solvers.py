@@ -6,18 +6,35 @@ and after every step, in flow time and flow coordinates, for ``straightness``.
 
 from __future__ import annotations
 
+import numbers
 from typing import Sequence
 
 import torch
 
 from instaflow.flow.conditioning import call_unet
-from instaflow.flow.guidance import VelocityFn, cfg_combine
+from instaflow.flow.guidance import VelocityFn, cfg_combine, uses_uncond
 
 Tensor = torch.Tensor
 
 
+def is_whole(n, minimum: int) -> bool:
+    """Whether ``n`` is a whole number (an int, or a float such as 25.0) >= ``minimum``; never raises."""
+    try:
+        return isinstance(n, numbers.Real) and not isinstance(n, bool) and float(n) == int(n) and n >= minimum
+    except (ValueError, OverflowError):  # NaN, inf
+        return False
+
+
+def check_steps(steps, key: str = "steps") -> int:
+    """``steps`` as an int, or a ValueError naming ``key`` unless it is a whole number >= 1."""
+    if not is_whole(steps, 1):
+        raise ValueError(f"{key} must be a whole number of solver steps >= 1 (e.g. 1 or 25), got {steps!r}")
+    return int(steps)
+
+
 def time_grid(steps: int, t_start: float = 0.0, t_end: float = 1.0, device=None) -> Tensor:
     """Uniform grid t_start -> t_end with ``steps`` intervals (InstaFlow samples with dt = 1/N)."""
+    steps = check_steps(steps)
     return torch.linspace(t_start, t_end, steps + 1, device=device, dtype=torch.float64)
 
 
@@ -70,16 +87,17 @@ def dpm_solver_scheduler(scheduler_config: dict, steps: int):
 @torch.no_grad()
 def sample_dpm_solver(unet, scheduler_config: dict, x0: Tensor, cond: Tensor, uncond: Tensor | None,
                       guidance: float, steps: int, path: list | None = None) -> Tensor:
-    """Solve a DDPM teacher's probability-flow ODE from x0 with DPM-Solver++ (Lu et al. 2022) and CFG.
+    """Solve a DDPM teacher's probability-flow ODE from x0 with DPM-Solver++ (Lu et al. 2022) and CFG
+    (out_u + w (out_c - out_u) for every guidance w != 1 when ``uncond`` is given; ``guidance.guided``'s rule).
 
     ``path`` states are mapped into flow time and coordinates (t = 1 / (1 + sigma),
     x_t = x_s / (sqrt(ab) + sqrt(1 - ab))).
     """
-    sched = dpm_solver_scheduler(scheduler_config, steps)
+    sched = dpm_solver_scheduler(scheduler_config, check_steps(steps))
     if path is not None:
         path.append((0.0, x0))
     x = x0 * sched.init_noise_sigma
-    use_cfg = guidance > 1.0 and uncond is not None
+    use_cfg = uses_uncond(guidance) and uncond is not None
     if use_cfg:
         states = torch.cat([uncond, cond]) if isinstance(cond, Tensor) else type(cond).cat([uncond, cond])
     else:
