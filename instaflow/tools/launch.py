@@ -37,6 +37,13 @@ ignores the job-keyed ``default_root_dir`` when it matches configs). ``--no-requ
 ``SLURMEnvironment(auto_requeue=False)`` as a trainer plugin, so nothing owns the signal.
 Under torchrun the Trainer detects ``TorchElasticEnvironment`` from the variables torchrun sets
 (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and does not start processes itself.
+
+No shell text is built from a value: every argument of a stage command is quoted (``shlex.quote``),
+so ``$(...)``, backticks or ``${...}`` in it reach the program literally. The one expansion the
+script needs, the job-keyed run folder, is the script's own fixed line ``RUN_ROOT=<dir>/"$RUN_ID"``,
+referenced as ``"$RUN_ROOT"/<stage>``. Stage and job names (they name folders and appear in the
+script) must match ``[A-Za-z0-9_.-]+``; ``#SBATCH`` values (partition, time, log path) must be one
+word without quotes, backslashes or control characters.
 """
 
 from __future__ import annotations
@@ -50,11 +57,41 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from instaflow.state import atomic_write_text
+
 CLI_MODULE = "lightning_modules.cli"
 NO_REQUEUE_PLUGIN = ('{"class_path": "lightning.pytorch.plugins.environments.SLURMEnvironment", '
                      '"init_args": {"auto_requeue": false}}')
 # Lightning's requeue checkpoint folder is keyed by the job (and array task), so a new submission starts afresh.
 SLURM_RUN_ID = "${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}"
+NAME = re.compile(r"[A-Za-z0-9_.-]+")
+# an #SBATCH value is read by sbatch, word by word; a newline would start a line that bash runs
+SBATCH_VALUE = re.compile(r"[^\s'\"\\]+")
+
+
+class ShellToken(str):
+    """Shell text the launcher wrote itself from constants and checked names; emitted unquoted."""
+
+
+def check_name(name: str, what: str = "stage name") -> str:
+    """``name`` if it matches [A-Za-z0-9_.-]+ (it names a folder and appears in the script), else ValueError."""
+    if not NAME.fullmatch(name) or name in (".", ".."):
+        raise ValueError(f"{what} {name!r}: use letters, digits, '_', '.' and '-' only "
+                         "(it names a folder and appears in the job script)")
+    return name
+
+
+def check_sbatch_value(value: str, what: str) -> str:
+    """``value`` if it is safe as one ``#SBATCH`` word (no whitespace, quotes, backslashes), else ValueError."""
+    if not SBATCH_VALUE.fullmatch(value):
+        raise ValueError(f"{what} {value!r}: give one word without spaces, quotes, backslashes or control "
+                         "characters (it is written into an #SBATCH line)")
+    return value
+
+
+def _comment(text: str) -> str:
+    """``text`` for a ``#`` comment line: control characters (a newline would end the comment) escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 @dataclass
@@ -64,6 +101,9 @@ class Stage:
     name: str
     command: list[str]
     guard: str | None = None
+
+    def __post_init__(self) -> None:
+        check_name(self.name)
 
     @classmethod
     def parse(cls, name: str, guard: str, command: str) -> "Stage":
@@ -97,9 +137,13 @@ class World:
 
 
 def _join(args: list[str]) -> str:
-    # keep shell variables such as ${SLURM_JOB_ID} expandable in the script
-    var = r"[\w./:=+@%,-]*\$\{[^}]+\}[\w./:=+@%,${}-]*"
-    return " ".join(a if re.fullmatch(var, a) else shlex.quote(a) for a in args)
+    """One shell line: every argument quoted, except the launcher's own ``ShellToken``s."""
+    return " ".join(a if isinstance(a, ShellToken) else shlex.quote(a) for a in args)
+
+
+def _stage_root(stage: Stage) -> ShellToken:
+    """``"$RUN_ROOT"/<stage>``: the job-keyed folder, from the script's fixed RUN_ROOT line and a checked name."""
+    return ShellToken(f'"$RUN_ROOT"/{check_name(stage.name)}')
 
 
 def _guarded(stage: Stage, line: str, indent: str = "") -> list[str]:
@@ -110,17 +154,60 @@ def _guarded(stage: Stage, line: str, indent: str = "") -> list[str]:
     return [f"{indent}if [ ! -e {shlex.quote(stage.guard)} ]; then", f"{indent}  {line}", f"{indent}fi"]
 
 
-def srun_line(stage: Stage, world: World, run_root: str, requeue: bool = True) -> str:
+def srun_line(stage: Stage, world: World, requeue: bool = True) -> str:
     """The stage's command as the job script runs it (srun over every task for a CLI call)."""
     parts = stage.split()
     if parts is None:
         return _join(stage.command)  # once, on the first node (the batch step)
     prefix, call = parts
     srun = ["srun", f"--nodes={world.nodes}", f"--ntasks-per-node={world.devices}"]
-    extra = world.overrides() + ["--trainer.default_root_dir", f"{run_root}/{stage.name}"]
+    extra = world.overrides() + ["--trainer.default_root_dir", _stage_root(stage)]
     if not requeue:
         extra += ["--trainer.plugins", NO_REQUEUE_PLUGIN]
     return _join(prefix + srun + call + extra)
+
+
+def sbatch_options(world: World, *, job_name: str, partition: str | None, time: str | None, output: str,
+                   cpus_per_task: int | None, requeue: bool, signal_s: int, n_array: int | None,
+                   extra_sbatch: list[str] | None) -> list[str]:
+    """The ``#SBATCH`` options, each value checked to be one safe word."""
+    sb = [f"--job-name={check_name(job_name, 'job name')}"]
+    if partition:
+        sb.append(f"--partition={check_sbatch_value(partition, 'partition')}")
+    sb += [f"--nodes={world.nodes}", f"--ntasks-per-node={world.devices}", f"--gpus-per-node={world.devices}"]
+    if cpus_per_task:
+        sb.append(f"--cpus-per-task={int(cpus_per_task)}")
+    if time:
+        sb.append(f"--time={check_sbatch_value(time, 'time limit')}")
+    # a requeued job appends to the same log
+    sb += [f"--output={check_sbatch_value(output, 'log path')}", "--open-mode=append"]
+    if n_array is not None:
+        sb.append(f"--array=0-{n_array - 1}")
+    if requeue:
+        sb += [f"--signal=SIGUSR1@{int(signal_s)}", "--requeue"]
+    return sb + [check_sbatch_value(x, "extra #SBATCH option") for x in extra_sbatch or []]
+
+
+def _stage_lines(stages: list[Stage], world: World, requeue: bool) -> list[str]:
+    """Each stage with its comment and guard, in order."""
+    lines = []
+    for i, st in enumerate(stages, 1):
+        where = "every task" if st.split() else "once"
+        skip = f", skipped when {_comment(st.guard)} exists" if st.guard else ""
+        lines.append(f"# stage {i}/{len(stages)}: {st.name} ({where}{skip})")
+        lines += _guarded(st, srun_line(st, world, requeue))
+    return lines
+
+
+def _array_lines(array: list[list[Stage]], world: World, requeue: bool) -> list[str]:
+    """``case "$SLURM_ARRAY_TASK_ID"``: task i runs ``array[i]``."""
+    lines = ['case "$SLURM_ARRAY_TASK_ID" in']
+    for i, task in enumerate(array):
+        lines.append(f"  {i})")
+        for st in task:
+            lines += _guarded(st, srun_line(st, world, requeue), indent="    ")
+        lines.append("    ;;")
+    return lines + ["esac"]
 
 
 def slurm_script(stages: list[Stage], world: World, *, job_name: str = "instaflow", partition: str | None = None,
@@ -130,20 +217,9 @@ def slurm_script(stages: list[Stage], world: World, *, job_name: str = "instaflo
     """A bash job script for sbatch that runs ``stages`` in order (or, with ``array``, task i runs ``array[i]``)."""
     if array is not None and stages:
         raise ValueError("give either stages or array, not both")
-    sb = [f"--job-name={job_name}"]
-    if partition:
-        sb.append(f"--partition={partition}")
-    sb += [f"--nodes={world.nodes}", f"--ntasks-per-node={world.devices}", f"--gpus-per-node={world.devices}"]
-    if cpus_per_task:
-        sb.append(f"--cpus-per-task={cpus_per_task}")
-    if time:
-        sb.append(f"--time={time}")
-    sb += [f"--output={output}", "--open-mode=append"]  # a requeued job appends to the same log
-    if array is not None:
-        sb.append(f"--array=0-{len(array) - 1}")
-    if requeue:
-        sb += [f"--signal=SIGUSR1@{signal_s}", "--requeue"]
-    sb += list(extra_sbatch or [])
+    sb = sbatch_options(world, job_name=job_name, partition=partition, time=time, output=output,
+                        cpus_per_task=cpus_per_task, requeue=requeue, signal_s=signal_s,
+                        n_array=None if array is None else len(array), extra_sbatch=extra_sbatch)
     names = [s.name for s in stages] if array is None else [f"{len(array)} array tasks"]
     lines = ["#!/bin/bash", f"# Generated by instaflow/tools/launch.py: {world.nodes} node(s) x {world.devices} GPU(s), "
              f"{', '.join(names)}."]
@@ -151,31 +227,18 @@ def slurm_script(stages: list[Stage], world: World, *, job_name: str = "instaflo
         lines.append(f"# SIGUSR1 {signal_s} s before the end: Lightning's SLURMEnvironment (auto_requeue=True) saves "
                      "an hpc checkpoint and runs scontrol requeue.")
     lines += [f"#SBATCH {s}" for s in sb]
+    # the only expansion: the job-keyed run folder, from these fixed lines (stages reference "$RUN_ROOT")
     lines += ["set -euo pipefail", f"cd {shlex.quote(workdir or os.getcwd())}",
-              f'RUN_ID="{SLURM_RUN_ID}"', 'RUN_ID="${RUN_ID:-$SLURM_JOB_ID}"', ""]
-    run_root = f"{run_dir}/${{RUN_ID}}"
-    if array is None:
-        for i, st in enumerate(stages, 1):
-            where = "every task" if st.split() else "once"
-            skip = f", skipped when {st.guard} exists" if st.guard else ""
-            lines.append(f"# stage {i}/{len(stages)}: {st.name} ({where}{skip})")
-            lines += _guarded(st, srun_line(st, world, run_root, requeue))
-    else:
-        lines.append('case "$SLURM_ARRAY_TASK_ID" in')
-        for i, task in enumerate(array):
-            lines.append(f"  {i})")
-            for st in task:
-                lines += _guarded(st, srun_line(st, world, run_root, requeue), indent="    ")
-            lines.append("    ;;")
-        lines.append("esac")
+              f'RUN_ID="{SLURM_RUN_ID}"', 'RUN_ID="${RUN_ID:-$SLURM_JOB_ID}"',
+              f'RUN_ROOT={shlex.quote(run_dir)}/"$RUN_ID"', ""]
+    lines += _stage_lines(stages, world, requeue) if array is None else _array_lines(array, world, requeue)
     return "\n".join(lines) + "\n"
 
 
 def submit(script: str, script_path: str | Path, sbatch: str = "sbatch") -> str:
     """Write the script, submit it with sbatch, return the job id."""
     path = Path(script_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(script)
+    atomic_write_text(path, script)
     try:
         out = subprocess.run([sbatch, str(path)], capture_output=True, text=True, check=True).stdout
     except FileNotFoundError:
@@ -195,7 +258,7 @@ def torchrun_line(stage: Stage, world: World, rdzv_endpoint: str, rdzv_id: str =
     prefix, call = parts
     torchrun = str(Path(call[0]).parent / "torchrun") if os.sep in call[0] else "torchrun"
     run = [torchrun, f"--nnodes={world.nodes}", f"--nproc-per-node={world.devices}", "--rdzv-backend=c10d",
-           f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rdzv_id}-{stage.name}"]
+           f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={check_name(rdzv_id, 'rendezvous id')}-{stage.name}"]
     return _join(prefix + run + call[1:] + world.overrides())
 
 
@@ -252,8 +315,23 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> str | int | None:
-    a = _parser().parse_args(argv)
+def _slurm(a: argparse.Namespace, stages: list[Stage], world: World) -> str | None:
+    """Print (--dry-run) or submit the job script; returns the job id."""
+    script = slurm_script(stages, world, job_name=a.job_name, partition=a.partition, time=a.time,
+                          output=a.output or f"{a.dir}/%x-%j.out", cpus_per_task=a.cpus_per_task,
+                          requeue=not a.no_requeue, run_dir=a.dir)
+    if a.dry_run:
+        print(script, end="")
+        return None
+    Path(a.dir).mkdir(parents=True, exist_ok=True)  # sbatch needs the log folder to exist
+    job = submit(script, Path(a.dir) / f"{a.job_name}.sbatch", a.sbatch)
+    print(f"submitted {a.job_name} as SLURM job {job} ({world.nodes} x {world.devices}); "
+          f"script {a.dir}/{a.job_name}.sbatch, log {a.output or a.dir + '/%x-%j.out'}")
+    return job
+
+
+def _launch(a: argparse.Namespace) -> str | int | None:
+    """Run, print or submit the parsed command line's stages."""
     stages = [Stage.parse(*s) for s in a.stage]
     if not stages:
         raise SystemExit("no stages: give at least one --stage NAME GUARD COMMAND")
@@ -269,17 +347,15 @@ def main(argv: list[str] | None = None) -> str | int | None:
             print(script, end="")
             return None
         return subprocess.call(["bash", "-euo", "pipefail", "-c", script])
-    script = slurm_script(stages, world, job_name=a.job_name, partition=a.partition, time=a.time,
-                          output=a.output or f"{a.dir}/%x-%j.out", cpus_per_task=a.cpus_per_task,
-                          requeue=not a.no_requeue, run_dir=a.dir)
-    if a.dry_run:
-        print(script, end="")
-        return None
-    Path(a.dir).mkdir(parents=True, exist_ok=True)  # sbatch needs the log folder to exist
-    job = submit(script, Path(a.dir) / f"{a.job_name}.sbatch", a.sbatch)
-    print(f"submitted {a.job_name} as SLURM job {job} ({world.nodes} x {world.devices}); "
-          f"script {a.dir}/{a.job_name}.sbatch, log {a.output or a.dir + '/%x-%j.out'}")
-    return job
+    return _slurm(a, stages, world)
+
+
+def main(argv: list[str] | None = None) -> str | int | None:
+    a = _parser().parse_args(argv)
+    try:
+        return _launch(a)
+    except ValueError as e:  # a refused name or #SBATCH value: say which, no traceback
+        raise SystemExit(f"launch: {e}") from None
 
 
 if __name__ == "__main__":

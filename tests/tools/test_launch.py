@@ -68,10 +68,11 @@ def test_slurm_submission_writes_the_job_script_and_returns_the_job_id(fake_slur
     assert len(srun) == 2
     assert srun[0] == (f"{PY} -m lightning_modules.cli predict -c base.yaml -c pairs.yaml".replace(
         PY, f"srun --nodes=2 --ntasks-per-node=8 {PY}", 1) + " --trainer.num_nodes 2 --trainer.devices 8 "
-        f"--trainer.default_root_dir {tmp_path}/slurm/${{RUN_ID}}/pairs && touch {tmp_path}/pairs/.done")
+        '--trainer.default_root_dir "$RUN_ROOT"/pairs' f" && touch {tmp_path}/pairs/.done")
+    assert f'RUN_ROOT={tmp_path}/slurm/"$RUN_ID"' in lines  # the run folder: one fixed line of the script
     assert srun[1].startswith(f"{PY} -m instaflow.tools.timed {tmp_path}/timings reflow -- srun --nodes=2 ")
     assert srun[1].endswith("fit -c base.yaml -c reflow.yaml --trainer.num_nodes 2 --trainer.devices 8 "
-                            f"--trainer.default_root_dir {tmp_path}/slurm/${{RUN_ID}}/reflow")
+                            '--trainer.default_root_dir "$RUN_ROOT"/reflow')
     assert f"{PY} -c pass" in lines  # not a CLI call: runs once, on the batch node, without srun
     assert f"if [ ! -e {tmp_path}/rf2/model_index.json ]; then" in lines
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
