@@ -23,15 +23,22 @@ Each run's TensorBoardLogger gets ``version`` = its overrides (``lr=1e-4,bs=32``
 run's event files and calls ``TensorBoardLogger.log_hyperparams(params, {metric: value})`` on the
 same version folder, so TensorBoard's HParams tab lists every run with its values and metric.
 A run whose folder already holds ``sweep_run.json`` is finished and is not run again (a sweep resumes).
+
+A version name is one folder inside SAVE_DIR/NAME whatever the values: characters other than
+letters, digits and ``._=,+-`` are %-escaped (``/`` -> ``%2F``), a leading ``.`` too, and a name
+longer than 120 characters is cut and ends with a hash of the whole; the sweep checks that every
+run's folder resolves inside SAVE_DIR/NAME. Records and summaries are written atomically.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import math
 import random
+import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -40,9 +47,22 @@ from pathlib import Path
 import yaml
 
 from instaflow.experiments import chain
+from instaflow.state import atomic_write_json, atomic_write_text, read_json
 from instaflow.tools import launch
 
 RECORD = "sweep_run.json"  # written into each finished run's version folder
+VERSION_CHAR = re.compile(r"[A-Za-z0-9._=,+-]")
+MAX_VERSION = 120  # well under a file name's 255 bytes
+
+
+def safe_version(text: str) -> str:
+    """``text`` as one safe folder name: other characters (and a leading '.') %-escaped, a long one hashed."""
+    out = "".join(c if VERSION_CHAR.fullmatch(c) else "".join(f"%{b:02X}" for b in c.encode()) for c in text)
+    if out.startswith("."):  # never ".", "..", or a hidden folder
+        out = "%2E" + out[1:]
+    if len(out) > MAX_VERSION:
+        out = out[:MAX_VERSION - 17] + "-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+    return out
 
 
 @dataclass
@@ -80,6 +100,9 @@ class Sweep:
     short: dict = field(default_factory=dict)
     fixed: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        launch.check_name(self.name, "sweep name")  # names the folder, the SLURM job and its script
+
     @classmethod
     def load(cls, path: str | Path) -> "Sweep":
         path = Path(path)
@@ -102,6 +125,13 @@ class Sweep:
     def root(self) -> Path:
         return Path(self.save_dir) / self.name
 
+    def run_dir(self, version: str) -> Path:
+        """SAVE_DIR/NAME/<version>, checked to be a folder directly inside SAVE_DIR/NAME."""
+        path = self.root / version
+        if path.resolve().parent != self.root.resolve():
+            raise ValueError(f"sweep {self.name}: run folder {path} is not inside {self.root}")
+        return path
+
     def points(self) -> list[dict]:
         """The swept values of every run, in order."""
         if self.grid is not None:
@@ -114,10 +144,12 @@ class Sweep:
     def runs(self) -> list[Run]:
         runs, seen = [], set()
         for i, params in enumerate(self.points()):
-            version = ",".join(f"{self.short.get(k, k.rsplit('.', 1)[-1])}={_short(v)}" for k, v in params.items())
+            version = safe_version(",".join(f"{self.short.get(k, k.rsplit('.', 1)[-1])}={_short(v)}"
+                                            for k, v in params.items()))
             if version in seen:  # random search drew the same point again
-                version += f",run={i}"
+                version = safe_version(f"{version},run={i}")
             seen.add(version)
+            self.run_dir(version)
             args = [self.command] + config_args(self.configs)
             for k, v in {**self.fixed, **params}.items():
                 v = v.format(version=version, name=self.name, save_dir=self.save_dir) if isinstance(v, str) else v
@@ -180,10 +212,10 @@ def record_run(sweep: Sweep, run: Run, returncode: int | None = None) -> dict:
     """Read a finished run's metric, log hparams + metric to its TensorBoard version, write sweep_run.json."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    logdir = sweep.root / run.version
-    done = logdir / RECORD
-    if done.exists():
-        return json.loads(done.read_text())
+    logdir = sweep.run_dir(run.version)
+    done = finished(sweep, run)
+    if done is not None:
+        return done
     value, step = final_metric(logdir, sweep.metric) if logdir.is_dir() else (None, None)
     status = "ok" if value is not None and returncode in (0, None) else (
         f"failed (exit {returncode})" if returncode not in (0, None) else f"no {sweep.metric} logged")
@@ -193,14 +225,20 @@ def record_run(sweep: Sweep, run: Run, returncode: int | None = None) -> dict:
         logger = TensorBoardLogger(sweep.save_dir, name=sweep.name, version=run.version, default_hp_metric=False)
         logger.log_hyperparams(run.params, {sweep.metric: value}, step=step)  # same value, same step as the curve's end
         logger.finalize("success")
-        done.write_text(json.dumps(rec, indent=2))  # only complete runs are marked: failed ones run again
+        atomic_write_json(logdir / RECORD, rec)  # only complete runs are marked: failed ones run again
     return rec
+
+
+def finished(sweep: Sweep, run: Run) -> dict | None:
+    """The run's record if it finished before (a cut or unreadable record counts as not finished)."""
+    rec = read_json(sweep.run_dir(run.version) / RECORD)
+    return rec if isinstance(rec, dict) else None
 
 
 def run_sequential(sweep: Sweep, runs: list[Run], in_process: bool = False) -> None:
     """One run after another on this machine; finished runs are skipped."""
     for i, run in enumerate(runs, 1):
-        if (sweep.root / run.version / RECORD).exists():
+        if finished(sweep, run) is not None:
             print(f"[sweep] {i}/{len(runs)} {run.version}: done before, skipped", flush=True)
             run.result = record_run(sweep, run)
             continue
@@ -236,9 +274,8 @@ def summarize(sweep: Sweep, runs: list[Run]) -> dict:
         val = "n/a" if row["value"] is None else f"{row['value']:.6g}"
         md.append(f"| {row['rank'] or '-'} | {row['version']} | " + " | ".join(str(row["params"][k]) for k in keys)
                   + f" | {val} | {row['step'] if row['step'] is not None else '-'} | {row['status']} |")
-    sweep.root.mkdir(parents=True, exist_ok=True)
-    (sweep.root / "summary.json").write_text(json.dumps(summary, indent=2))
-    (sweep.root / "summary.md").write_text("\n".join(md) + "\n")
+    atomic_write_json(sweep.root / "summary.json", summary)
+    atomic_write_text(sweep.root / "summary.md", "\n".join(md) + "\n")
     summary["markdown"] = "\n".join(md) + "\n"
     return summary
 
@@ -264,8 +301,11 @@ def main(argv: list[str] | None = None) -> dict | str | None:
     g.add_argument("--dir", default="runs/slurm")
     g.add_argument("--sbatch", default="sbatch")
     a = p.parse_args(argv)
-    sweep = Sweep.load(a.sweep)
-    runs = sweep.runs()
+    try:
+        sweep = Sweep.load(a.sweep)
+        runs = sweep.runs()
+    except ValueError as e:  # a malformed sweep file: say what, no traceback
+        raise SystemExit(f"sweep: {e}") from None
     if a.slurm:
         script = array_script(sweep, runs, launch.World(a.nodes, a.gpus_per_node), job_name=f"sweep-{sweep.name}",
                               partition=a.partition, time=a.time, output=f"{a.dir}/%x-%A_%a.out", run_dir=a.dir)
