@@ -4,8 +4,11 @@
 
 Writes ``<dir>/<stage>.json`` = {stage, command, start, end, wall_s, returncode} only when the
 command succeeds; the exit status is passed through. A failed or killed attempt is kept in
-``<dir>/.<stage>.attempts.json``, and the record of the run that finally succeeds (a resumed
-stage) adds them: ``wall_s`` is the total of all attempts, ``attempts`` lists the earlier ones.
+``<dir>/.<stage>.attempts.json`` (one JSON line per attempt), and the record of the run that
+finally succeeds (a resumed stage) adds them: ``wall_s`` is the total of all attempts, ``attempts``
+lists the earlier ones. Both files are written atomically (``instaflow.state``); an attempt line
+cut by an older, non-atomic write (or a full disk) is skipped and counted: the record says
+``unreadable_attempts`` and the wrapper prints it, since that attempt's time is missing from the total.
 
 A SIGTERM sent to this wrapper alone (``kill <pid>``, a container's PID 1) is
 passed on to the command, so a training stage still saves its checkpoint before it exits; if the
@@ -22,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from instaflow.state import atomic_write_json, read_json, read_jsonl, write_jsonl
+
 
 def read_timings(dirpath: str | Path) -> dict[str, dict]:
     """``{stage: record}`` of every finished stage under ``dirpath`` (empty if none)."""
@@ -32,19 +37,33 @@ def read_timings(dirpath: str | Path) -> dict[str, dict]:
 
 
 def write_record(out_dir: str | Path, stage: str, command: str, start: float, end: float,
-                 attempts: list[dict] | None = None) -> dict:
+                 attempts: list[dict] | None = None, unreadable: int = 0) -> dict:
     """Write ``<out_dir>/<stage>.json`` atomically (a finished stage's record, earlier attempts' time added);
     returns it."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    wall = end - start + sum(a["wall_s"] for a in attempts or [])
+    wall = end - start + sum(float(a.get("wall_s", 0)) for a in attempts or [])
     rec = {"stage": stage, "command": command, "start": start, "end": end, "wall_s": round(wall, 1), "returncode": 0}
     if attempts:
         rec["attempts"] = attempts
-    tmp = out_dir / f".{stage}.json.tmp"
-    tmp.write_text(json.dumps(rec, indent=2))
-    tmp.replace(out_dir / f"{stage}.json")
+    if unreadable:
+        rec["unreadable_attempts"] = unreadable
+    atomic_write_json(Path(out_dir) / f"{stage}.json", rec)
     return rec
+
+
+def read_attempts(path: Path) -> tuple[list[dict], int]:
+    """A stage's earlier attempts and how many were unreadable (JSON lines, or the older one-list format)."""
+    old = read_json(path)
+    records, bad = (old, 0) if isinstance(old, list) else read_jsonl(path)
+    attempts = [a for a in records if isinstance(a, dict) and "wall_s" in a]
+    bad += sum(int(a.get("unreadable", 0)) if isinstance(a, dict) else 1 for a in records
+               if not (isinstance(a, dict) and "wall_s" in a))
+    return attempts, bad
+
+
+def record_attempt(path: Path, attempt: dict) -> None:
+    """Add a failed attempt, atomically; unreadable earlier lines are kept as a count (``{"unreadable": n}``)."""
+    attempts, bad = read_attempts(path)
+    write_jsonl(path, attempts + ([{"unreadable": bad}] if bad else []) + [attempt])
 
 
 def _sigterm_when_parent_dies() -> None:
@@ -73,17 +92,23 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, previous)
     end = time.time()
     attempts_file = out_dir / f".{stage}.attempts.json"
-    attempts = json.loads(attempts_file.read_text()) if attempts_file.is_file() else []
     if rc != 0:  # killed or failed: its time still counts once the stage is finished (resumed)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        attempts.append({"start": start, "end": end, "wall_s": round(end - start, 1), "returncode": rc})
-        attempts_file.write_text(json.dumps(attempts, indent=2))
+        record_attempt(attempts_file, {"start": start, "end": end, "wall_s": round(end - start, 1), "returncode": rc})
         return rc
-    rec = write_record(out_dir, stage, " ".join(cmd), start, end, attempts)
+    attempts, unreadable = read_attempts(attempts_file)
+    rec = write_record(out_dir, stage, " ".join(cmd), start, end, attempts, unreadable)
     attempts_file.unlink(missing_ok=True)
-    extra = f" ({len(attempts)} earlier attempt{'s' if len(attempts) > 1 else ''} included)" if attempts else ""
-    print(f"[timed] {stage}: {rec['wall_s']:.1f} s{extra}", flush=True)
+    print(f"[timed] {stage}: {rec['wall_s']:.1f} s{_earlier(len(attempts), unreadable)}", flush=True)
     return rc
+
+
+def _earlier(n: int, unreadable: int) -> str:
+    """What the printed total includes: `` (2 earlier attempts included; 1 ... unreadable ...)``, or empty."""
+    parts = [f"{n} earlier attempt{'s' if n != 1 else ''} included"] if n else []
+    if unreadable:
+        parts.append(f"{unreadable} earlier attempt record{'s' if unreadable != 1 else ''} unreadable (cut), "
+                     "its time missing from the total")
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 if __name__ == "__main__":
