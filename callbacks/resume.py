@@ -9,25 +9,32 @@ for the run's own unfinished checkpoint (``lightning_modules.resume``): a ``last
   next step boundary; ``on_exception`` saves ``last.ckpt`` at that step, and the CLI exits with 143;
 - a fit that ends normally writes ``fit_finished.json``, so running it again starts a new run
   instead of "resuming" a finished one;
-- while a fit runs, ``fit_running.json`` names its host and process, so a second copy of the same
-  command on that machine (a double launch, an orphaned stage) is refused instead of training into
-  the same folder at the same time.
+- while a fit runs, ``fit_running.json`` names its host, process, process start time and boot id
+  (``running_mark``), so a second copy of the same command on that machine (a double launch, an
+  orphaned stage) is refused instead of training into the same folder at the same time, while a
+  reused pid after a reboot or container restart is not mistaken for it;
+- every checkpoint stores the run folder that wrote it (this callback's state), so resume never takes
+  another run's checkpoint from a shared ``dirpath``; and every rank checks the checkpoint for NaN/inf
+  before it is written: one bad tensor on any rank (a shard) stops the fit on every rank, naming it.
+
+The marks are written atomically (``instaflow.state``): a kill leaves the old mark or the new one.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.plugins import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.ema import find_ema
-from instaflow.models.checkpoints import FINISHED, RUNNING
+from instaflow.collective import every_rank_raises
+from instaflow.models.checkpoints import FINISHED, RUN_STATE_KEY, RUNNING, refuse_non_finite, running_mark
+from instaflow.state import atomic_write_json
 
 
 def last_checkpoint_dirs(trainer: L.Trainer) -> list[Path]:
@@ -50,15 +57,29 @@ class Resume(Callback):
 
     def __init__(self, auto: bool = True) -> None:
         self.auto = auto
+        self._run: str | None = None
+
+    @property
+    def state_key(self) -> str:
+        return RUN_STATE_KEY  # lightning_modules.resume reads it back under this name
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._run = str(Path(trainer.log_dir or trainer.default_root_dir).resolve())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"run": self._run}
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        # every rank, before any writes: a rank-0-only refusal would leave the others waiting in the next collective
+        with every_rank_raises(f"checking the checkpoint of step {trainer.global_step} for NaN/inf"):
+            refuse_non_finite(checkpoint, "checked before saving")
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # started or resumed: unfinished until on_fit_end says otherwise
         if trainer.is_global_zero:
             for d in last_checkpoint_dirs(trainer):
                 (d / FINISHED).unlink(missing_ok=True)
-                d.mkdir(parents=True, exist_ok=True)
-                (d / RUNNING).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                                                     "start": time.time()}) + "\n")
+                atomic_write_json(d / RUNNING, {**running_mark(), "time": time.time()})
 
     def _not_running(self, trainer: L.Trainer) -> None:
         if trainer.is_global_zero:
@@ -75,8 +96,8 @@ class Resume(Callback):
             ema.restore_training_weights()  # stopped inside validation: save the training weights, not the EMA's
         for d in last_checkpoint_dirs(trainer):
             path = d / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
-            if trainer.is_global_zero and path.is_symlink():  # save_last="link": replace the link, not its target
-                path.unlink()
+            if trainer.is_global_zero and path.is_symlink() and type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+                path.unlink()  # save_last="link" under Lightning's IO, which writes through a link into its target
             trainer.save_checkpoint(str(path))  # every rank: a collective under sharded strategies
             if trainer.is_global_zero:
                 print(f"[resume] SIGTERM: saved step {trainer.global_step} to {path}; rerun the same command to "
@@ -86,5 +107,4 @@ class Resume(Callback):
         self._not_running(trainer)
         if trainer.is_global_zero:
             for d in last_checkpoint_dirs(trainer):
-                d.mkdir(parents=True, exist_ok=True)
-                (d / FINISHED).write_text(json.dumps({"step": trainer.global_step, "time": time.time()}) + "\n")
+                atomic_write_json(d / FINISHED, {"step": trainer.global_step, "time": time.time()})

@@ -3,39 +3,49 @@
 A run is the fit's logger version folder (``<save_dir>/<name>/version_<n>``, where LightningCLI
 saves ``config.yaml`` and ``ModelCheckpoint`` its ``checkpoints/``; an explicit checkpoint
 ``dirpath`` is used instead when the config sets one). The newest run whose saved config equals
-this one's is looked at, and continued when it has a ``last.ckpt`` and no ``fit_finished.json``
+this one's is looked at, and continued when it has checkpoints and no ``fit_finished.json``
 (``callbacks.resume.Resume``): the CLI passes ``ckpt_path`` and the run's version, so the curves,
 checkpoints and export go on in the same folder. Lightning restores step, optimizer, LR scheduler
 and callback states (EMA) from the checkpoint.
 
+Which checkpoint: the newest *readable* one of the run (``newest_readable``): ``last.ckpt``,
+``step=*.ckpt``, FSDP2 folders (and one an interrupted swap left aside), by their stored step.
+Readable means it loads with ``weights_only=True`` (a folder: complete, its DCP metadata through the
+allow-list), holds no NaN/inf, and was written by this run (``Resume`` stores the run folder in each
+checkpoint; a shared ``dirpath`` holds other runs' too). What is skipped is said, with why. A file
+that names code to run (``UnsafeCheckpoint``) is never skipped silently: the fit stops, naming it.
+
 "Equal" ignores what says where or how a run is launched, not what it trains: ``ckpt_path``, the
 logger's ``version`` and ``purge_step`` (the CLI sets both on resume; TensorBoard then hides what
 the stopped run logged after its checkpoint), ``trainer.default_root_dir`` (the SLURM launcher
-keys it by job id) and ``trainer.plugins``; anything else (another learning rate, more steps) is a
-different run and starts afresh, with a message naming the checkpoint and the differing keys.
+keys it by job id), ``trainer.plugins`` and ``weights_only``; anything else (another learning rate,
+more steps) is a different run and starts afresh, with a message naming the differing keys.
 
 Under SLURM a requeued job also has Lightning's ``hpc_ckpt_<n>.ckpt`` (saved on the requeue
-signal) in ``default_root_dir``: the newer of it and ``last.ckpt`` is used.
+signal) in ``default_root_dir``: the newer readable one of it and the run's checkpoint is used.
+
+A run still training on this machine (``fit_running.json`` names a live process: same host, boot,
+pid and start time) is not continued a second time; only global rank 0 refuses.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from instaflow.models.checkpoints import FINISHED, RUNNING, checkpoint_step
+from instaflow.models.checkpoints import (FINISHED, RUN_STATE_KEY, RUNNING, UnreadableCheckpoint, checkpoint_meta,
+                                         first_non_finite, load_file, mark_alive, validate_folder)
+from instaflow.state import OLD_MARK, read_json
 
 LAST = "last.ckpt"
 # launch-only keys: a requeued or resubmitted run of the same experiment may differ in these
 IGNORED = ("ckpt_path", "trainer.logger.init_args.version", "trainer.logger.init_args.purge_step",
-           "trainer.default_root_dir", "trainer.plugins")
+           "trainer.default_root_dir", "trainer.plugins", "weights_only")
 VERSIONED_LOGGERS = ("TensorBoardLogger", "CSVLogger")
 
 
@@ -108,39 +118,103 @@ def _runs(cfg: dict) -> tuple[list[tuple[Path, str | None]], str]:
     return [(p, p.name) for p in found], ""
 
 
+def global_rank_zero() -> bool:
+    """Whether this process is global rank 0 of its launch (RANK, SLURM_PROCID and LOCAL_RANK unset or 0)."""
+    return all(int(os.environ.get(k) or 0) == 0 for k in ("RANK", "SLURM_PROCID", "LOCAL_RANK"))
+
+
 def _refuse_if_alive(running: Path) -> None:
     """Stop when the process that trains into this folder is still alive on this machine (left by a killed
-    parent, or launched twice): two runs must not write one folder. A stale mark (its process gone) is ignored."""
-    if not running.is_file():
+    parent, or launched twice): two runs must not write one folder.
+
+    Alive means same host, boot, pid and process start time (``mark_alive``): a reused pid after a
+    reboot or in a restarted container is a stale mark. Only global rank 0 refuses; the other ranks
+    follow it (they never see a mark of their own run, which rank 0 writes once all ranks started).
+    """
+    mark = read_json(running)
+    if not isinstance(mark, dict) or not global_rank_zero() or not mark_alive(mark):
         return
-    try:
-        info = json.loads(running.read_text())
-        host, pid = info["host"], int(info["pid"])
-    except (ValueError, KeyError, TypeError):
-        return
-    if host != socket.gethostname() or pid == os.getpid():
-        return  # another machine's process cannot be checked from here (a requeued job's is gone)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return
-    except PermissionError:
-        pass  # alive, another user's
+    pid = mark["pid"]
+    if pid == os.getpid():
+        return  # this process ran a fit before in the same interpreter (an earlier in-process fit)
     raise SystemExit(f"[resume] {running.parent} is being trained by process {pid} on this machine right now "
                      f"({running}): stop it (kill -TERM {pid} saves a checkpoint) and run again, or pass "
                      "--resume.auto false to start a separate run")
 
 
-def _hpc_checkpoint(cfg: dict) -> Path | None:
-    """Lightning's newest SLURM requeue checkpoint in ``default_root_dir`` (only inside a SLURM job)."""
+def candidates(dirs: list[Path]) -> list[Path]:
+    """Every checkpoint in a run's checkpoint folders: ``*.ckpt`` files and folders, and a folder that an
+    interrupted swap left aside (``instaflow.state``'s ``.<name>.old-*``) while ``<name>`` is missing."""
+    out = []
+    for d in dirs:
+        if not d.is_dir():
+            continue
+        for p in sorted(d.iterdir()):
+            if p.name.endswith(".ckpt") and not p.name.startswith("."):
+                out.append(p)
+            elif p.name.startswith(".") and OLD_MARK in p.name and p.is_dir():
+                if not (d / p.name[1:p.name.index(OLD_MARK)]).exists():
+                    out.append(p)
+    return out
+
+
+def _same_run(a: str | Path, b: str | Path) -> bool:
+    """Whether two run folders are one run: equal paths, or equal ``<name>/<version>`` (a run folder moved whole)."""
+    a, b = Path(a).resolve(), Path(b).resolve()
+    return a == b or a.parts[-2:] == b.parts[-2:]
+
+
+def _probe(path: Path, run_dir: Path | None) -> tuple[int | None, str]:
+    """(step, "") of a checkpoint this run can continue from, or (None, why not). An unsafe file raises."""
+    try:
+        meta = checkpoint_meta(path)
+        step = int(meta["global_step"])
+    except UnreadableCheckpoint as exn:
+        return None, str(exn)
+    except (KeyError, TypeError, ValueError):
+        return None, f"{path} holds no global_step: not a Lightning checkpoint"
+    owner = ((meta.get("callbacks") or {}).get(RUN_STATE_KEY) or {}).get("run")
+    if owner and run_dir is not None and not _same_run(owner, run_dir):
+        return None, f"another run's ({owner})"
+    return step, ""
+
+
+def _non_finite(path: Path) -> str | None:
+    """Why a checkpoint holds NaN/inf (file: every tensor read once, memory-mapped; folder: ``meta.pt``'s
+    tensors, the EMA), or None."""
+    ckpt = validate_folder(path) if path.is_dir() else load_file(path, mmap=True)
+    name = first_non_finite(ckpt)
+    return None if name is None else f"{path} holds NaN/inf in {name}"
+
+
+def newest_readable(paths: list[Path], run_dir: Path | None, log=print) -> tuple[Path, int] | None:
+    """The checkpoint with the highest step among ``paths`` that loads safely, is complete and finite (ties:
+    ``last.ckpt`` first); says what it skipped and why. ``UnsafeCheckpoint`` propagates (never skipped)."""
+    probed = [(p, *_probe(p, run_dir)) for p in paths]
+    others = [p for p, step, why in probed if why.startswith("another run")]
+    skipped = [(p, why) for p, step, why in probed if step is None and p not in others]
+    chosen = None
+    for step, _, p in sorted(((s, p.name == LAST, p) for p, s, _ in probed if s is not None), reverse=True):
+        why = _non_finite(p)
+        if why is None:
+            chosen = (p, step)
+            break
+        skipped.append((p, why))
+    for p, why in skipped:
+        log(f"[resume] skipping {p}: {why}")
+    if others:
+        log(f"[resume] ignoring {len(others)} checkpoint(s) of other runs in the same folder")
+    return chosen
+
+
+def _hpc_checkpoints(cfg: dict) -> list[Path]:
+    """Lightning's SLURM requeue checkpoints in ``default_root_dir`` (only inside a SLURM job)."""
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
     if not SLURMEnvironment.detect():
-        return None
+        return []
     root = Path(cfg.get("trainer", {}).get("default_root_dir") or ".")
-    found = [(int(m.group(1)), p) for p in root.glob("hpc_ckpt_*.ckpt")
-             if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name))]
-    return max(found)[1] if found else None
+    return [p for p in root.glob("hpc_ckpt_*.ckpt") if re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name)]
 
 
 def find_unfinished(cfg: dict, log=print) -> Found | None:
@@ -156,22 +230,27 @@ def find_unfinished(cfg: dict, log=print) -> Found | None:
         if not saved_cfg.is_file():
             continue
         dirs = explicit or [run_dir / "checkpoints"]
-        last = next((d / LAST for d in dirs if (d / LAST).exists()), None)
+        ckpts = candidates(dirs)
+        unfinished = bool(ckpts) and not any((d / FINISHED).exists() for d in dirs)
         diff = config_differences(yaml.safe_load(saved_cfg.read_text()) or {}, cfg)
         if diff:
-            if last is not None and not (last.parent / FINISHED).exists():
-                log(f"[resume] {last} is unfinished but its run's config differs ({', '.join(diff[:6])}"
-                    f"{', ...' if len(diff) > 6 else ''}): starting a new run (--ckpt_path {last} continues it anyway)")
+            if unfinished:
+                log(f"[resume] {dirs[0]} holds an unfinished run but its config differs ({', '.join(diff[:6])}"
+                    f"{', ...' if len(diff) > 6 else ''}): starting a new run (--ckpt_path <checkpoint> continues "
+                    "it anyway)")
             continue
         # the newest run of this config decides: finished, or never checkpointed -> start afresh
-        if last is not None and not (last.parent / FINISHED).exists():
-            _refuse_if_alive(last.parent / RUNNING)
-            found = Found(ckpt=last, step=checkpoint_step(last), version=version, run_dir=run_dir)
+        if unfinished:
+            for d in dirs:
+                _refuse_if_alive(d / RUNNING)
+            best = newest_readable(ckpts, run_dir, log)
+            if best is None:
+                log(f"[resume] no readable checkpoint in {', '.join(map(str, dirs))}: starting afresh")
+            else:
+                found = Found(ckpt=best[0], step=best[1], version=version, run_dir=run_dir)
         break
-    hpc = _hpc_checkpoint(cfg)
-    if hpc is not None:
-        step = checkpoint_step(hpc)
-        if found is None or step >= found.step:
-            found = Found(ckpt=hpc, step=step, version=found.version if found else None,
-                          run_dir=found.run_dir if found else hpc.parent)
+    hpc = newest_readable(_hpc_checkpoints(cfg), None, log)
+    if hpc is not None and (found is None or hpc[1] >= found.step):
+        found = Found(ckpt=hpc[0], step=hpc[1], version=found.version if found else None,
+                      run_dir=found.run_dir if found else hpc[0].parent)
     return found

@@ -225,8 +225,8 @@ def test_only_the_runs_own_unfinished_checkpoint_is_continued(tmp_path):
 def test_a_run_still_training_on_this_machine_is_not_resumed_twice(tmp_path):
     """fit_running.json names the process training into a folder: alive here -> refused; gone -> a stale mark."""
     import json
-    import socket
 
+    from instaflow.models.checkpoints import running_mark
     from lightning_modules.resume import find_unfinished
 
     d = tmp_path / "reflow" / "version_0"
@@ -237,8 +237,7 @@ def test_a_run_still_training_on_this_machine_is_not_resumed_twice(tmp_path):
     torch.save({"global_step": 3}, d / "checkpoints" / "last.ckpt")
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        mark = {"host": socket.gethostname(), "pid": other.pid, "start": 0}
-        (d / "checkpoints" / "fit_running.json").write_text(json.dumps(mark))
+        (d / "checkpoints" / "fit_running.json").write_text(json.dumps(running_mark(other.pid)))
         with pytest.raises(SystemExit, match=f"being trained by process {other.pid}"):
             find_unfinished(cfg)
     finally:
