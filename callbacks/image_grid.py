@@ -6,8 +6,8 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_only
 
+from instaflow.collective import on_rank_zero
 from instaflow.contracts import SamplesGrid
 from instaflow.evaluation.grids import captioned_grid, save_png
 
@@ -38,9 +38,10 @@ class ImageGrid(Callback):
             return
         grids = pl_module.sample_grid(self.prompts, seed=self.seed)
         # trainer.log_dir broadcasts from rank 0: read it on every rank, or rank 0 waits forever
-        self._log(trainer, grids, trainer.log_dir)
+        log_dir = trainer.log_dir
+        # rank 0 writes alone; an error there (a full disk) is raised on every rank, not left as a hang
+        on_rank_zero(trainer.strategy, lambda: self._log(trainer, grids, log_dir), "ImageGrid: writing the grids")
 
-    @rank_zero_only
     def _log(self, trainer: L.Trainer, grids: dict, log_dir: str | None) -> None:
         for name, images in grids.items():
             # modules without prompts (e.g. a VAE's reconstructions) label each image by its index

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import hashlib
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -13,10 +13,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from callbacks.ema import find_ema
+from instaflow.collective import every_rank_raises, on_rank_zero
 from instaflow.contracts import SamplesImages
 from instaflow.evaluation.quality import (ImageFeatures, PromptSet, QualityPrompts, Setting, TextImageScore,
                                           frechet_to_stats, gathered_order, rank_share, reference_stats, summarize)
 from instaflow.flow.straightness import straightness
+from instaflow.state import append_jsonl, read_jsonl, write_jsonl
 
 
 class Quality(Callback):
@@ -33,7 +35,9 @@ class Quality(Callback):
     samples and scores its block (under FSDP2 each forward is a collective, so all ranks must take
     part), per-image features and scores are gathered, rank 0 computes FID and the means, and the
     numbers are broadcast to every rank (for checkpoint monitoring). On the same prompts they equal
-    one process's up to float round-off.
+    one process's up to float round-off. What rank 0 does alone (the FID reference, the Frechet
+    distance, logging and ``quality.jsonl``) runs through ``instaflow.collective.on_rank_zero``: an
+    error there is raised, named, on every rank at once instead of leaving the others in a collective.
 
     FID uses ``n`` images against ``n`` reference images and is biased upward at small ``n``: compare
     it along one curve or between runs at the same ``n``, not with a 5k/30k protocol number. The
@@ -86,12 +90,15 @@ class Quality(Callback):
         if stage != "fit":
             return
         # everything that reads files or loads weights runs now, on every rank: a missing COCO folder,
-        # Inception file or CLIP model stops the run before its first step, not at the first scoring
-        self._set = self.prompts.load()
-        device = trainer.strategy.root_device
-        self.features.prepare(device, self.download)
-        for s in self.scores:
-            s.prepare(device, self.download)
+        # Inception file or CLIP model stops the run before its first step, not at the first scoring;
+        # a failure on any rank is raised on all of them
+        with every_rank_raises("Quality: loading the prompts and the feature and score networks"):
+            self._set = self.prompts.load()
+            device = trainer.strategy.root_device
+            self.features.prepare(device, self.download)
+            for s in self.scores:
+                s.prepare(device, self.download)
+                s.bind(self._set)  # the score names come from the whole prompt set: the same on every rank
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_step = trainer.global_step
@@ -105,11 +112,7 @@ class Quality(Callback):
         """A resumed run: drop the curve's points after its checkpoint (the weights they scored are gone)."""
         log_dir = trainer.log_dir  # a broadcast: every rank asks
         path = Path(log_dir) / "quality.jsonl" if log_dir else None
-        if trainer.is_global_zero and path is not None and path.is_file():
-            lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-            keep = [ln for ln in lines if json.loads(ln)["step"] <= step]
-            if len(keep) < len(lines):
-                path.write_text("".join(ln + "\n" for ln in keep))
+        on_rank_zero(trainer.strategy, lambda: forget_after(path, step), "Quality: trimming quality.jsonl on resume")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         n, step = self.every_n_train_steps, trainer.global_step
@@ -147,13 +150,9 @@ class Quality(Callback):
             for scorer in self.scores:
                 per_image.update(scorer(images, mine))  # {name: (m,)}
             rows = self._gather(trainer, pl_module, per_image, len(full))
-            if rank == 0:
-                mu, sigma = self._reference(trainer)
-                metrics[f"quality/fid_{tag}"] = frechet_to_stats(rows.pop("__features"), mu, sigma)
-                for name, value in summarize(rows).items():
-                    base, _, suffix = name.partition("@")
-                    metrics[f"quality/{base}_{tag}" + (f"_{suffix}" if suffix else "")] = value
-                metrics[f"quality/seconds_{tag}"] = time.perf_counter() - t0
+            # rank 0 alone: the reference (built lazily) and the distance; its value or error reaches every rank
+            metrics.update(on_rank_zero(trainer.strategy, lambda: self._metrics(trainer, rows, tag, t0),
+                                        f"Quality: the FID and scores of {tag}"))
         if self.straightness_n:
             n, steps, w = min(self.straightness_n, len(full)), self.straightness_steps, self.straightness_guidance
             own, _ = rank_share(n, rank, world)
@@ -161,21 +160,37 @@ class Quality(Callback):
             with autocast:
                 pl_module.sampler().sample_latents(sub.captions, steps, w, sub.seeds, path=path)
             rows = self._gather(trainer, pl_module, {"s": straightness(path).double().cpu().numpy()}, n)
-            if rank == 0:
-                metrics[f"quality/straightness_{pl_module.solver_tag}{steps}_w{w:g}"] = float(rows["s"].mean())
-        metrics = trainer.strategy.broadcast(metrics, src=0)
+            # every rank holds the gathered rows: the same mean everywhere, no rank-0 step
+            metrics[f"quality/straightness_{pl_module.solver_tag}{steps}_w{w:g}"] = float(rows["s"].mean())
         for k, v in metrics.items():  # for ModelCheckpoint(monitor=...) and EarlyStopping, on every rank
             trainer.callback_metrics[k] = torch.tensor(v)
         log_dir = trainer.log_dir  # a broadcast itself: every rank must ask
-        if rank == 0:
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
-            if log_dir:
-                Path(log_dir).mkdir(parents=True, exist_ok=True)
-                with open(Path(log_dir) / "quality.jsonl", "a") as f:
-                    f.write(json.dumps({"step": trainer.global_step, "metrics": metrics}) + "\n")
-            print(f"step {trainer.global_step}: " + ", ".join(
-                f"{k.split('/')[1]} {v:.3f}" for k, v in metrics.items() if "seconds" not in k))
+        on_rank_zero(trainer.strategy, lambda: self._record(trainer, metrics, log_dir),
+                     "Quality: logging the scores and writing quality.jsonl")
+
+    def _metrics(self, trainer: L.Trainer, rows: dict[str, np.ndarray], tag: str, t0: float) -> dict[str, float]:
+        """FID against the reference and the mean scores of one setting (rank 0)."""
+        mu, sigma = self._reference(trainer)
+        rows = dict(rows)
+        out = {f"quality/fid_{tag}": frechet_to_stats(rows.pop("__features"), mu, sigma)}
+        for name, value in summarize(rows).items():
+            base, _, suffix = name.partition("@")
+            out[f"quality/{base}_{tag}" + (f"_{suffix}" if suffix else "")] = value
+        out[f"quality/seconds_{tag}"] = time.perf_counter() - t0
+        return out
+
+    @staticmethod
+    def _record(trainer: L.Trainer, metrics: dict[str, float], log_dir: str | None) -> None:
+        """Log the scores and append them to ``<log_dir>/quality.jsonl`` (rank 0; rewritten atomically)."""
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        if log_dir:
+            path = Path(log_dir) / "quality.jsonl"
+            dropped = append_jsonl(path, {"step": trainer.global_step, "metrics": metrics})
+            if dropped:
+                print(f"[quality] {path}: dropped {dropped} unreadable line(s) (a write cut by a kill)")
+        print(f"step {trainer.global_step}: " + ", ".join(
+            f"{k.split('/')[1]} {v:.3f}" for k, v in metrics.items() if "seconds" not in k))
 
     def _reference(self, trainer: L.Trainer) -> tuple:
         if self._ref is None:
@@ -185,9 +200,10 @@ class Quality(Callback):
     @staticmethod
     def _gather(trainer: L.Trainer, pl_module: L.LightningModule, per_image: dict[str, np.ndarray],
                 n: int) -> dict[str, np.ndarray]:
-        """Each rank's (m, ...) arrays -> on rank 0 the (n, ...) arrays in prompt order (padding dropped)."""
+        """Each rank's (m, ...) arrays -> on every rank the (n, ...) arrays in prompt order (padding dropped)."""
         if trainer.world_size == 1:
             return {k: np.asarray(v)[:n] for k, v in per_image.items()}
+        same_names_on_every_rank(trainer, pl_module.device, list(per_image))
         order = gathered_order(n, trainer.world_size)
         out = {}
         for k, v in per_image.items():
@@ -195,3 +211,33 @@ class Quality(Callback):
             rows = trainer.strategy.all_gather(local)  # (world, m, ...)
             out[k] = rows.reshape(-1, *local.shape[1:]).cpu().numpy()[order]
         return out
+
+
+def same_names_on_every_rank(trainer: L.Trainer, device: torch.device, names: list[str]) -> None:
+    """One all-gather of a digest of ``names``: if any rank's names (or their order) differ, every rank raises.
+
+    The gather below issues one collective per name, so differing names would pair one rank's values
+    with another's (wrong numbers) or leave a rank waiting in a collective the others never call.
+    """
+    digest = int.from_bytes(hashlib.sha256("\n".join(names).encode()).digest()[:7], "big")
+    seen = trainer.strategy.all_gather(torch.tensor([digest], dtype=torch.int64, device=device)).reshape(-1).tolist()
+    differ = [r for r, d in enumerate(seen) if d != seen[0]]
+    if differ:
+        raise RuntimeError(
+            f"Quality: the ranks score different per-image names (rank(s) {differ} differ from rank 0; rank "
+            f"{trainer.global_rank} has {names}). Every TextImageScore must return the same names in the same order "
+            "on every rank, with NaN where a score does not apply to an image: derive them from the whole prompt "
+            "set in bind(prompts), not from the rank's own block")
+
+
+def forget_after(path: Path | None, step: int) -> None:
+    """Keep the points of ``quality.jsonl`` scored at or before ``step``; unreadable lines are dropped and counted."""
+    if path is None or not path.is_file():
+        return
+    records, bad = read_jsonl(path)
+    keep = [r for r in records if isinstance(r.get("step"), int) and r["step"] <= step]
+    bad += sum(1 for r in records if not isinstance(r.get("step"), int))
+    if bad:
+        print(f"[quality] {path}: skipped {bad} unreadable line(s) (a write cut by a kill); the curve goes on without them")
+    if bad or len(keep) < len(records):
+        write_jsonl(path, keep)

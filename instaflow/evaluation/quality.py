@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from instaflow.evaluation.fid import feature_stats, to_uint8
+from instaflow.state import atomic_file
 
 
 @dataclass
@@ -311,6 +312,14 @@ class TextImageScore(abc.ABC):
     def prepare(self, device: torch.device, download: bool = True) -> None:
         """Load the network onto ``device`` (fit start)."""
 
+    def bind(self, prompts: PromptSet) -> None:
+        """Fix the score names from the whole prompt set (every rank knows it), before any scoring.
+
+        A score whose names depend on the prompts (``EmbeddedAlignment``'s per-object-count names) must
+        return the same names, in the same order, on every rank, whatever block of prompts a rank scores:
+        the callback gathers one name at a time, so differing names would pair wrong values or hang.
+        """
+
     @abc.abstractmethod
     def __call__(self, images: torch.Tensor, prompts: PromptSet) -> dict[str, np.ndarray]:
         ...
@@ -342,6 +351,7 @@ class EmbeddedAlignment(TextImageScore):
     def __init__(self, evaluator: str = "assets/embedded-evaluator") -> None:
         self.evaluator = evaluator
         self._model = None
+        self._counts: list[int] | None = None  # object counts of the whole prompt set (``bind``)
 
     def prepare(self, device: torch.device, download: bool = True) -> None:
         from instaflow.evaluation.shapes_evaluator import load_evaluator
@@ -349,19 +359,30 @@ class EmbeddedAlignment(TextImageScore):
         if self._model is None:
             self._model = load_evaluator(self.evaluator)
 
+    def bind(self, prompts: PromptSet) -> None:
+        """The per-count names come from every prompt's scene, so each rank returns all of them (NaN where absent)."""
+        self._counts = sorted({len(s["objects"]) for s in _scenes(prompts)})
+
     def __call__(self, images: torch.Tensor, prompts: PromptSet) -> dict[str, np.ndarray]:
         from instaflow.evaluation.shapes_evaluator import predict_scenes, scene_matches
 
-        scenes = [m.get("scene") for m in prompts.meta] if prompts.meta else [None] * len(prompts)
-        if any(s is None for s in scenes):
-            raise ValueError("EmbeddedAlignment needs each prompt's ground-truth scene (meta['scene'] in the shards' "
-                             ".json, as the embedded world writes); use ClipScore for real prompts")
+        scenes = _scenes(prompts)
         preds = predict_scenes(self._model, to_uint8(images).float() / 127.5 - 1.0)
         hit = np.array([scene_matches(p, s) for p, s in zip(preds, scenes)], dtype=np.float64)
         out = {"alignment": hit}
-        for k in sorted({len(s["objects"]) for s in scenes}):
+        counts = self._counts if self._counts is not None else sorted({len(s["objects"]) for s in scenes})
+        for k in counts:
             out[f"alignment@{k}obj"] = np.where([len(s["objects"]) == k for s in scenes], hit, np.nan)
         return out
+
+
+def _scenes(prompts: PromptSet) -> list[dict]:
+    """Each prompt's ground-truth scene (``meta["scene"]``); a clear error where one is missing."""
+    scenes = [m.get("scene") for m in prompts.meta] if prompts.meta else [None] * len(prompts)
+    if any(s is None for s in scenes):
+        raise ValueError("EmbeddedAlignment needs each prompt's ground-truth scene (meta['scene'] in the shards' "
+                         ".json, as the embedded world writes); use ClipScore for real prompts")
+    return scenes
 
 
 # -- reference statistics, cached beside the run ------------------------------------------------
@@ -376,12 +397,10 @@ def reference_stats(prompts: QualityPrompts, features: ImageFeatures, cache_dir:
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"reference_{features.name}_{key}.npz" if cache_dir else None
     if path is not None and path.is_file():
-        with np.load(path) as f:
+        with np.load(path, allow_pickle=False) as f:  # arrays only: a planted pickle is refused, never run
             return f["mu"], f["sigma"]
     mu, sigma = feature_stats(features(prompts.reference_images()))
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, mu=mu, sigma=sigma, spec=json.dumps(spec))
-        tmp.replace(path)  # a killed run leaves no half-written cache
+        with atomic_file(path, "wb") as f:  # a killed run leaves no half-written cache
+            np.savez(f, mu=mu, sigma=sigma, spec=np.array(json.dumps(spec)))
     return mu, sigma

@@ -73,7 +73,8 @@ def test_embedded_scores_equal_the_results_protocol(tiny_world, tmp_path):
     logged = []
     trainer = SimpleNamespace(global_rank=0, world_size=1, global_step=7, callback_metrics={}, log_dir=str(tmp_path),
                               default_root_dir=str(tmp_path), loggers=[SimpleNamespace(log_metrics=lambda m, step: logged.append((step, m)))],
-                              strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj, root_device=torch.device("cpu")),
+                              strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj, root_device=torch.device("cpu"),
+                                                       is_global_zero=True),
                               callbacks=[])
     cb = Quality(ShardPrompts(tiny_world.val, n=8, resolution=16), EmbeddedFeatures(str(evaluator)),
                  [EmbeddedAlignment(str(evaluator))], settings=[Setting(1, 1.0), Setting(3, 1.5)])
@@ -232,5 +233,6 @@ def test_a_resumed_run_forgets_the_curve_points_after_its_checkpoint(tmp_path):
     path = tmp_path / "quality.jsonl"
     path.write_text("".join(json.dumps({"step": s, "metrics": {"quality/fid_euler1_w1": 1.0}}) + "\n"
                             for s in (0, 160, 320)))
-    Quality._forget_after(SimpleNamespace(log_dir=str(tmp_path), is_global_zero=True), 160)
+    one = SimpleNamespace(is_global_zero=True, broadcast=lambda obj, src=0: obj)
+    Quality._forget_after(SimpleNamespace(log_dir=str(tmp_path), strategy=one), 160)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 160]
