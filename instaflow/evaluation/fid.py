@@ -18,12 +18,17 @@ clean-fid's Inception weights, which cannot be downloaded here, and says so clea
 
 from __future__ import annotations
 
+import contextlib
+import os
 import platform
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn as nn
+
+from instaflow.state import atomic_file
 
 EVAL_SIZE = (32, 32)  # the evaluator's input resolution (width, height)
 
@@ -199,12 +204,15 @@ def ensure_inception_weights(download: bool = True) -> Path:
     """The path of clean-fid's Inception weights, downloading them if allowed; else ``InceptionWeightsMissing``.
 
     The message names the file, its URL and where clean-fid looks for it, so an offline machine
-    (or one whose download failed) knows what to copy where. A partial download is removed.
+    (or one whose download failed) knows what to copy where. Safe when every rank of a node calls it
+    at once: one process downloads, under an exclusive lock on ``<file>.lock`` beside it, into a
+    temporary file renamed into place when complete; the others wait for the lock and find the whole
+    file. A failed download leaves no file (and each caller raises ``InceptionWeightsMissing``).
     """
     from cleanfid import downloads_helper
 
     path = inception_weights_path()
-    if path.is_file():
+    if path.is_file():  # only ever created by a rename: present means complete
         return path
     url = downloads_helper.inception_url
     hint = (f"clean-fid's Inception weights are missing: it wants {INCEPTION_FILE} at {path} "
@@ -213,9 +221,42 @@ def ensure_inception_weights(download: bool = True) -> Path:
     if not download:
         raise InceptionWeightsMissing(hint)
     try:
-        downloads_helper.check_download_inception(fpath=str(path.parent))
-    except Exception as exn:  # URLError, HTTPError, timeouts, ...
-        if path.exists():  # a partial download would be loaded as a corrupt model next time
-            path.unlink()
+        with machine_lock(path):
+            if not path.is_file():  # else another process on this machine finished it while this one waited
+                download_file(url, path)
+    except Exception as exn:  # URLError, HTTPError, timeouts, a cut transfer, ...
         raise InceptionWeightsMissing(f"{hint} (download failed: {exn!r})") from exn
+    return path
+
+
+@contextlib.contextmanager
+def machine_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``fcntl.flock`` on ``<path>.lock``: one process of this machine at a time (released when it
+    exits, even by a kill). Where ``fcntl`` does not exist (Windows) there is no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    lock = path.with_name(path.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(str(lock), os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def download_file(url: str, path: Path, timeout: float = 60.0, chunk: int = 1 << 20) -> Path:
+    """Fetch ``url`` into ``path`` through a temporary file beside it, renamed only when the whole body arrived."""
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=timeout) as response, atomic_file(path, "wb") as f:
+        size, expected = 0, response.headers.get("Content-Length")
+        while block := response.read(chunk):
+            f.write(block)
+            size += len(block)
+        if expected is not None and size != int(expected):
+            raise OSError(f"the transfer stopped after {size} of {expected} bytes")
     return path
