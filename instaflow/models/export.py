@@ -5,18 +5,24 @@ project folders only reference through ``instaflow_components.json``, is resolve
 ``pipeline_rectified_flow.py`` (``instaflow/models/rf_pipeline.py`` verbatim) and a
 ``model_index.json`` naming it, so that diffusers alone loads it, with no import of this project.
 ``python -m instaflow.tools.export`` runs it and checks the reload.
+
+The folder is written beside ``out`` and renamed into place when complete (``instaflow.state.atomic_folder``):
+a kill or an error half way leaves the previous export (or nothing), never a folder whose
+``model_index.json`` says "done" over missing files. ``check`` loads an export with the folder's own
+pipeline code only after verifying that code is this project's, byte for byte.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import json
+import shutil
+from pathlib import Path
 
 from instaflow.models import loading
 from instaflow.models.lora import LORA_DIR
 from instaflow.models.sampler import TextToImage
 from instaflow.models.text_encoder import load_text_encoder
+from instaflow.state import atomic_folder, atomic_write_text, read_json
 
 README = """# {name}: a rectified-flow text-to-image model (InstaFlow framework export)
 
@@ -69,25 +75,35 @@ def export(model: str, out: str | Path, prompt: str = "a large red circle in the
     A LoRA student's folder (``lora/`` beside the merged weights) also gets ``out/lora/``: the adapter,
     and under it ``base/``, the base model it adapts as the same pipeline, so that
     ``DiffusionPipeline.from_pretrained(out/lora/base).load_lora_weights(out/lora)`` reproduces the merged model.
+    Written into a folder beside ``out`` and renamed into place when whole; an older ``out`` stays until then.
     """
-    out = _export(model, out, prompt)
-    adapter = Path(loading.resolve_path(model)) / LORA_DIR
-    if adapter.is_dir():
-        import shutil
-
-        info = json.loads((adapter / "lora.json").read_text())
-        dst = out / LORA_DIR
-        shutil.copytree(adapter, dst, dirs_exist_ok=True)
-        kind = loading.component_sources(model)["kind"]
-        _export(model, dst / "base", prompt, unet_from=info["base"])
-        (dst / "README.md").write_text(LORA_README.format(
-            name=out.name, rank=info["rank"], alpha=info["alpha"], targets=", ".join(info["target_modules"]),
-            base=info["base"], kind=kind, out=dst, prompt=prompt))
+    out = Path(out)
+    with atomic_folder(out) as tmp:  # the READMEs name ``out``, never the temporary folder
+        _export(model, tmp, prompt, shown=out)
+        adapter = Path(loading.resolve_path(model)) / LORA_DIR
+        if adapter.is_dir():
+            _export_adapter(model, adapter, tmp / LORA_DIR, prompt, shown=out / LORA_DIR)
     return out
 
 
-def _export(model: str, out: str | Path, prompt: str, unet_from: str | None = None) -> Path:
-    """The pipeline folder of ``model`` (its UNet, or ``unet_from``'s: a LoRA's base, sampled as ``model``'s kind)."""
+def _export_adapter(model: str, adapter: Path, dst: Path, prompt: str, shown: Path) -> None:
+    """``dst``: the LoRA adapter of ``model``, its base as the same pipeline (``base/``) and a README naming ``shown``."""
+    info = read_json(adapter / "lora.json")
+    if not isinstance(info, dict) or not {"base", "rank", "alpha", "target_modules"} <= set(info):
+        raise ValueError(f"{adapter / 'lora.json'} is missing or unreadable (rank, alpha, target_modules, base): "
+                         "export the LoRA student again (callbacks.export.Export writes it)")
+    shutil.copytree(adapter, dst)
+    kind = loading.component_sources(model)["kind"]
+    _export(model, dst / "base", prompt, unet_from=info["base"], shown=shown / "base")
+    atomic_write_text(dst / "README.md", LORA_README.format(
+        name=shown.parent.name, rank=info["rank"], alpha=info["alpha"], targets=", ".join(info["target_modules"]),
+        base=info["base"], kind=kind, out=shown, prompt=prompt))
+
+
+def _export(model: str, out: str | Path, prompt: str, unet_from: str | None = None,
+            shown: Path | None = None) -> Path:
+    """The pipeline folder of ``model`` (its UNet, or ``unet_from``'s: a LoRA's base, sampled as ``model``'s kind);
+    ``shown``: the path its README names (where the folder will be once renamed into place)."""
     from diffusers import DDPMScheduler
 
     from instaflow.models import families
@@ -121,10 +137,11 @@ def _export(model: str, out: str | Path, prompt: str, unet_from: str | None = No
         scheduler=loading.from_pretrained(DDPMScheduler, model, "scheduler", what="scheduler"),
         kind=kind, max_length=text.max_length)
     out = Path(out)
+    shown = shown or out
     pipe.save_pretrained(out)
     size = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    (out / "README.md").write_text(README.format(
-        name=out.name, model=model, kind=kind, kind_text=KIND_TEXT[kind], out=out, prompt=prompt,
+    atomic_write_text(out / "README.md", README.format(
+        name=shown.name, model=model, kind=kind, kind_text=KIND_TEXT[kind], out=shown, prompt=prompt,
         text_class=type(text.model).__name__, max_length=text.max_length, size=size))
     return out
 
@@ -133,8 +150,48 @@ def check(model: str, out: str | Path, prompt: str, steps: int, guidance: float,
     """Max abs pixel difference (images in [0, 1]) between the reloaded export and the project's sample."""
     from diffusers import DiffusionPipeline
 
+    verify_own_code(out)
     ours = TextToImage.from_pretrained(model).sample_images([prompt], steps, guidance, [seed])
+    # trust_remote_code=True runs the folder's Python files: verify_own_code has just checked that they are
+    # byte for byte this project's rf_pipeline.py (and stacked_unet.py), so no other code can run here
     pipe = DiffusionPipeline.from_pretrained(str(out), trust_remote_code=True)
     pipe.set_progress_bar_config(disable=True)
     theirs = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, seeds=[seed], output_type="pt").images
     return float((ours - theirs.cpu()).abs().max())
+
+
+class UntrustedExportCode(RuntimeError):
+    """An export folder whose Python code is not this project's own: it is not loaded (its code never runs)."""
+
+
+def own_code() -> dict[str, bytes]:
+    """The Python files an export may carry, by their path inside it: this project's pipeline and stacked U-Net."""
+    from instaflow.models import rf_pipeline, stacked_unet
+
+    return {rf_pipeline.PIPELINE_FILE: Path(rf_pipeline.__file__).read_bytes(),
+            f"unet/{stacked_unet.MODULE_NAME}.py": Path(stacked_unet.__file__).read_bytes()}
+
+
+def verify_own_code(out: str | Path) -> None:
+    """Refuse (``UntrustedExportCode``) an export whose Python files, or the code ``model_index.json`` names, are not
+    byte for byte this project's: what lets ``check`` load it with ``trust_remote_code=True``."""
+    out, allowed = Path(out), own_code()
+    problems = []
+    for path in sorted(out.rglob("*.py")):
+        rel = path.relative_to(out).as_posix()
+        if path.is_symlink() or allowed.get(rel) != path.read_bytes():
+            problems.append(f"{rel} is not this project's {'code' if rel not in allowed else 'file of that name'}")
+    index = read_json(out / "model_index.json")
+    if not isinstance(index, dict):
+        problems.append("model_index.json is missing or unreadable")
+    else:
+        for name, entry in index.items():
+            library = entry[0] if isinstance(entry, list) and entry else None
+            custom = f"{name}/{library}.py" if name != "_class_name" else f"{library}.py"
+            if isinstance(library, str) and library not in ("diffusers", "transformers") and custom not in allowed:
+                problems.append(f"model_index.json names code {library!r} for {name!r}")
+    if problems:
+        raise UntrustedExportCode(
+            f"{out} is not loaded with its own code ({'; '.join(problems)}): an export of this project carries only "
+            f"{' and '.join(sorted(allowed))}, copied verbatim. Export the model again with `python -m "
+            "instaflow.tools.export`, or load the folder with your own, reviewed pipeline code")

