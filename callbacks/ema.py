@@ -12,21 +12,28 @@ from lightning.pytorch.callbacks import Callback
 class EMA(Callback):
     """EMA of ``pl_module.<attr>``'s trainable parameters (element-wise, so it works on local shards).
 
-    Updated once per optimizer step (``trainer.global_step`` moved), not per micro-batch: with
-    ``accumulate_grad_batches`` k the weights change every k batches, and so does the average
-    (and ``warmup`` counts optimizer steps). The average is used for validation, image grids and
-    export (``swapped``), kept in the checkpoint, and restored on resume. ``warmup`` uses decay
+    Updated once per applied optimizer step (``optimizer.step`` ran: ``on_before_optimizer_step``), not
+    per micro-batch and not on a step the module skipped (``lightning_modules.nonfinite``: a non-finite
+    gradient): with ``accumulate_grad_batches`` k the weights change every k batches, and so does the
+    average (and ``warmup`` counts applied steps). The average only ever holds finite values: it refuses
+    (FloatingPointError naming the step, on every rank) to average non-finite weights, and to load a
+    checkpoint whose average is not finite. It is used for validation, image grids and export
+    (``swapped``), kept in the checkpoint, and restored on resume. ``warmup`` uses decay
     min(decay, (1 + n) / (10 + n)) so early averages are not dominated by the random initialisation.
+    ``decay`` must be in [0, 1) (checked when built).
     """
 
     def __init__(self, decay: float = 0.999, attr: str = "unet", warmup: bool = True) -> None:
+        if not (isinstance(decay, (int, float)) and not isinstance(decay, bool) and 0.0 <= decay < 1.0):
+            raise ValueError(f"EMA decay must be a number in [0, 1) (e.g. 0.999; 0 keeps the latest weights), "
+                             f"got {decay!r}")
         self.decay = decay
         self.attr = attr
         self.warmup = warmup
         self.shadow: list[torch.Tensor] | None = None
         self.num_updates = 0
         self._loaded: dict | None = None
-        self._last_step: int | None = None  # trainer.global_step at the last update
+        self._stepped = False  # optimizer.step ran since the last update
 
     def _params(self, pl_module: L.LightningModule) -> list[torch.nn.Parameter]:
         return [p for p in getattr(pl_module, self.attr).parameters() if p.requires_grad]
@@ -35,7 +42,7 @@ class EMA(Callback):
         self._init_shadow(pl_module)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._last_step = trainer.global_step  # 0, or the step a resumed run continues from
+        self._stepped = False
         # strategies that restore after setup (ModelParallelStrategy) load the checkpoint after on_fit_start
         if self._loaded is not None:
             self._init_shadow(pl_module)
@@ -43,21 +50,33 @@ class EMA(Callback):
     def _init_shadow(self, pl_module: L.LightningModule) -> None:
         params = self._params(pl_module)
         if self._loaded is not None:
+            if not all(torch.isfinite(s).all() for s in self._loaded["shadow"]):
+                raise FloatingPointError("the checkpoint's EMA holds non-finite values (a run poisoned by a NaN step "
+                                         "before the non-finite guard): resume from an earlier checkpoint, or start "
+                                         "afresh (--resume.auto false)")
             self.shadow = [_like(s, p) for s, p in zip(self._loaded["shadow"], params)]
             self.num_updates = self._loaded["num_updates"]
             self._loaded = None
         elif self.shadow is None:
             self.shadow = [p.detach().clone() for p in params]
 
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self._stepped = True  # only when optimizer.step runs: not on accumulation micro-batches nor skipped steps
+
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self._last_step:  # a micro-batch of gradient accumulation: no step yet
+        if not self._stepped:  # a micro-batch of gradient accumulation, or a skipped step: the weights did not move
             return
-        self._last_step = trainer.global_step
+        self._stepped = False
+        params = self._params(pl_module)
+        if not _finite_everywhere(trainer, params):
+            raise FloatingPointError(f"EMA: the weights are not finite after step {trainer.global_step}; the average "
+                                     "is not updated with them (lower the learning rate, check the data, or resume "
+                                     "from an earlier checkpoint)")
         self.num_updates += 1
         n = self.num_updates
         decay = min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in self._params(pl_module)], 1.0 - decay)
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in params], 1.0 - decay)
 
     @contextmanager
     def swapped(self, pl_module: L.LightningModule):
@@ -106,6 +125,19 @@ class EMA(Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         if state_dict.get("shadow") is not None:
             self._loaded = state_dict
+
+
+def _finite_everywhere(trainer: L.Trainer, params: list[torch.Tensor]) -> bool:
+    """Whether every weight is finite on every rank: FSDP2 shards differ per rank, so their verdicts are summed
+    (one all-reduce) and every rank decides alike; replicated weights (one device, DDP) need no collective."""
+    from torch.distributed.tensor import DTensor
+
+    sharded = any(isinstance(p, DTensor) for p in params)
+    local = [p.to_local() if isinstance(p, DTensor) else p for p in params]
+    bad = torch.stack([~torch.isfinite(p).all() for p in local]).any().float() if local else torch.tensor(0.0)
+    if sharded:
+        bad = trainer.strategy.reduce(bad.reshape(1).to(trainer.strategy.root_device), reduce_op="sum")
+    return float(bad.sum()) == 0.0
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

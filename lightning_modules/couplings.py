@@ -12,9 +12,9 @@ import dataclasses
 import lightning as L
 import torch
 
-from instaflow.flow.guidance import guided
+from instaflow.flow.guidance import check_guidance, guided
 from instaflow.flow.noise import sample_seed, seeded_noise
-from instaflow.flow.solvers import sample_dpm_solver, sample_euler, sample_heun, time_grid
+from instaflow.flow.solvers import check_steps, sample_dpm_solver, sample_euler, sample_heun, time_grid
 from instaflow.flow.velocity import KINDS
 from instaflow.models.families import load_teacher
 from instaflow.models.sampler import TextToImage
@@ -39,7 +39,8 @@ class CouplingGeneration(L.LightningModule):
             "flow_matching" (an SD3 pipeline folder: Euler at its scheduler's shifted sigmas,
             ``instaflow.models.families``); default: what the model folder says.
         solver: "dpm_solver++" (ddpm), "euler" / "heun" (flow), "euler" (flow_matching).
-        steps, guidance: ODE steps and classifier-free guidance (out_u + w (out_c - out_u), w > 1).
+        steps, guidance: ODE steps (>= 1) and classifier-free guidance w (finite, >= 0): out_u + w (out_c - out_u),
+            applied for every w != 1 (w = 1 is the conditional model alone).
         base_seed: noise seeds are crc32("{base_seed}/{key}").
         store_noise: also write x0 itself (it can always be regenerated from the seed).
         store_text_states: also write the text encoder's token states (saves encoding later).
@@ -55,6 +56,8 @@ class CouplingGeneration(L.LightningModule):
                  store_text_states: bool = False, bf16: bool = False, resolution: int | None = None,
                  vae: str | None = None) -> None:
         super().__init__()
+        check_steps(steps)
+        check_guidance(guidance)
         if kind is not None:
             _check_solver(kind, solver)
         self.save_hyperparameters()
@@ -80,7 +83,7 @@ class CouplingGeneration(L.LightningModule):
         meta = {"model": h.model, "family": getattr(self.pipe, "family", "sd"),
                 "conditioning": getattr(self.pipe, "conditioning", "text encoder token states"),
                 "kind": self.pipe.kind, "solver": h.solver, "steps": h.steps, "guidance": h.guidance,
-                "guidance_formula": "out_u + w * (out_c - out_u), applied when w > 1", "base_seed": h.base_seed,
+                "guidance_formula": "out_u + w * (out_c - out_u), applied when w != 1", "base_seed": h.base_seed,
                 "seed_rule": "crc32(f'{base_seed}/{key}') & 0x7FFFFFFF; x0 = randn(latent_shape, CPU generator)",
                 "latent_shape": list(self.pipe.latent_shape), "time_convention": "t=0 noise, t=1 data",
                 "prediction_type": self.pipe.scheduler_config.get("prediction_type", "epsilon")}

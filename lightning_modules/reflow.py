@@ -10,6 +10,16 @@ from instaflow.flow.time_sampling import sample_t
 from lightning_modules.student import FlowStudent
 
 
+def check_time_distribution(name: str, kwargs: dict | None) -> None:
+    """Raise a ValueError naming ``time_distribution`` / ``time_kwargs`` unless they draw finite t in [0, 1]."""
+    try:
+        t = sample_t(name, 64, generator=torch.Generator().manual_seed(0), **(kwargs or {}))
+    except TypeError as exn:
+        raise ValueError(f"time_kwargs {kwargs!r} do not fit time_distribution {name!r}: {exn}") from None
+    if not (torch.isfinite(t).all() and t.min() >= 0 and t.max() <= 1):
+        raise ValueError(f"time_distribution {name!r} with time_kwargs {kwargs!r} draws t outside [0, 1] or non-finite")
+
+
 class ReflowTraining(FlowStudent):
     """v(x_t, t | text) -> x1 - x0 on the couplings (InstaFlow sec. 3; Liu et al. 2022, eq. 1)."""
 
@@ -17,6 +27,7 @@ class ReflowTraining(FlowStudent):
                  time_kwargs: dict | None = None, **kw) -> None:
         super().__init__(init, parameterization, **kw)
         self.save_hyperparameters()
+        check_time_distribution(time_distribution, time_kwargs)
 
     def loss(self, batch: dict, generator: torch.Generator, dropout: float) -> torch.Tensor:
         x0, x1 = batch["x0"], batch["x1"]  # (B, 4, h, w)

@@ -15,18 +15,34 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from instaflow.flow.guidance import drop_captions
-from instaflow.flow.losses import check_finite
-from instaflow.flow.schedules import adamw_with_warmup
+from instaflow.flow.guidance import check_guidance, check_probability, drop_captions
+from instaflow.flow.losses import check_nonfinite_setting
+from instaflow.flow.schedules import adamw_with_warmup, check_nonnegative, check_optimizer_settings
+from instaflow.flow.solvers import check_steps
 from instaflow.flow.velocity import velocity_field
 from instaflow.models import families, loading, lora, sharding
 from instaflow.models.sampler import TextToImage
 from instaflow.models.saving import save_pipeline
 from instaflow.models.text_encoder import load_text_encoder
 from instaflow.models.unet import build_unet
+from lightning_modules.nonfinite import DEFAULT_LIMIT, NonfiniteGuard
 
 
-class FlowStudent(L.LightningModule, abc.ABC):
+def check_student_settings(h: dict) -> None:
+    """Raise a ValueError naming the first bad setting of a student (when it is built, not hours into the run)."""
+    check_optimizer_settings(h["lr"], h["warmup_steps"], h["weight_decay"])
+    check_probability(h["caption_dropout"], "caption_dropout")
+    for n in h["grid_steps"]:
+        check_steps(n, "grid_steps")
+    check_guidance(h["grid_guidance"], "grid_guidance")
+    check_guidance(h["guidance_input"], "guidance_input")
+    check_nonnegative(h["text_cache_mb"], "text_cache_mb")
+    check_nonfinite_setting(h["nonfinite"], h["nonfinite_limit"])
+    if h["lora_alpha"] is not None and not check_nonnegative(h["lora_alpha"], "lora_alpha") > 0:
+        raise ValueError(f"lora_alpha must be > 0 (or null: alpha = rank), got {h['lora_alpha']!r}")
+
+
+class FlowStudent(NonfiniteGuard, L.LightningModule, abc.ABC):
     """Shared plumbing of reflow and distillation: load the init model, encode text, sample, export.
 
     A subclass says what it regresses by implementing ``loss``; everything else is shared.
@@ -52,23 +68,32 @@ class FlowStudent(L.LightningModule, abc.ABC):
             training and sampling; set it to the guidance of the couplings they learn from.
         resolution: pixel size the student samples at, for families whose denoiser does not fix it
             (Flux; null: what the init folder says, else 1024).
+        text_cache_mb: CPU memory (MB) for the text states of recent captions (SD 1.x/2.x and the embedded
+            world; ``instaflow.models.text_encoder``): worth it when captions repeat (the embedded world's
+            2000 prompts), 0 when they rarely do (LAION). SDXL, SD3 and Flux students encode every batch.
+        nonfinite, nonfinite_limit: what a step with a non-finite loss or gradient does (skip and count, or
+            stop; ``lightning_modules.nonfinite.NonfiniteGuard``).
+
+    Every setting is checked when the module is built (a ValueError naming the key).
     """
 
     def __init__(self, init: str, parameterization: str = "raw", export_dir: str | None = None,
                  caption_dropout: float = 0.1,
                  lr: float = 1e-4, warmup_steps: int = 100, weight_decay: float = 0.0,
-                 grid_steps: tuple[int, ...] = (1, 25), grid_guidance: float = 1.5, text_cache_size: int = 100_000,
+                 grid_steps: tuple[int, ...] = (1, 25), grid_guidance: float = 1.5, text_cache_mb: float = 256,
                  seed: int = 0, fsdp_mixed_precision: str | None = None,
                  activation_checkpointing: bool = False, lora_rank: int | None = None,
                  lora_alpha: float | None = None,
                  lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0"),
-                 guidance_input: float = 3.5, resolution: int | None = None) -> None:
+                 guidance_input: float = 3.5, resolution: int | None = None, nonfinite: str = "skip",
+                 nonfinite_limit: int = DEFAULT_LIMIT) -> None:
         super().__init__()
         if parameterization not in ("raw", "velocity_wrapper", "flow"):
             raise ValueError(f"parameterization must be raw, velocity_wrapper or flow, got {parameterization!r}")
         if lora_rank is not None and lora_rank < 1:
             raise ValueError(f"lora_rank must be >= 1 (or null for full training), got {lora_rank}")
         self.save_hyperparameters()
+        check_student_settings(self.hparams)
         self.unet = None
         self.strict_loading = False  # checkpoints hold the trainable UNet only
 
@@ -90,7 +115,7 @@ class FlowStudent(L.LightningModule, abc.ABC):
             self._configure_sdxl()
         else:
             self.vae = loading.load_vae(h.init)
-            self.text_encoder = load_text_encoder(h.init, cache_size=h.text_cache_size)
+            self.text_encoder = load_text_encoder(h.init, cache_mb=h.text_cache_mb)
             self.scheduler_config = loading.load_scheduler_config(h.init)
             self.components = loading.component_sources(h.init)
             self.unet = self.student_unet(loading.load_unet(h.init)).train()
@@ -218,8 +243,9 @@ class FlowStudent(L.LightningModule, abc.ABC):
         return states
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = check_finite(self.loss(batch, self._gen, self.hparams.caption_dropout), self.global_step,
-                            "lower the learning rate or check the couplings")
+        # a non-finite loss does not raise here (one rank raising alone would leave the others in a collective):
+        # NonfiniteGuard.optimizer_step skips or stops the step on every rank alike
+        loss = self.guard_loss(self.loss(batch, self._gen, self.hparams.caption_dropout))
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the global batch's loss on every strategy
         self.log("data/skipped", float(batch["skipped"]), reduce_fx="sum")
         return loss
@@ -258,6 +284,7 @@ class FlowStudent(L.LightningModule, abc.ABC):
                                  h.warmup_steps)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)  # the non-finite guard's count
         if sharding.is_sharded(self.unet):
             # a distributed checkpoint is loaded into the whole module's state dict, which fails on any
             # missing key: keep the frozen parts (saved once, not per rank: they are replicated)

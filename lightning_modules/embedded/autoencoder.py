@@ -8,11 +8,13 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from instaflow.flow.schedules import adamw_with_warmup
+from instaflow.flow.losses import check_nonfinite_setting
+from instaflow.flow.schedules import adamw_with_warmup, check_nonnegative, check_optimizer_settings
 from instaflow.models import loading
+from lightning_modules.nonfinite import DEFAULT_LIMIT, NonfiniteGuard
 
 
-class AutoencoderTraining(L.LightningModule):
+class AutoencoderTraining(NonfiniteGuard, L.LightningModule):
     """L1 + MSE reconstruction with a small KL term, as SD's first stage minus the GAN and LPIPS.
 
     The embedded images are flat-coloured shapes, so pixel losses suffice. At export the latent
@@ -26,12 +28,18 @@ class AutoencoderTraining(L.LightningModule):
         warmup_steps, lr_decay_steps: linear warm-up, then cosine decay to zero at ``lr_decay_steps``
             (None: constant learning rate).
         export_dir: where the ``Export`` callback writes (``export_dir/vae``) when it names no dirpath.
+        nonfinite, nonfinite_limit: a step with a non-finite loss or gradient is skipped and counted, or stops
+            the run (``lightning_modules.nonfinite.NonfiniteGuard``).
     """
 
     def __init__(self, vae: dict | None = None, lr: float = 1e-3, kl_weight: float = 1e-6,
                  weight_decay: float = 0.0, init_from: str | None = None, train_encoder: bool = True,
-                 warmup_steps: int = 0, lr_decay_steps: int | None = None, export_dir: str | None = None) -> None:
+                 warmup_steps: int = 0, lr_decay_steps: int | None = None, export_dir: str | None = None,
+                 nonfinite: str = "skip", nonfinite_limit: int = DEFAULT_LIMIT) -> None:
         super().__init__()
+        check_optimizer_settings(lr, warmup_steps, weight_decay, lr_decay_steps)
+        check_nonnegative(kl_weight, "kl_weight")
+        check_nonfinite_setting(nonfinite, nonfinite_limit)
         if vae is None and init_from is None:
             raise ValueError("give either a `vae` config or `init_from` (a folder holding vae/)")
         self.save_hyperparameters()
@@ -64,6 +72,7 @@ class AutoencoderTraining(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, parts, _ = self._losses(batch["pixel_values"])
+        self.guard_loss(loss)
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in parts.items()})
         self.log("data/skipped", float(batch["skipped"]), reduce_fx="sum")

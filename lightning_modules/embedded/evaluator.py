@@ -11,20 +11,26 @@ import torch.nn.functional as F
 
 from instaflow.evaluation.shapes_evaluator import (HEADS, IGNORE, ShapesEvaluator, attribute_accuracies, augment,
                                                    batch_targets, logits_to_scenes, save_evaluator)
-from instaflow.flow.schedules import adamw_with_warmup
+from instaflow.flow.losses import check_nonfinite_setting
+from instaflow.flow.schedules import adamw_with_warmup, check_optimizer_settings
+from lightning_modules.nonfinite import DEFAULT_LIMIT, NonfiniteGuard
 
 
-class EvaluatorTraining(L.LightningModule):
+class EvaluatorTraining(NonfiniteGuard, L.LightningModule):
     """Cross-entropy on every head (shape/colour/size on occupied cells only), with light augmentation.
 
     Logs ``train/loss`` (and per head), ``val/loss``, ``val/acc_*`` (see ``attribute_accuracies``)
-    and ``val/alignment``: the exact-match rate on the real, unaugmented validation images.
+    and ``val/alignment``: the exact-match rate on the real, unaugmented validation images. A step with a
+    non-finite loss or gradient is skipped and counted, or stops the run (``nonfinite``, ``nonfinite_limit``:
+    ``lightning_modules.nonfinite.NonfiniteGuard``).
     """
 
     def __init__(self, width: int = 32, feature_dim: int = 128, norm: str = "group", lr: float = 3e-3,
                  weight_decay: float = 1e-4, warmup_steps: int = 100, augment: dict | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, nonfinite: str = "skip", nonfinite_limit: int = DEFAULT_LIMIT) -> None:
         super().__init__()
+        check_optimizer_settings(lr, warmup_steps, weight_decay)
+        check_nonfinite_setting(nonfinite, nonfinite_limit)
         self.save_hyperparameters()
         self.model = ShapesEvaluator(width, feature_dim, norm)
         self.augment_kwargs = dict(augment or {})
@@ -46,6 +52,7 @@ class EvaluatorTraining(L.LightningModule):
             self._gen = torch.Generator(x.device).manual_seed(self.hparams.seed + self.global_rank)
         targets = batch_targets([m["scene"] for m in batch["meta"]], x.device)
         parts = self._losses(self.model(augment(x, self._gen, **self.augment_kwargs)), targets)
+        self.guard_loss(parts["loss"])
         self.log("train/loss", parts["loss"], prog_bar=True)
         self.log_dict({f"train/loss_{k}": v for k, v in parts.items() if k != "loss"})
         self.log("data/skipped", float(batch["skipped"]), reduce_fx="sum")

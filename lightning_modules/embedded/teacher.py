@@ -14,17 +14,19 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
 from instaflow.flow.diffusion import SD_SCHEDULE
-from instaflow.flow.guidance import drop_captions
-from instaflow.flow.losses import check_finite
-from instaflow.flow.schedules import adamw_with_warmup
+from instaflow.flow.guidance import check_guidance, check_probability, drop_captions
+from instaflow.flow.losses import check_nonfinite_setting
+from instaflow.flow.schedules import adamw_with_warmup, check_nonnegative, check_optimizer_settings
+from instaflow.flow.solvers import check_steps
 from instaflow.models import loading
 from instaflow.models.sampler import TextToImage
 from instaflow.models.saving import save_pipeline
 from instaflow.models.text_encoder import load_text_encoder
 from instaflow.models.unet import build_unet, warm_start_unet
+from lightning_modules.nonfinite import DEFAULT_LIMIT, NonfiniteGuard
 
 
-class DiffusionTraining(L.LightningModule):
+class DiffusionTraining(NonfiniteGuard, L.LightningModule):
     """Orchestrates teacher training; the math lives in ``instaflow.flow`` and diffusers.
 
     Args:
@@ -36,6 +38,11 @@ class DiffusionTraining(L.LightningModule):
             the config may add transformer layers; new blocks start as the identity).
         lr_decay_steps: cosine-decay the learning rate to zero at this step (None: constant).
         export_dir: where the ``Export`` callback writes the pipeline folder.
+        text_cache_mb: CPU memory (MB) for the text states of recent captions (``TextEncoder``; 0: none).
+        nonfinite, nonfinite_limit: a step with a non-finite loss or gradient is skipped and counted, or stops
+            the run (``lightning_modules.nonfinite.NonfiniteGuard``).
+
+    Every setting is checked when the module is built (a ValueError naming the key).
     """
 
     solver_tag = "dpm"  # the quality curves' name for how this module samples (contracts.SamplesImages)
@@ -51,15 +58,23 @@ class DiffusionTraining(L.LightningModule):
         lr: float = 2e-4,
         warmup_steps: int = 500,
         weight_decay: float = 0.0,
-        text_cache_size: int = 200_000,
+        text_cache_mb: float = 1024,
         sample_steps: int = 25,
         sample_guidance: float = 3.0,
         seed: int = 0,
         init_from: str | None = None,
         lr_decay_steps: int | None = None,
         export_dir: str | None = None,
+        nonfinite: str = "skip",
+        nonfinite_limit: int = DEFAULT_LIMIT,
     ) -> None:
         super().__init__()
+        check_optimizer_settings(lr, warmup_steps, weight_decay, lr_decay_steps)
+        check_probability(caption_dropout, "caption_dropout")
+        check_steps(sample_steps, "sample_steps")
+        check_guidance(sample_guidance, "sample_guidance")
+        check_nonnegative(text_cache_mb, "text_cache_mb")
+        check_nonfinite_setting(nonfinite, nonfinite_limit)
         self.save_hyperparameters()
         self.scheduler_config = dict(scheduler or SD_SCHEDULE)
         self.unet = None
@@ -74,7 +89,7 @@ class DiffusionTraining(L.LightningModule):
 
         self.vae = loading.load_vae(self.hparams.vae)
         self.text_encoder = load_text_encoder(self.hparams.text_encoder, self.hparams.max_length,
-                                              cache_size=self.hparams.text_cache_size)
+                                              cache_mb=self.hparams.text_cache_mb)
         self.unet = build_unet(self.hparams.unet)
         if self.hparams.init_from:
             report = warm_start_unet(self.unet, loading.load_unet(self.hparams.init_from))
@@ -99,7 +114,7 @@ class DiffusionTraining(L.LightningModule):
         return F.mse_loss(eps_pred.float(), noise.float())
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = check_finite(self._loss(batch, self._gen, self.hparams.caption_dropout), self.global_step)
+        loss = self.guard_loss(self._loss(batch, self._gen, self.hparams.caption_dropout))  # NonfiniteGuard decides
         self.log("train/loss", loss, prog_bar=True)
         self.log("data/skipped", float(batch["skipped"]), reduce_fx="sum")
         return loss
@@ -127,6 +142,7 @@ class DiffusionTraining(L.LightningModule):
         return {f"teacher_dpm{h.sample_steps}_w{h.sample_guidance:g}": images}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)  # the non-finite guard's count
         # frozen parts are reloaded from their folders; keep checkpoints small
         sd = checkpoint["state_dict"]
         for k in [k for k in sd if k.startswith(("vae.", "text_encoder."))]:
