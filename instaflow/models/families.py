@@ -17,6 +17,7 @@ which equals the pipeline's loop; ``tests/models/test_families.py`` pins it to t
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -24,9 +25,9 @@ import torch
 
 from instaflow.flow.conditioning import Conditioning
 from instaflow.flow.flow_matching import FlowMatchingVelocity, flow_matching_time_grid, fm_timestep, fm_to_velocity
-from instaflow.flow.guidance import guided
+from instaflow.flow.guidance import guided, uses_uncond
 from instaflow.flow.noise import seeded_noise
-from instaflow.flow.solvers import sample_euler, time_grid
+from instaflow.flow.solvers import sample_dpm_solver, sample_euler, time_grid
 from instaflow.models import loading
 
 FAMILY_PIPELINES = {"StableDiffusion3Pipeline": "sd3", "StableDiffusionXLPipeline": "sdxl", "FluxPipeline": "flux"}
@@ -54,10 +55,40 @@ class _FamilyPipeline:
     sampling to images. ``_denoiser``: the pipeline attribute holding the trained network."""
 
     _denoiser = "transformer"
+    bf16 = False  # bf16 autocast for text encoding, the denoiser and decoding, as TextToImage; ODE state fp32
 
     @property
     def unet(self) -> torch.nn.Module:
         return getattr(self.pipe, self._denoiser)
+
+    def to(self, device: torch.device | str) -> "_FamilyPipeline":
+        """Move the whole pipeline (denoiser, text encoders, VAE) to ``device``; returns self."""
+        self.pipe.to(device)
+        return self
+
+    def _autocast(self):
+        # off means "leave the caller's autocast alone" (a coupling stage's own), not "switch autocast off"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], guidance: float) -> tuple[Conditioning, Conditioning | None]:
+        """(cond, uncond) conditioning of ``prompts`` by the family's own encoders (under bf16 autocast if set)."""
+        with self._autocast():
+            return self._encode(prompts, guidance)
+
+    @torch.no_grad()
+    def sample_latents(self, prompts: list[str], steps: int, guidance: float, seeds: list[int] | None = None,
+                       x0: torch.Tensor | None = None, path: list | None = None) -> torch.Tensor:
+        """x1 latents (fp32) from seeded noise x0 (one seed per prompt) by the family's solver; ``path`` (optional)
+        receives the solver's states (t, x_t) in flow time. The ODE state stays fp32 under bf16 autocast."""
+        x0 = (seeded_noise(seeds, self.latent_shape) if x0 is None else x0).to(self.device)
+        cond, uncond = self.encode(prompts, guidance)
+        with self._autocast():
+            return self._solve(x0, cond, uncond, steps, guidance, path).float()
+
+    def _solve(self, x0, cond, uncond, steps: int, guidance: float, path: list | None) -> torch.Tensor:
+        """Euler in flow time along ``time_grid`` with the guidance rule of ``instaflow.flow.guidance.guided``."""
+        return sample_euler(guided(self.velocity(), cond, uncond, guidance), x0, self.time_grid(steps), path)
 
     @property
     def scheduler_config(self) -> dict:
@@ -72,7 +103,8 @@ class _FamilyPipeline:
         """Latents -> images (B, 3, H, W) in [0, 1], undoing the VAE's scaling (and shift) as the pipeline does."""
         vae = self.pipe.vae
         z = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
-        return ((vae.decode(z.to(vae.dtype)).sample.float() + 1) / 2).clamp(0, 1)
+        with self._autocast():
+            return ((vae.decode(z.to(vae.dtype)).sample.float() + 1) / 2).clamp(0, 1)
 
     @torch.no_grad()
     def sample_images(self, prompts: list[str], steps: int, guidance: float, seeds: list[int],
@@ -92,7 +124,6 @@ class SD3Model(_FamilyPipeline):
     def __init__(self, pipe, max_sequence_length: int = 256, uniform: bool = False) -> None:
         self.pipe, self.max_sequence_length = pipe, max_sequence_length
         self.uniform = uniform  # True: Euler with dt = 1/N (our rectified flows); False: the scheduler's sigmas
-        self.bf16 = False
 
     @classmethod
     def from_pretrained(cls, pretrained: str, uniform: bool | None = None, **kw) -> "SD3Model":
@@ -112,10 +143,9 @@ class SD3Model(_FamilyPipeline):
         c = self.pipe.transformer.config
         return (c.in_channels, c.sample_size, c.sample_size)  # (16, 128, 128) for 1024 px
 
-    @torch.no_grad()
-    def encode(self, prompts: list[str], guidance: float) -> tuple[Conditioning, Conditioning | None]:
-        """(cond, uncond) by the pipeline's own ``encode_prompt``; uncond (empty prompt) only under guidance."""
-        cfg = guidance > 1.0
+    def _encode(self, prompts: list[str], guidance: float) -> tuple[Conditioning, Conditioning | None]:
+        """(cond, uncond) by the pipeline's own ``encode_prompt``; uncond (empty prompt) only under guidance (w != 1)."""
+        cfg = uses_uncond(guidance)
         pe, npe, ppe, nppe = self.pipe.encode_prompt(prompts, prompts, prompts, device=self.device,
                                                      do_classifier_free_guidance=cfg,
                                                      max_sequence_length=self.max_sequence_length)
@@ -156,13 +186,6 @@ class SD3Model(_FamilyPipeline):
                           "sigmas=[1 - i / N for i in range(N)])"}, indent=2))
         return out
 
-    @torch.no_grad()
-    def sample_latents(self, prompts: list[str], steps: int, guidance: float, seeds: list[int] | None = None,
-                       x0: torch.Tensor | None = None, path: list | None = None) -> torch.Tensor:
-        """x1 latents from seeded noise x0 by Euler in flow time with the pipeline's guidance rule."""
-        x0 = (seeded_noise(seeds, self.latent_shape) if x0 is None else x0).to(self.device)
-        cond, uncond = self.encode(prompts, guidance)
-        return sample_euler(guided(self.velocity(), cond, uncond, guidance), x0, self.time_grid(steps), path).float()
 
 class SDXLModel(_FamilyPipeline):
     """An SDXL pipeline as a diffusion teacher (epsilon prediction): DPM-Solver++ with its conditioning.
@@ -184,7 +207,6 @@ class SDXLModel(_FamilyPipeline):
         # None: the diffusion teacher (DPM-Solver++); "ddpm_velocity" / "flow": a rectified flow trained
         # from it (Euler with dt = 1/N through instaflow.flow.velocity), as this framework's students save
         self.velocity_kind = velocity_kind
-        self.bf16 = False
 
     @property
     def kind(self) -> str:
@@ -233,9 +255,8 @@ class SDXLModel(_FamilyPipeline):
         c = self.pipe.unet.config
         return (c.in_channels, c.sample_size, c.sample_size)  # (4, 128, 128) for 1024 px
 
-    @torch.no_grad()
-    def encode(self, prompts: list[str], guidance: float) -> tuple[Conditioning, Conditioning | None]:
-        cfg = guidance > 1.0
+    def _encode(self, prompts: list[str], guidance: float) -> tuple[Conditioning, Conditioning | None]:
+        cfg = uses_uncond(guidance)
         pe, npe, ppe, nppe = self.pipe.encode_prompt(prompts, device=self.device, do_classifier_free_guidance=cfg)
         size = self.latent_shape[1] * self.pipe.vae_scale_factor
         proj = (self.pipe.text_encoder_2.config.projection_dim if self.pipe.text_encoder_2 is not None
@@ -244,17 +265,10 @@ class SDXLModel(_FamilyPipeline):
                                           text_encoder_projection_dim=proj).to(self.device).repeat(len(prompts), 1)
         return Conditioning(pe, ppe, ids), (Conditioning(npe, nppe, ids) if cfg else None)
 
-    @torch.no_grad()
-    def sample_latents(self, prompts: list[str], steps: int, guidance: float, seeds: list[int] | None = None,
-                       x0: torch.Tensor | None = None, path: list | None = None) -> torch.Tensor:
-        from instaflow.flow.solvers import sample_dpm_solver
-
-        x0 = (seeded_noise(seeds, self.latent_shape) if x0 is None else x0).to(self.device)
-        cond, uncond = self.encode(prompts, guidance)
+    def _solve(self, x0, cond, uncond, steps: int, guidance: float, path: list | None) -> torch.Tensor:
         if self.velocity_kind is not None:  # a rectified flow: Euler in flow time, dt = 1/N
-            return sample_euler(guided(self.velocity(), cond, uncond, guidance), x0, time_grid(steps), path).float()
-        return sample_dpm_solver(self.pipe.unet, self.scheduler_config, x0, cond, uncond, guidance, steps,
-                                 path=path).float()
+            return super()._solve(x0, cond, uncond, steps, guidance, path)
+        return sample_dpm_solver(self.pipe.unet, self.scheduler_config, x0, cond, uncond, guidance, steps, path=path)
 
 def pack_latents(x: torch.Tensor) -> torch.Tensor:
     """(B, C, h, w) -> Flux's 2x2 patches (B, h/2 * w/2, 4C), as ``FluxPipeline._pack_latents``."""
@@ -308,7 +322,6 @@ class FluxModel(_FamilyPipeline):
         self.pipe, self.resolution, self.max_sequence_length = pipe, resolution, max_sequence_length
         self.uniform = uniform  # True: Euler with dt = 1/N (our rectified flows); False: the pipeline's sigmas
         self.guidance_input = guidance_input  # a student's fixed guidance input (it was trained at that value)
-        self.bf16 = False
 
     @classmethod
     def from_pretrained(cls, pretrained: str, resolution: int | None = None, uniform: bool | None = None,
@@ -330,8 +343,7 @@ class FluxModel(_FamilyPipeline):
         h = 2 * (self.resolution // (self.pipe.vae_scale_factor * 2))
         return (self.pipe.transformer.config.in_channels // 4, h, h)  # (16, 128, 128) at 1024 px
 
-    @torch.no_grad()
-    def encode(self, prompts: list[str], guidance: float) -> tuple[Conditioning, None]:
+    def _encode(self, prompts: list[str], guidance: float) -> tuple[Conditioning, None]:
         """(cond, None): a guidance-distilled Flux takes w as an input; there is no unconditional pass."""
         pe, ppe, _ = self.pipe.encode_prompt(prompts, prompts, device=self.device,
                                              max_sequence_length=self.max_sequence_length)
@@ -357,13 +369,6 @@ class FluxModel(_FamilyPipeline):
         sched = FlowMatchEulerDiscreteScheduler.from_config(c)
         sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
         return 1.0 - sched.sigmas.to(torch.float64)
-
-    @torch.no_grad()
-    def sample_latents(self, prompts: list[str], steps: int, guidance: float, seeds: list[int] | None = None,
-                       x0: torch.Tensor | None = None, path: list | None = None) -> torch.Tensor:
-        x0 = (seeded_noise(seeds, self.latent_shape) if x0 is None else x0).to(self.device)
-        cond, uncond = self.encode(prompts, guidance)
-        return sample_euler(guided(self.velocity(), cond, uncond, guidance), x0, self.time_grid(steps), path).float()
 
     def save_flow(self, dirpath: str | Path, transformer: torch.nn.Module | None = None) -> Path:
         """Write a trained Flux rectified flow as a Flux pipeline folder that plain diffusers samples as we do.

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from instaflow.flow.guidance import guided
+from instaflow.flow.guidance import guided, uses_uncond
 from instaflow.flow.noise import latent_shape, seeded_noise
 from instaflow.flow.solvers import sample_dpm_solver, sample_euler, time_grid
 from instaflow.flow.velocity import velocity_field
@@ -67,16 +67,23 @@ class TextToImage:
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
+    def to(self, device: torch.device | str) -> "TextToImage":
+        """Move every network (UNet, VAE, text encoder, velocity module) to ``device``; returns self."""
+        for net in (self.unet, self.vae, self.text_encoder, self.velocity_module):
+            if net is not None:
+                net.to(device)
+        return self
+
     def _autocast(self, enabled: bool):
         # disabled means "leave the caller's autocast alone", not "switch autocast off"
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
     @torch.no_grad()
     def encode(self, prompts: list[str], guidance: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Text states (cond, uncond) of ``prompts``; uncond (the empty caption) only under guidance."""
+        """Text states (cond, uncond) of ``prompts``; uncond (the empty caption) only under guidance (w != 1)."""
         with self._autocast(self.bf16):
             cond = self.text_encoder(prompts)  # (B, L, D)
-            uncond = self.text_encoder.empty(len(prompts)) if guidance > 1.0 else None
+            uncond = self.text_encoder.empty(len(prompts)) if uses_uncond(guidance) else None
         return cond, uncond
 
     @torch.no_grad()

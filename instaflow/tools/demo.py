@@ -6,7 +6,10 @@
 
 Typing in the prompt box regenerates the image once the typing pauses (``--debounce-s``, 0.25 s):
 every keystroke is sent, each waits that long and only the newest of a session generates. Seed,
-guidance and steps regenerate at once. Under the image: its latency (text encoding, the solver and
+guidance and steps regenerate at once. Every event of a session (a keystroke, a control, the page
+load) takes a token, and an image is shown only if its event is still the session's newest when it
+has been computed, so a slow older render never replaces a newer image. The model runs on the GPU
+when there is one (``--device``), under bf16 autocast with ``--bf16`` (every family). Under the image: its latency (text encoding, the solver and
 decoding, measured around the call) and setting. "Teacher beside it" adds the teacher's image for
 the same prompt and seed at its own setting (25-step DPM-Solver++, w = 3 for the embedded teacher).
 
@@ -64,6 +67,39 @@ class Debouncer:
         return self.newest(session, token)
 
 
+def newest_only(debouncer: Debouncer, session: str, token: int, compute, skip):
+    """``compute()`` unless a newer event of the session came first; its result only if its event is still the
+    newest once computed (else ``skip``: the newer event's render shows instead)."""
+    if not debouncer.newest(session, token):
+        return skip
+    out = compute()
+    return out if debouncer.newest(session, token) else skip
+
+
+def make_handlers(render, debouncer: Debouncer, skip):
+    """(typed, changed): event handlers over ``render(*inputs)``, called with ``session=``. Both take a token;
+    typed waits the debounce pause first (keystrokes come in bursts), changed renders at once."""
+
+    def typed(*inputs, session: str):
+        token = debouncer.touch(session)
+        time.sleep(debouncer.delay_s)
+        return newest_only(debouncer, session, token, lambda: render(*inputs), skip)
+
+    def changed(*inputs, session: str):
+        return newest_only(debouncer, session, debouncer.touch(session), lambda: render(*inputs), skip)
+
+    return typed, changed
+
+
+def pick_device(device: str | None = None):
+    """``device`` if given, else cuda when available, else cpu."""
+    import torch
+
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def to_uint8(image, min_px: int = 256) -> np.ndarray:
     """(3, H, W) in [0, 1] -> (H', W', 3) uint8, enlarged by an integer factor (nearest) to at least ``min_px``."""
     arr = (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
@@ -72,23 +108,25 @@ def to_uint8(image, min_px: int = 256) -> np.ndarray:
 
 
 class Generator:
-    """One model (and optionally its teacher), one image at a time (a lock: one model, shared by all sessions)."""
+    """One model (and optionally its teacher), one image at a time (a lock: one model, shared by all sessions),
+    on ``device`` (default: cuda when available, else cpu), under bf16 autocast with ``bf16``."""
 
     def __init__(self, model_path: str, teacher_path: str | None = None, teacher_steps: int = 25,
-                 teacher_guidance: float = 3.0, bf16: bool = False) -> None:
+                 teacher_guidance: float = 3.0, bf16: bool = False, device: str | None = None) -> None:
         from instaflow.models.families import load_teacher
 
         if not Path(model_path).exists() and not _looks_like_hub_id(model_path):
             raise FileNotFoundError(missing_model_message(model_path))
         self.model_path, self.teacher_path = model_path, teacher_path
-        self.model = load_teacher(model_path)
+        self.device = pick_device(device)
+        self.model = load_teacher(model_path).to(self.device)
         self.model.bf16 = bf16
         self.teacher = None
         if teacher_path:
             if not Path(teacher_path).exists() and not _looks_like_hub_id(teacher_path):
                 raise FileNotFoundError(f"no teacher at {teacher_path}: pass --teacher <folder>, or --teacher '' "
                                         "for none")
-            self.teacher = load_teacher(teacher_path)
+            self.teacher = load_teacher(teacher_path).to(self.device)
             self.teacher.bf16 = bf16
         self.teacher_steps, self.teacher_guidance = teacher_steps, teacher_guidance
         self._lock = threading.Lock()
@@ -105,6 +143,10 @@ class Generator:
             t0 = time.perf_counter()
             img = self.teacher.sample_images([prompt], self.teacher_steps, self.teacher_guidance, [int(seed)])[0]
             return to_uint8(img), time.perf_counter() - t0
+
+
+def _session(request) -> str:
+    return getattr(request, "session_hash", None) or "local"
 
 
 def _looks_like_hub_id(path: str) -> bool:
@@ -133,10 +175,13 @@ def build_app(gen: Generator, debounce_s: float = 0.25, prompt: str = DEFAULT_PR
                      f"w {gen.teacher_guidance:g} · {Path(gen.teacher_path).name}")
         return img, info, gr.update(value=t_img, visible=bool(with_teacher and gen.teacher is not None))
 
-    def typed(prompt, seed, guidance, steps, with_teacher, request: gr.Request):
-        if not debouncer.wait(getattr(request, "session_hash", None) or "local"):
-            return gr.skip(), gr.skip(), gr.skip()  # a newer keystroke will render
-        return render(prompt, seed, guidance, steps, with_teacher)
+    typed, changed = make_handlers(render, debouncer, skip=(gr.skip(), gr.skip(), gr.skip()))
+
+    def on_typed(prompt, seed, guidance, steps, with_teacher, request: gr.Request):
+        return typed(prompt, seed, guidance, steps, with_teacher, session=_session(request))
+
+    def on_changed(prompt, seed, guidance, steps, with_teacher, request: gr.Request):
+        return changed(prompt, seed, guidance, steps, with_teacher, session=_session(request))
 
     with gr.Blocks(title="InstaFlow one-step demo") as app:
         gr.Markdown("## InstaFlow: one step from text to image\nThe image follows the prompt as you type.")
@@ -157,10 +202,10 @@ def build_app(gen: Generator, debounce_s: float = 0.25, prompt: str = DEFAULT_PR
         inputs = [box, seed, guidance, steps, with_teacher]
         outputs = [image, info, teacher_image]
         # every keystroke reaches the server at once (multiple, no concurrency limit); Debouncer keeps the newest
-        box.input(typed, inputs, outputs, trigger_mode="multiple", concurrency_limit=None, show_progress="hidden")
+        box.input(on_typed, inputs, outputs, trigger_mode="multiple", concurrency_limit=None, show_progress="hidden")
         for control in (seed, guidance, steps, with_teacher):
-            control.change(render, inputs, outputs, trigger_mode="always_last", show_progress="hidden")
-        app.load(render, inputs, outputs, show_progress="hidden")
+            control.change(on_changed, inputs, outputs, trigger_mode="always_last", show_progress="hidden")
+        app.load(on_changed, inputs, outputs, show_progress="hidden")
     return app
 
 
@@ -172,15 +217,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--teacher-steps", type=int, default=25)
     p.add_argument("--teacher-guidance", type=float, default=3.0)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPUs, CPUs with AMX/AVX512-BF16)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available, else cpu)")
     p.add_argument("--debounce-s", type=float, default=0.25, help="pause after the last keystroke before generating")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     a = p.parse_args(argv)
     try:
-        gen = Generator(a.model, a.teacher or None, a.teacher_steps, a.teacher_guidance, a.bf16)
+        gen = Generator(a.model, a.teacher or None, a.teacher_steps, a.teacher_guidance, a.bf16, a.device)
     except FileNotFoundError as exn:
         raise SystemExit(f"demo: {exn}") from None
-    print(f"demo: {a.model} (teacher: {a.teacher or 'none'}) on http://{a.host}:{a.port}", flush=True)
+    print(f"demo: {a.model} (teacher: {a.teacher or 'none'}) on {gen.device}{', bf16' if a.bf16 else ''}, "
+          f"http://{a.host}:{a.port}", flush=True)
     build_app(gen, a.debounce_s).launch(server_name=a.host, server_port=a.port, show_error=True)
 
 

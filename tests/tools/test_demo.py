@@ -56,6 +56,95 @@ def test_debouncer_keeps_only_the_newest_event_of_a_session():
     assert results == {0: False, 1: False, 2: True}
 
 
+def test_an_older_render_finishing_after_a_newer_event_does_not_update_the_image():
+    """A keystroke's render is slow; a seed change (no typing) comes while it computes and renders fast. The
+    keystroke's image, finished last, must not replace the seed change's (before, only keystrokes took a token)."""
+    import threading
+
+    from instaflow.tools.demo import Debouncer, make_handlers
+
+    started = threading.Event()
+
+    def render(prompt, seed):
+        if seed == 0:  # the older event: slow
+            started.set()
+            time.sleep(0.6)
+        return f"{prompt}/{seed}"
+
+    typed, changed = make_handlers(render, Debouncer(0.05), skip="SKIP")
+    got = {}
+    older = threading.Thread(target=lambda: got.__setitem__("typed", typed("a red circle", 0, session="s")))
+    older.start()
+    assert started.wait(5)
+    got["seed"] = changed("a red circle", 7, session="s")  # while the keystroke's render is computing
+    older.join()
+    assert got == {"seed": "a red circle/7", "typed": "SKIP"}
+    # a newer event that came while an older one waited its pause: the older one does not even compute
+    assert changed("x", 1, session="t") == "x/1" and typed("y", 2, session="t") == "y/2"
+
+
+def test_the_device_is_cuda_when_available_else_cpu(monkeypatch):
+    import torch
+
+    from instaflow.tools import demo
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert demo.pick_device() == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert demo.pick_device() == torch.device("cpu")
+    assert demo.pick_device("cuda:1") == torch.device("cuda:1")  # --device wins
+
+
+def test_the_model_and_teacher_are_moved_to_the_chosen_device(monkeypatch, tiny_sd_folder):
+    """The generator moves every network to the device it picked (here the meta device stands in for a GPU)."""
+    import torch
+
+    from instaflow.tools import demo
+
+    monkeypatch.setattr(demo, "pick_device", lambda device=None: torch.device("meta"))
+    gen = demo.Generator(str(tiny_sd_folder), str(tiny_sd_folder))
+    assert gen.device == torch.device("meta")
+    for model in (gen.model, gen.teacher):
+        params = [p for net in (model.unet, model.vae, model.text_encoder) for p in net.parameters()]
+        assert params and {p.device.type for p in params} == {"meta"}
+
+
+@pytest.mark.parametrize("family", ["sd3", "sdxl", "flux"])
+def test_bf16_runs_every_familys_denoiser_text_encoders_and_vae_under_autocast(family, request):
+    """--bf16 (``model.bf16``) now reaches SDXL, SD3 and Flux as it reaches SD: autocast is active in the
+    denoiser's, the text encoders' and the VAE decoder's forward passes; the latents stay fp32."""
+    import torch
+
+    from instaflow.models.families import load_teacher
+
+    model = load_teacher(str(request.getfixturevalue(f"tiny_{family}_folder")))
+    if family == "flux":
+        model.resolution = 16  # the tiny VAE's size (latent 4 x 4 after packing 2 x 2)
+    seen: dict[str, set] = {}
+
+    def hook(name):
+        def record(module, args, out):
+            out = out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
+            out = getattr(out, "last_hidden_state", out)
+            seen.setdefault(name, set()).add((torch.is_autocast_enabled("cpu"), out.dtype))
+        return record
+
+    model.unet.register_forward_hook(hook("denoiser"))
+    model.pipe.text_encoder.register_forward_hook(hook("text"))
+    model.pipe.vae.decoder.register_forward_hook(hook("vae"))
+    for bf16 in (False, True):
+        seen.clear()
+        model.bf16 = bf16
+        x1 = model.sample_latents(["a red circle"], 2, 2.0, [0])
+        images = model.decode(x1)
+        assert x1.dtype == torch.float32 and images.dtype == torch.float32 and torch.isfinite(images).all()
+        if bf16:
+            assert seen["denoiser"] == {(True, torch.bfloat16)}, seen
+            assert all(enabled for name in ("text", "vae") for enabled, _ in seen[name]), seen
+        else:
+            assert all(not enabled and dtype == torch.float32 for v in seen.values() for enabled, dtype in v), seen
+
+
 EMBEDDED_SD = str(ROOT / "assets" / "embedded-sd")
 
 
