@@ -15,6 +15,13 @@ Resume anywhere: every run has the ``callbacks.resume.Resume`` callback (config 
 a ``fit`` without ``--ckpt_path`` first looks for its own unfinished checkpoint
 (``lightning_modules.resume``) and continues from it, in the same run folder. A fit stopped by
 SIGTERM saves ``last.ckpt`` and exits with status 143 (128 + SIGTERM), so a wrapper sees it failed.
+
+Safe checkpoints on every run: the trainer's strategy writes through ``AtomicCheckpointIO``
+(``lightning_modules.checkpointing``; put on the strategy here, so a ``--trainer.plugins`` list, such
+as the SLURM launcher's, cannot drop it), a fit loads its checkpoint with ``weights_only=True``, and
+a checkpoint it is given or finds is checked before Lightning reads it (a file through torch's
+weights-only allow-list, an FSDP2 folder's DCP metadata through ours): one naming code to run stops
+the fit with a message naming the file.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.resume import Resume
 from instaflow.experiments import expand
+from instaflow.models.checkpoints import UnreadableCheckpoint, UnsafeCheckpoint, checkpoint_meta
+from lightning_modules.checkpointing import install_atomic_io
 from lightning_modules.resume import find_unfinished
 
 
@@ -38,13 +47,28 @@ class InstaFlowCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(Resume, "resume")
 
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        note = install_atomic_io(trainer.strategy)
+        if note:
+            _say(note)
+        return trainer
+
     def before_instantiate_classes(self) -> None:
-        if self.subcommand != "fit":
+        cfg = self.config.get(str(self.subcommand)) if self.subcommand else None
+        if cfg is None:
             return
-        cfg = self.config[self.subcommand]
-        if cfg.get("ckpt_path") is not None or not cfg.resume.auto:
+        if "weights_only" in cfg and cfg.get("weights_only") is None:
+            cfg.weights_only = True  # Lightning's own load: torch's allow-list, whatever torch's default or env say
+        if cfg.get("ckpt_path") is not None:
+            _check_given(cfg.ckpt_path)
             return
-        found = find_unfinished(yaml.safe_load(self.parser.dump(self.config))[self.subcommand], log=_say)
+        if self.subcommand != "fit" or not cfg.resume.auto:
+            return
+        try:
+            found = find_unfinished(yaml.safe_load(self.parser.dump(self.config))[self.subcommand], log=_say)
+        except UnsafeCheckpoint as exn:
+            raise SystemExit(f"[resume] {exn}") from exn
         if found is None:
             return
         cfg.ckpt_path = str(found.ckpt)
@@ -56,6 +80,17 @@ class InstaFlowCLI(LightningCLI):
                 logger.init_args.purge_step = found.step + 1
         _say(f"[resume] continuing {found.run_dir} from step {found.step} ({found.ckpt}); "
              "--resume.auto false starts a new run instead")
+
+
+def _check_given(ckpt_path: str) -> None:
+    """Refuse a given checkpoint that is unsafe or unreadable before Lightning reads it (``last``, ``best``,
+    ``hpc``: Lightning's names, checked by its weights-only load)."""
+    if not os.path.exists(ckpt_path):
+        return
+    try:
+        checkpoint_meta(ckpt_path)
+    except (UnsafeCheckpoint, UnreadableCheckpoint) as exn:
+        raise SystemExit(f"[checkpoint] --ckpt_path: {exn}") from exn
 
 
 def _say(msg: str) -> None:
