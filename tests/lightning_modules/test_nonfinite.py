@@ -149,6 +149,24 @@ def test_two_ranks_skip_the_same_step_when_only_rank_1_has_a_nan_gradient(pairs,
     assert torch.equal(snaps[K], snaps[K - 1]) and all(torch.isfinite(s).all() for s in snaps)
 
 
+@pytest.mark.slow  # ~100 s on 2 shared cores (FSDP2 start-up on two processes)
+def test_fsdp2_ranks_skip_the_same_step_when_only_rank_1s_shard_is_nan(pairs, tiny_sd_folder, tmp_path):
+    """FSDP2 on 2 processes: gradients are sharded DTensors, and only rank 1's shard of one gradient is NaN at
+    step K. Both ranks skip it (their verdicts are all-gathered), their shards stay as after step K - 1, and the
+    run finishes with finite shards."""
+    from tests.lightning_modules.test_distributed import FSDP2
+
+    cfg = nonfinite_yaml(tmp_path, tiny_sd_folder, pairs, "fsdp", [K], rank=1, world=2)
+    run_2proc(["fit", "-c", BASE, "-c", cfg, "-c", FSDP2, "--trainer.strategy.init_args.data_parallel_size", "2",
+               "--model.init_args.fsdp_mixed_precision", "null"])
+    for r in (0, 1):
+        rec = torch.load(tmp_path / "fsdp" / "out" / f"rank{r}.pt")
+        snaps = rec["snapshots"]  # this rank's shards
+        assert rec["skipped"] == 1 and rec["global_step"] == STEPS, r
+        assert torch.equal(snaps[K], snaps[K - 1]) and not torch.equal(snaps[K + 1], snaps[K]), r
+        assert all(torch.isfinite(s).all() for s in snaps), r
+
+
 def test_two_ranks_both_raise_the_named_step_at_once_under_stop(pairs, tiny_sd_folder, tmp_path):
     """nonfinite: stop with rank 1's gradient alone NaN: every rank raises naming step K within seconds (before
     the guard, rank 1 alone would have stopped and rank 0 waited in the next all-reduce)."""
