@@ -315,13 +315,25 @@ class FlowStudent(NonfiniteGuard, L.LightningModule, abc.ABC):
         return [n for n, p in self.unet.named_parameters() if p.requires_grad]
 
     def unet_from_state(self, state: dict[str, torch.Tensor]) -> torch.nn.Module:
-        """A whole copy of the trainable network holding ``state`` (e.g. a best checkpoint's EMA weights)."""
+        """A whole copy of the trainable network holding ``state`` (e.g. a best checkpoint's EMA weights), for export.
+
+        No second network on the device: the tensors ``state`` holds are taken from it (on its device, in the
+        network's dtypes), the others (a LoRA student's frozen base) are the live network's own, shared.
+        """
         if sharding.is_sharded(self.unet):
             unet = build_unet(dict(self.unet.config))
         else:
-            unet = copy.deepcopy(self.unet)
+            def placeholder(t: torch.Tensor) -> torch.Tensor:  # no memory; load_state_dict(assign=True) fills it
+                meta = torch.empty_like(t, device="meta")
+                return torch.nn.Parameter(meta, t.requires_grad) if isinstance(t, torch.nn.Parameter) else meta
+
+            own = {**dict(self.unet.named_parameters()), **dict(self.unet.named_buffers())}
+            # deepcopy's memo maps each replaced tensor to a placeholder and each kept one to itself
+            memo = {id(t): (placeholder(t) if name in state else t) for name, t in own.items()}
+            unet = copy.deepcopy(self.unet, memo)
+            state = {k: v.to(own[k].dtype) if k in own and v.is_floating_point() else v for k, v in state.items()}
         adapter = lora.has_lora(unet)  # a LoRA checkpoint holds the adapter only: the base stays the init's
-        missing, unexpected = unet.load_state_dict(state, strict=not adapter)
+        missing, unexpected = unet.load_state_dict(state, strict=not adapter, assign=True)
         if unexpected or (adapter and any("lora_" in k for k in missing)):
             raise KeyError(f"the state does not fit the network: unexpected {unexpected[:3]}, missing "
                            f"{[k for k in missing if 'lora_' in k][:3]}")

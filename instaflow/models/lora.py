@@ -4,17 +4,23 @@ Only the adapter weights train; the base weights stay the init's. What a LoRA st
 - the merged model (base + B A scaled by alpha / rank, folded into the weights): an ordinary model
   folder, so every later stage (couplings, distillation, export) reads it unchanged;
 - ``lora/pytorch_lora_weights.safetensors``: the adapter alone, in diffusers' LoRA format, which
-  ``pipe.load_lora_weights(folder / "lora")`` loads onto the base model's pipeline;
+  ``pipe.load_lora_weights(folder / "lora")`` loads onto the base model's pipeline; its safetensors
+  metadata carries the adapter's config (``lora_adapter_metadata``: rank, alpha, targets), so diffusers
+  scales it by alpha / rank (without it diffusers assumes alpha = rank);
 - ``lora/lora.json``: rank, alpha, target modules and the base model it adapts.
+
+The merge never copies the denoiser: each adapted layer's merged weight is computed alone and kept on
+the CPU, every other tensor is the live network's own, so exporting a Flux-sized LoRA student costs
+the adapted layers' weights in host memory, not a second denoiser on the accelerator.
 """
 
 from __future__ import annotations
 
-import copy
-import json
 from pathlib import Path
 
 import torch
+
+from instaflow.state import atomic_write_json
 
 LORA_DIR = "lora"
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections (diffusers' LoRA examples)
@@ -46,12 +52,53 @@ def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
 
 
+def adapter_config(unet: torch.nn.Module) -> dict:
+    """The (single) adapter's peft config as diffusers' training scripts store it (``lora_adapter_metadata``)."""
+    configs = getattr(unet, "peft_config", None) or {}
+    if len(configs) != 1:
+        raise ValueError(f"expected one LoRA adapter on the network, found {sorted(configs)}")
+    out = next(iter(configs.values())).to_dict()
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in out.items()}
+
+
+@torch.no_grad()
+def merged_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The plain network's state dict with the active adapter folded in, as peft's merge computes it.
+
+    Each adapted layer's weight (base + its delta) is computed alone and kept on the CPU; every other
+    tensor is the network's own (shared, not copied). ``unet`` is left exactly as it was.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    state = unet.state_dict()  # detached tensors sharing the network's storage: no copy
+    for name, layer in unet.named_modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        prefix = f"{name}." if name else ""
+        active = [a for a in layer.active_adapters if a in layer.lora_A.keys()]
+        if layer.merged or any(a in layer.lora_variant or layer.lora_bias[a] for a in active):
+            raise NotImplementedError(f"{name}: only unmerged plain LoRA (no DoRA, no lora_bias) is merged here")
+        for key in [k for k in state if k.startswith(prefix)]:
+            rest = key[len(prefix):]
+            if rest.split(".")[0] in LoraLayer.adapter_layer_names:
+                del state[key]
+            elif rest.startswith("base_layer."):
+                state[prefix + rest[len("base_layer."):]] = state.pop(key)
+        weight = state[prefix + "weight"].to("cpu", copy=True)
+        for a in active:  # peft's merge: weight += delta (in the weight's dtype), one layer at a time
+            weight += layer.get_delta_weight(a).to("cpu")
+        state[prefix + "weight"] = weight
+    return state
+
+
 def merged(unet: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``unet`` with the adapter folded into the base weights and the LoRA layers removed."""
-    out = copy.deepcopy(unet)
-    out.fuse_lora()
-    out.unload_lora()
-    return out
+    """The network with its adapter folded in and the LoRA layers gone, for saving: ``merged_state_dict`` in a
+    module built on the meta device (no memory) and given those tensors, so nothing is copied on the device."""
+    state = merged_state_dict(unet)
+    with torch.device("meta"):
+        plain = type(unet).from_config(dict(unet.config))
+    plain.load_state_dict(state, strict=True, assign=True)
+    return plain.eval()
 
 
 def save_lora(unet: torch.nn.Module, folder: str | Path, base: str, rank: int, alpha: float | None,
@@ -63,18 +110,22 @@ def save_lora(unet: torch.nn.Module, folder: str | Path, base: str, rank: int, a
     (``SD3LoraLoaderMixin`` / ``FluxLoraLoaderMixin``, peft state dict under ``transformer.``).
     """
     out = Path(folder) / LORA_DIR
+    # the adapter's config goes into the file's metadata, which load_lora_weights reads: without it
+    # diffusers rebuilds the config from the weights' shapes alone and scales by 1 (alpha = rank)
+    meta = adapter_config(unet)
     if family in ("sd3", "flux"):
         from diffusers.loaders import FluxLoraLoaderMixin, SD3LoraLoaderMixin
         from peft.utils import get_peft_model_state_dict
 
         mixin = SD3LoraLoaderMixin if family == "sd3" else FluxLoraLoaderMixin
-        mixin.save_lora_weights(out, transformer_lora_layers=get_peft_model_state_dict(unet), safe_serialization=True)
+        mixin.save_lora_weights(out, transformer_lora_layers=get_peft_model_state_dict(unet), safe_serialization=True,
+                                transformer_lora_adapter_metadata=meta)
     else:
         from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
         StableDiffusionLoraLoaderMixin.save_lora_weights(out, unet_lora_layers=lora_state_dict(unet),
-                                                         safe_serialization=True)
-    (out / "lora.json").write_text(json.dumps({"base": base, "family": family, "rank": rank,
-                                               "alpha": alpha if alpha is not None else rank,
-                                               "target_modules": list(targets)}, indent=2))
+                                                         safe_serialization=True, unet_lora_adapter_metadata=meta)
+    atomic_write_json(out / "lora.json", {"base": base, "family": family, "rank": rank,
+                                          "alpha": alpha if alpha is not None else rank,
+                                          "target_modules": list(targets)})
     return out
