@@ -54,6 +54,13 @@ class InstaFlowCLI(LightningCLI):
             _say(note)
         return trainer
 
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        # LightningCLI reads a given checkpoint's hyperparameters right after parsing: check it first
+        sub = self.config.get("subcommand")
+        if sub and self.config[sub].get("ckpt_path") is not None:
+            _check_given(self.config[sub].ckpt_path)
+
     def before_instantiate_classes(self) -> None:
         cfg = self.config.get(str(self.subcommand)) if self.subcommand else None
         if cfg is None:
@@ -61,7 +68,6 @@ class InstaFlowCLI(LightningCLI):
         if "weights_only" in cfg and cfg.get("weights_only") is None:
             cfg.weights_only = True  # Lightning's own load: torch's allow-list, whatever torch's default or env say
         if cfg.get("ckpt_path") is not None:
-            _check_given(cfg.ckpt_path)
             return
         if self.subcommand != "fit" or not cfg.resume.auto:
             return

@@ -181,3 +181,31 @@ def test_an_explicit_ckpt_path_folder_with_planted_dcp_metadata_is_refused_befor
     with pytest.raises(SystemExit, match=r"--ckpt_path: .*\.metadata is not a plain checkpoint"):
         cli(["fit", "--experiment", "embedded/reflow", "--ckpt_path", str(folder)])
     assert not marker.exists()
+
+
+def test_an_explicit_ckpt_path_file_that_names_code_is_refused(tmp_path):
+    marker = tmp_path / "payload_ran"
+    evil = plant_file(tmp_path / "step=500.ckpt", marker)
+    with pytest.raises(SystemExit, match=f"--ckpt_path: {evil} is not a plain checkpoint"):
+        cli(["fit", "--experiment", "embedded/reflow", "--ckpt_path", str(evil)])
+    assert not marker.exists()
+
+
+def test_the_atomic_io_survives_the_launchers_plugins_and_loads_weights_only_whatever_it_is_asked(tmp_path,
+                                                                                                monkeypatch):
+    """--trainer.plugins (the SLURM launcher's --no-requeue) replaces a YAML plugins list, not the CLI's IO; the IO
+    reads weights-only even when asked otherwise and torch is told to by its environment variable."""
+    from instaflow.models.checkpoints import UnsafeCheckpoint
+    from instaflow.tools import launch
+    from lightning_modules.checkpointing import AtomicCheckpointIO
+    from lightning_modules.cli import main
+
+    c = main(["--experiment", "embedded/reflow", "--trainer.logger.init_args.save_dir", str(tmp_path),
+              "--trainer.plugins", launch.NO_REQUEUE_PLUGIN], run=False)
+    io = c.trainer.strategy.checkpoint_io
+    assert isinstance(io, AtomicCheckpointIO)
+    marker = tmp_path / "payload_ran"
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(UnsafeCheckpoint):
+        io.load_checkpoint(plant_file(tmp_path / "x.ckpt", marker), weights_only=False)
+    assert not marker.exists()
