@@ -5,11 +5,24 @@ VENV := .venv
 PY := $(VENV)/bin/python
 CLI := $(PY) -m lightning_modules.cli
 DATA := runs/data/shapes
+# the exact versions the embedded default was run with (all of them, transitive included); setup.cfg has ranges
+CONSTRAINTS := requirements/constraints.txt
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
+# Values a user gives (PROMPT, MODEL, ...) reach recipes only through the environment, as MK_<NAME>, and
+# recipes quote them ("$$MK_PROMPT"): a prompt holding quotes, $(...) or backticks is passed as typed, never run.
+# `literal` takes a user's value as typed (make would expand $(...) in it) and this file's defaults expanded.
+literal = $(if $(filter file default,$(origin $(1))),$($(1)),$(value $(1)))
+# 'text' for the shell, for the paths inside the stage commands below
+shq = '$(subst ','\'',$(1))'
+USER_VARS := MODEL STEPS W PROMPT TEACHER PORT OUT EXP ARGS SWEEP NOTES GPUS NODES GPUS_PER_NODE PARTITION \
+  TIME_LIMIT JOB_NAME SLURM_DIR LAUNCHER RDZV
+$(foreach v,$(USER_VARS),$(eval export MK_$(v) = $$(call literal,$(v))))
+DATA_Q = $(call shq,$(call literal,DATA))
+
 .DEFAULT_GOAL := help
-.PHONY: help venv data data-chain train-vae train-teacher-unet train-teacher-binding train-teacher-decoder train-teacher train-evaluator eval-teacher floors \
+.PHONY: help venv audit browser data data-chain train-vae train-teacher-unet train-teacher-binding train-teacher-decoder train-teacher train-evaluator eval-teacher floors \
         gen-pairs train-2rf train-distill eval report ablation generate demo export run train-reflow sweep test test-full bench bench-gpu memory tensorboard clean
 
 help: ## list every target with one line each
@@ -18,16 +31,19 @@ help: ## list every target with one line each
 	@echo "shards; callbacks/ side effects; experiments/ one YAML per experiment (run one: make run EXP=<dir>/<name>)."
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-20s\033[0m %s\n", $$1, $$2}'
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+$(VENV)/.installed: setup.cfg pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,demo]' -c $(CONSTRAINTS)
 	touch $@
 
-venv: $(VENV)/.installed ## create .venv with the pinned dependencies (every other target depends on it)
+venv: $(VENV)/.installed ## create .venv: the project with its test and demo extras, at the exact versions of requirements/constraints.txt
+
+audit: $(VENV)/.installed ## pip-audit of requirements/constraints.txt against PyPI's advisories (STRICT=1: a pin it cannot check fails too)
+	$(PY) .ci/audit.py $(CONSTRAINTS) $(if $(filter 1,$(value STRICT)),--strict)
 
 data: $(VENV)/.installed ## write the embedded world's LAION-layout shards (train 40k / val 2k / test 4k, and 10k three-object scenes for the teacher) to runs/data
-	$(PY) -m data.shapes --out $(DATA)
+	$(PY) -m data.shapes --out $(DATA_Q)
 
 data-chain: $(VENV)/.installed ## only the shards the InstaFlow chain reads (train 00000-00003, val, test); same bytes as `make data`
 	$(CMD_data)
@@ -62,11 +78,11 @@ train-evaluator: data ## retrain the committed embedded evaluator (FID features 
 
 floors: data ## measure the evaluation floors on real test images (FID real-vs-real, alignment of real images)
 	$(PY) -m instaflow.tools.floors --evaluator assets/embedded-evaluator \
-	  --test '$(DATA)/test/{00000..00003}.tar' --n 2000 --out docs/floors.json
+	  --test $(DATA_Q)'/test/{00000..00003}.tar' --n 2000 --out docs/floors.json
 
 eval-teacher: data ## score the committed teacher (FID, alignment, sample grid) into docs/
 	$(PY) -m instaflow.tools.eval_teacher --teacher assets/embedded-sd --evaluator assets/embedded-evaluator \
-	  --test '$(DATA)/test/{00000..00003}.tar' --n 2000 --out docs/teacher_eval.json --grid docs/teacher_samples.png
+	  --test $(DATA_Q)'/test/{00000..00003}.tar' --n 2000 --out docs/teacher_eval.json --grid docs/teacher_samples.png
 
 # --- InstaFlow on the embedded default: each stage is skipped when its output exists ---------------
 MODELS := runs/embedded/models
@@ -75,7 +91,7 @@ PAIRS := runs/embedded/pairs
 TIMED = $(PY) -m instaflow.tools.timed runs/embedded/timings
 
 # each stage's command, once: the file rules below and the cluster launch (CHAIN_STAGES) both use them
-CMD_data = $(TIMED) data -- $(PY) -m data.shapes --out $(DATA) --train 4000 --train3 0
+CMD_data = $(TIMED) data -- $(PY) -m data.shapes --out $(DATA_Q) --train 4000 --train3 0
 CMD_pairs_teacher = $(TIMED) pairs_teacher -- $(CLI) --experiment embedded/pairs_teacher
 CMD_pairs_teacher_val = $(TIMED) pairs_teacher_val -- $(CLI) --experiment embedded/pairs_teacher_val
 CMD_reflow = $(TIMED) reflow -- $(CLI) --experiment embedded/reflow
@@ -110,7 +126,7 @@ eval: $(VENV)/.installed ## evaluate every model on the test protocol; writes ru
 	$(CMD_eval)
 
 report: $(VENV)/.installed ## after make train-reflow: write results/embedded.{md,json} (the committed record of the run)
-	$(PY) -m instaflow.tools.report --run runs/embedded --out results/embedded $(if $(NOTES),--notes $(NOTES))
+	$(PY) -m instaflow.tools.report --run runs/embedded --out results/embedded $(if $(value NOTES),--notes "$$MK_NOTES")
 
 # make generate MODEL=runs/embedded/models/instaflow STEPS=1 PROMPT="a big red circle on the left on a white background"
 MODEL ?= runs/embedded/models/instaflow
@@ -118,28 +134,32 @@ STEPS ?= 1
 W ?= 1.0
 PROMPT ?= a large red circle in the center on a white background
 generate: $(VENV)/.installed ## PNGs and a captioned grid for PROMPT from MODEL (STEPS, W=guidance) into runs/generate/
-	$(PY) -m instaflow.tools.generate --model $(MODEL) --steps $(STEPS) --guidance $(W) --prompt "$(PROMPT)" --out runs/generate
+	$(PY) -m instaflow.tools.generate --model "$$MK_MODEL" --steps "$$MK_STEPS" --guidance "$$MK_W" --prompt "$$MK_PROMPT" \
+	  --out runs/generate
 
 # make demo [MODEL=runs/export/instaflow] [TEACHER=assets/embedded-sd] [PORT=7860]
 TEACHER ?= assets/embedded-sd
 PORT ?= 7860
 demo: $(VENV)/.installed ## live demo (Gradio, http://127.0.0.1:7860, PORT=..): MODEL's image follows the prompt as you type; seed, w, steps, TEACHER's image beside it
-	$(PY) -m instaflow.tools.demo --model $(MODEL) --teacher '$(TEACHER)' --port $(PORT)
+	$(PY) -m instaflow.tools.demo --model "$$MK_MODEL" --teacher "$$MK_TEACHER" --port "$$MK_PORT"
 
 # make export MODEL=runs/embedded/models/instaflow OUT=runs/export/instaflow
-OUT ?= runs/export/$(notdir $(MODEL))
+# OUT defaults to runs/export/<MODEL's folder name> (in the recipe: MODEL's value is never expanded by make)
+OUT ?=
 export: $(VENV)/.installed ## MODEL (2-RF or one-step) as a diffusers folder in OUT, loadable without this project; checks it reloads
-	$(PY) -m instaflow.tools.export --model $(MODEL) --out $(OUT)
+	$(PY) -m instaflow.tools.export --model "$$MK_MODEL" --out "$${MK_OUT:-runs/export/$$(basename -- "$$MK_MODEL")}"
 
 ablation: $(VENV)/.installed ## the embedded evidence (docs/ablation.md): resumable stages, < 4 h on 2 cores -> results/ablation.{md,json} + 3 figures
 	$(PY) -m instaflow.tools.ablation --root runs/ablation --results results/ablation
 
 # make run EXP=embedded/distill_direct [ARGS="--trainer.max_steps 10"]
+# ARGS: more command-line arguments for the CLI, split at whitespace; nothing in it is expanded or run by the
+# shell (no quoting, globbing or $(...)): write a value with spaces as JSON without spaces, or in a -c file
 EXP ?=
 ARGS ?=
 run: $(VENV)/.installed ## any experiment by name (EXP=embedded/reflow): its -c chain and subcommand from its header
-	$(if $(EXP),,$(error give the experiment: make run EXP=<folder>/<name>, e.g. EXP=embedded/distill_direct))
-	$(CLI) --experiment $(EXP) $(ARGS)
+	$(if $(value EXP),,$(error give the experiment: make run EXP=<folder>/<name>, e.g. EXP=embedded/distill_direct))
+	set -f; $(CLI) --experiment "$$MK_EXP" $$MK_ARGS
 
 # --- the same chain on a cluster (instaflow/tools/launch.py, README "Clusters"): with NODES or PARTITION set,
 # train-reflow submits ONE SLURM job whose script runs the stage commands (the CMD_* variables of the recipes
@@ -155,46 +175,54 @@ SLURM_DIR ?= runs/slurm
 LAUNCHER ?= slurm
 RDZV ?= localhost:29500
 CHAIN_STAGES = \
-  --stage data - '$(CMD_data)' \
-  --stage pairs_teacher $(PAIRS)/teacher/.done '$(CMD_pairs_teacher)' \
-  --stage pairs_teacher_val $(PAIRS)/teacher_val/.done '$(CMD_pairs_teacher_val)' \
-  --stage reflow $(MODELS)/rf2/model_index.json '$(CMD_reflow)' \
-  --stage pairs_rf2 $(PAIRS)/rf2/.done '$(CMD_pairs_rf2)' \
-  --stage pairs_rf2_val $(PAIRS)/rf2_val/.done '$(CMD_pairs_rf2_val)' \
-  --stage distill_instaflow $(MODELS)/instaflow/model_index.json '$(CMD_distill_instaflow)' \
-  --stage distill_direct $(MODELS)/direct/model_index.json '$(CMD_distill_direct)' \
-  --stage distill_direct_rfinit $(MODELS)/direct_rfinit/model_index.json '$(CMD_distill_direct_rfinit)' \
-  --stage eval - '$(CMD_eval)'
-WORLD_ARGS = --nodes $(or $(NODES),1) --gpus-per-node $(GPUS_PER_NODE) $(if $(filter-out 0,$(DRY_RUN)),--dry-run) \
-  $(if $(filter torchrun,$(LAUNCHER)),--rdzv-endpoint $(RDZV),--job-name $(JOB_NAME) --dir $(SLURM_DIR) \
-  $(if $(PARTITION),--partition $(PARTITION)) $(if $(TIME_LIMIT),--time $(TIME_LIMIT)) $(if $(filter 0,$(REQUEUE)),--no-requeue))
+  --stage data - $(call shq,$(CMD_data)) \
+  --stage pairs_teacher $(PAIRS)/teacher/.done $(call shq,$(CMD_pairs_teacher)) \
+  --stage pairs_teacher_val $(PAIRS)/teacher_val/.done $(call shq,$(CMD_pairs_teacher_val)) \
+  --stage reflow $(MODELS)/rf2/model_index.json $(call shq,$(CMD_reflow)) \
+  --stage pairs_rf2 $(PAIRS)/rf2/.done $(call shq,$(CMD_pairs_rf2)) \
+  --stage pairs_rf2_val $(PAIRS)/rf2_val/.done $(call shq,$(CMD_pairs_rf2_val)) \
+  --stage distill_instaflow $(MODELS)/instaflow/model_index.json $(call shq,$(CMD_distill_instaflow)) \
+  --stage distill_direct $(MODELS)/direct/model_index.json $(call shq,$(CMD_distill_direct)) \
+  --stage distill_direct_rfinit $(MODELS)/direct_rfinit/model_index.json $(call shq,$(CMD_distill_direct_rfinit)) \
+  --stage eval - $(call shq,$(CMD_eval))
+WORLD_ARGS = --nodes "$${MK_NODES:-1}" --gpus-per-node "$$MK_GPUS_PER_NODE" $(if $(filter-out 0,$(value DRY_RUN)),--dry-run) \
+  $(if $(filter torchrun,$(value LAUNCHER)),--rdzv-endpoint "$$MK_RDZV",--job-name "$$MK_JOB_NAME" --dir "$$MK_SLURM_DIR" \
+  $(if $(value PARTITION),--partition "$$MK_PARTITION") $(if $(value TIME_LIMIT),--time "$$MK_TIME_LIMIT") \
+  $(if $(filter 0,$(value REQUEUE)),--no-requeue))
 
-ifeq ($(NODES)$(PARTITION),)
+ifeq ($(value NODES)$(value PARTITION),)
 train-reflow: train-distill ## the whole InstaFlow chain, then the results table (NODES=.. GPUS_PER_NODE=.. PARTITION=..: one SLURM job)
 	$(MAKE) eval
 else
 train-reflow: $(VENV)/.installed
-	$(PY) -m instaflow.tools.launch $(LAUNCHER) $(WORLD_ARGS) $(CHAIN_STAGES)
+	$(PY) -m instaflow.tools.launch "$$MK_LAUNCHER" $(WORLD_ARGS) $(CHAIN_STAGES)
 endif
 
 # make sweep SWEEP=experiments/sweeps/reflow_lr.yaml [NODES=.. GPUS_PER_NODE=.. PARTITION=.. [DRY_RUN=1]]
-SWEEP_SLURM = $(if $(NODES)$(PARTITION),--slurm --nodes $(or $(NODES),1) --gpus-per-node $(GPUS_PER_NODE) --dir $(SLURM_DIR) \
-  $(if $(PARTITION),--partition $(PARTITION)) $(if $(TIME_LIMIT),--time $(TIME_LIMIT)))
+SWEEP_SLURM = $(if $(value NODES)$(value PARTITION),--slurm --nodes "$${MK_NODES:-1}" --gpus-per-node "$$MK_GPUS_PER_NODE" \
+  --dir "$$MK_SLURM_DIR" $(if $(value PARTITION),--partition "$$MK_PARTITION") $(if $(value TIME_LIMIT),--time "$$MK_TIME_LIMIT"))
 sweep: $(VENV)/.installed ## grid/random search of SWEEP=<file>: runs here one by one, or a SLURM array with NODES/PARTITION; ranked summary
-	$(if $(SWEEP),,$(error give the sweep file: make sweep SWEEP=experiments/sweeps/<name>.yaml))
-	$(PY) -m instaflow.tools.sweep $(SWEEP) $(SWEEP_SLURM) $(if $(filter-out 0,$(DRY_RUN)),--dry-run)
+	$(if $(value SWEEP),,$(error give the sweep file: make sweep SWEEP=experiments/sweeps/<name>.yaml))
+	$(PY) -m instaflow.tools.sweep "$$MK_SWEEP" $(SWEEP_SLURM) $(if $(filter-out 0,$(value DRY_RUN)),--dry-run)
 
-test: $(VENV)/.installed ## fast offline tests (a few minutes on 2 cores)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+# the demo's browser test needs Chromium: `browser` installs it (apt-get as root or with sudo -n) or stops with the
+# command; BROWSER=0 deselects that one test instead (it is then not run, not passed)
+BROWSER_STEP = $(if $(filter 0,$(value BROWSER)),,browser)
+NO_BROWSER = $(if $(filter 0,$(value BROWSER)),--deselect tests/tools/test_demo.py::test_demo_in_a_real_browser)
+browser: ## Chromium + ChromeDriver for the demo's browser test (apt-get as root or with sudo -n; otherwise the command)
+	bash .ci/browser
 
-test-full: $(VENV)/.installed ## all tests, including the slow ones
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+test: $(VENV)/.installed $(BROWSER_STEP) ## fast offline tests (a few minutes on 2 cores); installs Chromium first (BROWSER=0: no browser test)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" $(NO_BROWSER)
+
+test-full: $(VENV)/.installed $(BROWSER_STEP) ## all tests, including the slow ones
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(NO_BROWSER)
 
 bench: $(VENV)/.installed ## CPU couplings/s and reflow steps/s (embedded default + tiny SD, ~20 s each) -> benchmarks/results_cpu.json
 	$(PY) -m benchmarks.bench_cpu
 
 memory: $(VENV)/.installed ## GiB per GPU of weights, grads and AdamW per family (SD 1.5, SDXL, SD3, Flux): DDP, FSDP2 over GPUS=8, LoRA
-	$(PY) -m instaflow.tools.memory --gpus $(or $(GPUS),8)
+	$(PY) -m instaflow.tools.memory --gpus "$${MK_GPUS:-8}"
 
 bench-gpu: $(VENV)/.installed ## SD-1.5-sized reflow step time/memory/MFU (bf16, FSDP2), couplings/s, one-step latency; needs CUDA
 	$(PY) -m benchmarks.bench_gpu
@@ -204,3 +232,7 @@ tensorboard: $(VENV)/.installed ## TensorBoard over every run in runs/
 
 clean: ## delete generated data and runs (keeps committed assets/)
 	rm -rf runs
+
+# make would export a command-line value under its own name, expanding $(shell ...) in it: it goes as MK_<NAME>
+# only (here, at the end: an earlier unexport would define the names before their ?= defaults)
+unexport $(USER_VARS)

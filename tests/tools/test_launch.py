@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
+from tests.tools.test_make_values import make_calls
 
 PY = sys.executable
 CLI = f"{PY} -m lightning_modules.cli"
@@ -193,16 +194,17 @@ def test_make_train_reflow_submits_the_same_stage_commands_as_the_local_chain(fa
     # the local chain's commands, as make would run them (nothing runs: -n), the markers' touch removed
     local = [line.split(" && touch ")[0] for line in _make("-n", "-B", "train-reflow").splitlines()
              if " -m lightning_modules." in line or " -m data." in line or " -m instaflow.tools." in line]
-    # the stages the cluster path passes to instaflow.tools.launch
-    line, = [ln for ln in _make("-n", "train-reflow", "NODES=2", "GPUS_PER_NODE=8", "PARTITION=gpu").splitlines()
-             if "instaflow.tools.launch" in ln]
-    a = launch._parser().parse_args(shlex.split(line)[3:])
+    # the stages the cluster path passes to instaflow.tools.launch (as the launcher receives them)
+    call, = make_calls(tmp_path, "train-reflow", "NODES=2", "GPUS_PER_NODE=8", "PARTITION=gpu")
+    assert call[:2] == ["-m", "instaflow.tools.launch"]
+    a = launch._parser().parse_args(call[2:])
     assert (a.mode, a.nodes, a.gpus_per_node, a.partition, a.dry_run) == ("slurm", 2, 8, "gpu", False)
-    assert [cmd for _, _, cmd in a.stage] == local and len(local) == 10
+    py = str(tmp_path / "python")  # the recording stand-in the commands name
+    assert [cmd.replace(py, ".venv/bin/python") for _, _, cmd in a.stage] == local and len(local) == 10
     assert [name for name, _, _ in a.stage][:4] == ["data", "pairs_teacher", "pairs_teacher_val", "reflow"]
     assert "instaflow.tools.launch" not in _make("-n", "train-reflow")  # plain make keeps the local chain
-    tr = _make("-n", "train-reflow", "NODES=2", "GPUS_PER_NODE=8", "LAUNCHER=torchrun", "RDZV=node0:29400")
-    assert "launch torchrun --nodes 2 --gpus-per-node 8 --rdzv-endpoint node0:29400 --stage" in " ".join(tr.split())
+    tr, = make_calls(tmp_path, "train-reflow", "NODES=2", "GPUS_PER_NODE=8", "LAUNCHER=torchrun", "RDZV=node0:29400")
+    assert tr[2:10] == ["torchrun", "--nodes", "2", "--gpus-per-node", "8", "--rdzv-endpoint", "node0:29400", "--stage"]
 
     # and for real, with the stand-in sbatch: one job whose script holds all ten stages
     out = _make("train-reflow", "NODES=2", "GPUS_PER_NODE=8", "PARTITION=gpu", "TIME_LIMIT=02:00:00", f"SLURM_DIR={tmp_path}/s")

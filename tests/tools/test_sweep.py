@@ -165,15 +165,14 @@ def test_committed_sweeps_parse_with_their_overrides(path, tmp_path):
 
 
 def test_make_sweep_calls_the_sweep_entry(tmp_path):
-    def make(*args):
-        return subprocess.run(["make", "--no-print-directory", "-n", "-o", ".venv/.installed", "sweep", *args],
-                              cwd=ROOT, capture_output=True, text=True)
+    from tests.tools.test_make_values import make_calls
 
-    local = make("SWEEP=experiments/sweeps/reflow_lr.yaml")
-    assert local.returncode == 0
-    assert local.stdout.strip() == ".venv/bin/python -m instaflow.tools.sweep experiments/sweeps/reflow_lr.yaml"
-    slurm = make("SWEEP=experiments/sweeps/reflow_lr.yaml", "NODES=2", "GPUS_PER_NODE=8", "PARTITION=gpu", "DRY_RUN=1")
-    assert "--slurm --nodes 2 --gpus-per-node 8" in slurm.stdout and "--partition gpu" in slurm.stdout
-    assert "--dry-run" in slurm.stdout
-    missing = make()
+    local, = make_calls(tmp_path, "sweep", "SWEEP=experiments/sweeps/reflow_lr.yaml")
+    assert local == ["-m", "instaflow.tools.sweep", "experiments/sweeps/reflow_lr.yaml"]
+    slurm, = make_calls(tmp_path, "sweep", "SWEEP=experiments/sweeps/reflow_lr.yaml", "NODES=2", "GPUS_PER_NODE=8",
+                        "PARTITION=gpu", "DRY_RUN=1")
+    assert slurm[3:9] == ["--slurm", "--nodes", "2", "--gpus-per-node", "8", "--dir"]
+    assert slurm[-3:] == ["--partition", "gpu", "--dry-run"]
+    missing = subprocess.run(["make", "--no-print-directory", "-n", "-o", ".venv/.installed", "sweep"], cwd=ROOT,
+                             capture_output=True, text=True)
     assert missing.returncode != 0 and "SWEEP=experiments/sweeps/<name>.yaml" in missing.stderr
