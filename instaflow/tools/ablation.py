@@ -9,8 +9,9 @@ Stages, in order: data; teacher couplings (4,000 train prompts) and held-out val
 couplings; the three distillations (InstaFlow, direct, control) x 3 training seeds; the 3-RF;
 coupling quality; every test row; straightness at equal solver and guidance; latency; the report
 (results/ablation.{md,json} and three figures). A stage whose output exists is skipped, so a
-killed run continues at the first unfinished stage (a killed training stage restarts that stage;
-a killed evaluation keeps the rows it finished). Each stage's wall time is recorded in
+killed run continues at the first unfinished stage (a killed training stage resumes from its last
+checkpoint; a killed coupling stage keeps its complete shards, which its rerun skips; a killed
+evaluation keeps the rows it finished). Each stage's wall time is recorded in
 ``<root>/timings``. Every training stage is an experiment under ``experiments/ablation/`` run by
 the project's CLI; the overrides a stage adds (seed, export folder, the chosen step count) are on
 its command line, printed and recorded with its time.
@@ -22,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -35,6 +35,7 @@ import torch
 
 from instaflow.evaluation import ablation as ab
 from instaflow.evaluation import figures
+from instaflow.state import atomic_write_text
 from instaflow.tools.report import cpu_model
 from instaflow.tools.timed import read_timings, write_record
 
@@ -54,7 +55,8 @@ class Stage:
     done: Path
     command: Callable[[], list[str]] | None = None
     fn: Callable[[], None] | None = None
-    partial: Path | None = None  # an unfinished run's output, removed before the stage runs again
+    # a coupling stage's shard folder: kept when unfinished, its rerun skips the complete shards (resumes)
+    partial: Path | None = None
 
 
 class Ablation:
@@ -118,34 +120,37 @@ class Ablation:
                                 "--trainer.logger.init_args.name", f"distill_{group}_s{seed}")
 
     def run(self, until: str | None = None, only: list[str] | None = None) -> None:
-        timings = self.root / "timings"
         for stage in self.stages():
             if only and stage.name not in only:
                 continue
             if stage.done.exists() and stage.name != "report":
                 print(f"[ablation] {stage.name}: done ({stage.done})", flush=True)
             else:
-                if stage.partial is not None and stage.partial.exists():
-                    print(f"[ablation] {stage.name}: removing the unfinished output {stage.partial}", flush=True)
-                    shutil.rmtree(stage.partial)
-                start = time.time()
-                if stage.command is not None:
-                    cmd = stage.command()
-                    print(f"[ablation] {stage.name}: {' '.join(cmd)}", flush=True)
-                    rc = subprocess.call(cmd)
-                    if rc != 0:
-                        raise SystemExit(f"[ablation] stage {stage.name} failed (exit {rc}); rerun to continue from it")
-                    if stage.partial is not None:  # a predict stage: its writer has finished every shard
-                        stage.done.touch()
-                    command = " ".join(cmd)
-                else:
-                    print(f"[ablation] {stage.name}", flush=True)
-                    stage.fn()
-                    command = f"instaflow.tools.ablation:{stage.name}"
-                rec = write_record(timings, stage.name, command, start, time.time())
-                print(f"[ablation] {stage.name}: {rec['wall_s']:.1f} s", flush=True)
+                self.run_stage(stage)
             if stage.name == until:
                 break
+
+    def run_stage(self, stage: Stage) -> None:
+        """Run one stage (a subprocess or a function) and record its wall time."""
+        if stage.partial is not None and stage.partial.exists():
+            # never deleted: the writer renames each shard into place when complete and skips those on a rerun
+            print(f"[ablation] {stage.name}: continuing the unfinished output {stage.partial}", flush=True)
+        start = time.time()
+        if stage.command is not None:
+            cmd = stage.command()
+            print(f"[ablation] {stage.name}: {' '.join(cmd)}", flush=True)
+            rc = subprocess.call(cmd)
+            if rc != 0:
+                raise SystemExit(f"[ablation] stage {stage.name} failed (exit {rc}); rerun to continue from it")
+            if stage.partial is not None:  # a predict stage: its writer has finished every shard
+                stage.done.touch()
+            command = " ".join(cmd)
+        else:
+            print(f"[ablation] {stage.name}", flush=True)
+            stage.fn()
+            command = f"instaflow.tools.ablation:{stage.name}"
+        rec = write_record(self.root / "timings", stage.name, command, start, time.time())
+        print(f"[ablation] {stage.name}: {rec['wall_s']:.1f} s", flush=True)
 
     # --- scoring helpers -----------------------------------------------------------------------
 
@@ -345,7 +350,7 @@ class Ablation:
             "total_wall_s": round(sum(timings.values()), 1),
         }
         _write_json(self.results.with_suffix(".json"), res)
-        self.results.with_suffix(".md").write_text(ab.to_markdown(res))
+        atomic_write_text(self.results.with_suffix(".md"), ab.to_markdown(res))
         print(self.results.with_suffix(".md").read_text())
 
 
@@ -363,10 +368,8 @@ def _plain(o):
 
 
 def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_plain))
-    tmp.replace(path)
+    """``obj`` as JSON (numpy values as numbers), written atomically: a stage's record marks it done."""
+    atomic_write_text(path, json.dumps(obj, indent=2, default=_plain))
 
 
 def _machine() -> dict:

@@ -11,12 +11,12 @@ regenerated exactly: prompt i with seed s always starts from the same noise.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 from instaflow.evaluation.grids import captioned_grid, save_png
 from instaflow.models.sampler import TextToImage
+from instaflow.state import atomic_write_json
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -53,9 +53,9 @@ def main(argv: list[str] | None = None) -> Path:
     captions = [f"{q} [{a.steps} step{'s' if a.steps > 1 else ''}, w {a.guidance:g}, seed {s}]"
                 for q, s in zip(flat, seeds)]
     save_png(captioned_grid(images, captions, nrow=k, scale=a.scale), out / "grid.png")
-    (out / "generation.json").write_text(json.dumps({
+    atomic_write_json(out / "generation.json", {
         "model": a.model, "kind": model.kind, "steps": a.steps, "guidance": a.guidance, "bf16": a.bf16,
-        "seeds": list(range(a.seed, a.seed + k)), "prompts": prompts, "seconds": round(seconds, 3)}, indent=2))
+        "seeds": list(range(a.seed, a.seed + k)), "prompts": prompts, "seconds": round(seconds, 3)})
     print(f"{len(images)} images in {seconds:.2f} s -> {out}/")
     return out
 
