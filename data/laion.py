@@ -24,17 +24,18 @@ Caption filters (``CaptionFilters``: caption length, LAION's ``punsafe``, ``pwat
 ``similarity`` from each sample's ``.json``) drop samples the same way, each under its own reason
 (``filtered_<what>``, never a corrupt-data reason): ``skipped`` counts every dropped sample,
 ``filtered`` the part of it that the filters dropped.
+
+Shard bytes are untrusted: images are decoded as JPEG, PNG or WebP only (``data.images``), a
+``.json`` too large, too deep or not an object is bad metadata (``data.meta``), and a resampled
+stream whose shards hold no usable sample raises ``EmptyStreamError`` instead of spinning forever
+(``data.stream_guard``).
 """
 
 from __future__ import annotations
 
-import io
-import json
 import logging
-import math
 import random
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 import lightning as L
@@ -46,9 +47,14 @@ from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander
 from webdataset.utils import pytorch_worker_info
 
-log = logging.getLogger(__name__)
+from data.images import IMAGE_KEYS, load_image
+from data.meta import CaptionFilters, parse_meta
+from data.stream_guard import DryGuard, EmptyStreamError
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+__all__ = ["CaptionFilters", "EmptyStreamError", "IMAGE_KEYS", "LaionDataModule", "LaionStream", "collate",
+           "expand_shards", "load_image"]
+
+log = logging.getLogger(__name__)
 
 
 def expand_shards(spec: str | list[str]) -> list[str]:
@@ -58,73 +64,6 @@ def expand_shards(spec: str | list[str]) -> list[str]:
     for s in specs:
         urls.extend(expand_urls(s))
     return urls
-
-
-def load_image(data: bytes, resolution: int) -> torch.Tensor:
-    """Decode, resize the shorter side to ``resolution`` and centre-crop; (3, H, W) in [-1, 1]."""
-    img = Image.open(io.BytesIO(data))
-    img.load()  # decode now so a truncated file fails here
-    img = img.convert("RGB")
-    w, h = img.size
-    scale = resolution / min(w, h)
-    if scale != 1.0:
-        img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
-    w, h = img.size
-    left, top = (w - resolution) // 2, (h - resolution) // 2
-    img = img.crop((left, top, left + resolution, top + resolution))
-    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(resolution, resolution, 3)
-    return x.permute(2, 0, 1).float().div(127.5).sub(1.0)  # (3, H, W)
-
-
-@dataclass
-class CaptionFilters:
-    """Bounds on a sample's caption and LAION metadata (img2dataset's ``.json``); None = not filtered.
-
-    Caption length is in characters of the stripped caption. ``missing_field`` decides a sample
-    whose ``.json`` is absent or lacks a bounded field (or holds null/NaN there): "drop" (the
-    default: a sample that cannot be shown to pass is not used; counted as
-    ``filtered_missing_<field>``) or "keep".
-    """
-
-    min_caption_chars: int | None = None
-    max_caption_chars: int | None = None
-    max_punsafe: float | None = None      # LAION's NSFW probability
-    max_pwatermark: float | None = None   # LAION's watermark probability
-    min_similarity: float | None = None   # CLIP image-text cosine similarity (LAION's filter was 0.28)
-    missing_field: str = "drop"
-
-    def __post_init__(self) -> None:
-        if self.missing_field not in ("keep", "drop"):
-            raise ValueError(f"missing_field must be 'keep' or 'drop', got {self.missing_field!r}")
-
-    def reason(self, caption: str, meta: dict | None) -> str | None:
-        """The ``filtered_*`` reason that drops this sample, or None to keep it."""
-        n = len(caption)
-        if (self.min_caption_chars is not None and n < self.min_caption_chars) or (
-                self.max_caption_chars is not None and n > self.max_caption_chars):
-            return "filtered_caption_length"
-        for field, bound, is_max in (("punsafe", self.max_punsafe, True), ("pwatermark", self.max_pwatermark, True),
-                                     ("similarity", self.min_similarity, False)):
-            if bound is None:
-                continue
-            value = _number(meta.get(field) if isinstance(meta, dict) else None)
-            if value is None:
-                if self.missing_field == "drop":
-                    return f"filtered_missing_{field}"
-            elif (value > bound) if is_max else (value < bound):
-                return f"filtered_{field}"
-        return None
-
-
-def _number(value: Any) -> float | None:
-    """A finite float from a metadata value, else None (absent, null, NaN, not a number)."""
-    if isinstance(value, bool):
-        return None
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
 
 
 class LaionStream(IterableDataset):
@@ -149,6 +88,7 @@ class LaionStream(IterableDataset):
         self.report_empty = report_empty
         self.exclude = set(exclude)
         self.filters = CaptionFilters(**filters) if isinstance(filters, dict) else filters
+        self.spec = shards
         self.urls = expand_shards(shards)
         if not self.urls:
             raise ValueError(f"no shards match {shards!r}")
@@ -163,6 +103,8 @@ class LaionStream(IterableDataset):
         self._pending = 0
         self._pending_filtered = 0
         self._shard_failed = False
+        self.meta_dropped = 0  # samples kept without their unreadable ``.json`` (require_meta skips them instead)
+        self._guard = DryGuard(self.spec, self.urls)  # renewed by each iteration
         self.split_by_rank = split_by_rank  # False: every rank reads every shard (a fixed evaluation set)
 
     # -- shard selection -------------------------------------------------------------------
@@ -187,11 +129,8 @@ class LaionStream(IterableDataset):
     def _skip(self, reason: str, detail: Any = "") -> None:
         self.skips[reason] += 1
         self._pending += 1
-        n = self.skips[reason]
-        if n <= 5 or n & (n - 1) == 0:  # first few, then at powers of two
-            # a filter doing its job is not a data problem: info, not warning
-            level = logging.INFO if reason.startswith("filtered_") else logging.WARNING
-            log.log(level, "skipped a sample (%s, %d so far): %s", reason, n, detail)
+        self._guard.skipped(reason)
+        _say("skipped a sample", reason, self.skips[reason], detail)
 
     def _handler(self, exn: Exception) -> bool:
         if not self._shard_failed:  # a cut tar raises twice (member data, then next header): count once
@@ -210,12 +149,12 @@ class LaionStream(IterableDataset):
             return self._skip("bad_caption_encoding", key)
         if not caption:
             return self._skip("missing_caption", key)
-        meta = None
-        if "json" in raw:
-            try:
-                meta = json.loads(raw["json"])
-            except (ValueError, UnicodeDecodeError):
-                meta = None
+        meta, why = parse_meta(raw["json"]) if "json" in raw else (None, "")
+        if why and self.require_meta:
+            return self._skip("bad_meta", f"{key}: {why}")
+        if why:
+            self.meta_dropped += 1
+            _say("kept a sample without its metadata", "bad_meta", self.meta_dropped, f"{key}: {why}")
         if meta is None and self.require_meta:
             return self._skip("missing_meta", key)
         if self.filters is not None:
@@ -238,9 +177,10 @@ class LaionStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         self._pending = self._pending_filtered = 0
         self._worker = pytorch_worker_info()[2]
+        self._guard = DryGuard(self.spec, self.urls)
         select = (lambda f: not f.lower().endswith(tuple("." + k for k in IMAGE_KEYS))) if self.captions_only else None
         files = self._expand(self._open(self._shard_urls()), select)
-        samples = (s for s in (self._decode(r) for r in group_by_keys(files, handler=self._handler)) if s)
+        samples = self._usable(group_by_keys(files, handler=self._handler))
         if self.shuffle_buffer > 1:
             samples = self._shuffle(samples)
         prev = None  # one sample of lookahead, so skips after the last sample are reported too
@@ -262,26 +202,41 @@ class LaionStream(IterableDataset):
             log.warning("%d samples skipped and no sample left to report them on (report_empty=True counts them)",
                         self._pending)
 
+    def _usable(self, raws: Iterator[dict]) -> Iterator[dict]:
+        """The decoded samples that are usable; a resampled stream that can never yield one raises (``DryGuard``)."""
+        for raw in raws:
+            sample = self._decode(raw)
+            if sample is not None:
+                self._guard.usable()
+                yield sample
+            elif self.resampled:
+                self._guard.check()
+
     def _expand(self, sources: Iterator[dict], select) -> Iterator[dict]:
         """Members of each shard, then an end-of-shard marker, also after a read error (webdataset
         omits it then, and would merge a cut sample into the next shard's first one)."""
         for source in sources:
             self._shard_failed = False
+            self._guard.shard_start()
             yield from tar_file_expander([source], handler=self._handler, select_files=select, eof_value=None)
             yield {}
+            # resumed only after the shard's last sample was decoded: the guard knows whether it gave one
+            self._shard_read(source["url"])
+
+    def _shard_read(self, url: str) -> None:
+        self._guard.shard_end(url)
+        if self.resampled:
+            self._guard.check()
 
     def _open(self, urls: Iterator[str]) -> Iterator[dict]:
-        failures = 0  # consecutive: a stream whose every shard fails must stop, not spin
         for url in urls:
             try:
                 stream = gopen(url)
             except Exception as exn:
                 self._skip("unreadable_shard", f"{url}: {exn!r}")
-                failures += 1
-                if failures >= max(10, 2 * len(self.urls)):
-                    raise RuntimeError(f"{failures} shards in a row could not be opened, last {url}: {exn!r}") from exn
+                self._guard.shard_start()
+                self._shard_read(url)
                 continue
-            failures = 0
             yield {"url": url, "stream": stream}
 
     def _shuffle(self, samples: Iterator[dict]) -> Iterator[dict]:
@@ -297,6 +252,13 @@ class LaionStream(IterableDataset):
             yield s
         rng.shuffle(buf)
         yield from buf
+
+
+def _say(what: str, reason: str, n: int, detail: Any) -> None:
+    """Log the first few of a kind, then at powers of two; a filter doing its job at INFO, bad data at WARNING."""
+    if n <= 5 or n & (n - 1) == 0:
+        level = logging.INFO if reason.startswith("filtered_") else logging.WARNING
+        log.log(level, "%s (%s, %d so far): %s", what, reason, n, detail)
 
 
 def collate(samples: list[dict]) -> dict:
