@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from data.shards import write_tar
+from instaflow.state import atomic_write_json, read_json
 
 SHAPES = ("circle", "square", "triangle", "cross")
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange")
@@ -195,8 +196,18 @@ def write_shard(path: Path, shard: int, split_seed: int, start: int, count: int,
         "duration": round(time.time() - t0, 3), "start_time": t0, "end_time": time.time(),
         "status_dict": {"success": count}, "split_seed": split_seed, "first_index": start,
     }
-    path.with_name(f"{shard:05d}_stats.json").write_text(json.dumps(stats, indent=1))
+    atomic_write_json(_stats_path(path, shard), stats, indent=1)  # written last: it marks the shard complete
     return stats
+
+
+def _stats_path(path: Path, shard: int) -> Path:
+    return path.with_name(f"{shard:05d}_stats.json")
+
+
+def shard_complete(path: Path, shard: int) -> bool:
+    """Whether a shard and its completion mark exist, the mark readable (a cut mark of older code means redo)."""
+    stats = read_json(_stats_path(path, shard))
+    return path.is_file() and isinstance(stats, dict) and isinstance(stats.get("count"), int)
 
 
 def write_split(out_dir: str | Path, split: str, num_samples: int, samples_per_shard: int = 1000,
@@ -212,7 +223,7 @@ def write_split(out_dir: str | Path, split: str, num_samples: int, samples_per_s
     for shard in tqdm(range(n_shards), desc=f"shapes/{split}", disable=not progress):
         path = split_dir / f"{shard:05d}.tar"
         paths.append(path)
-        if path.exists() and path.with_name(f"{shard:05d}_stats.json").exists():
+        if shard_complete(path, shard):
             continue
         start = shard * samples_per_shard
         write_shard(path, shard, split_seed, start, min(samples_per_shard, num_samples - start), resolution,
