@@ -40,7 +40,6 @@ from typing import Any, Iterator
 
 import lightning as L
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
