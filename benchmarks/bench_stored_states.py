@@ -21,7 +21,7 @@ def main() -> dict:
     from instaflow.flow.noise import latent_shape
     from lightning_modules.reflow import ReflowTraining
 
-    model = ReflowTraining("assets/embedded-sd", parameterization="velocity_wrapper", text_cache_size=0,
+    model = ReflowTraining("assets/embedded-sd", parameterization="velocity_wrapper", text_cache_mb=0,
                            caption_dropout=0.1)
     model.configure_model()
     opt = torch.optim.AdamW(model.unet.parameters(), lr=1e-5)

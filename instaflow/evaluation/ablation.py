@@ -51,7 +51,7 @@ class EvalRow:
 
     @property
     def nfe(self) -> int:
-        return self.steps * (2 if self.guidance > 1 else 1)
+        return self.steps * (2 if self.guidance != 1 else 1)  # every w != 1 runs the unconditional pass
 
 
 @dataclass(frozen=True)

@@ -133,7 +133,7 @@ def latency(models_: dict, prompt: str, batch_size: int, rounds: int, warmup: in
 
 def nfe(row: Row) -> int:
     """UNet evaluations per image: one per step (DPM-Solver++(2M) and Euler), doubled under guidance."""
-    return row.steps * (2 if row.guidance > 1.0 else 1)
+    return row.steps * (2 if row.guidance != 1.0 else 1)  # every w != 1 runs the unconditional pass too
 
 
 def to_markdown(results: dict) -> str:

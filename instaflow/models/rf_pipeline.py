@@ -30,6 +30,7 @@ from __future__ import annotations
 import inspect
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -183,7 +184,7 @@ class RectifiedFlowPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     def guided_velocity(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
                         guidance_scale: float) -> torch.Tensor:
-        """v_u + w (v_c - v_u) when w > 1 (one batched pass); the conditional velocity alone otherwise."""
+        """v_u + w (v_c - v_u) for every w != 1 (one batched pass); the conditional velocity alone at w = 1."""
         if uncond is None:
             return self.velocity(x, t, cond)
         v_u, v_c = self.velocity(torch.cat([x, x]), torch.cat([t, t]), self._cat_cond(uncond, cond)).chunk(2)
@@ -209,7 +210,7 @@ class RectifiedFlowPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         states, pooled = self.encode_prompt_xl(prompts)
         cond = (states.to(dtype), pooled.to(dtype), ids)
         uncond = None
-        if guidance_scale > 1.0:
+        if guidance_scale != 1.0:
             if negative_prompt is None and self.config.force_zeros_for_empty_prompt:
                 uncond = (torch.zeros_like(cond[0]), torch.zeros_like(cond[1]), ids)
             else:
@@ -221,13 +222,13 @@ class RectifiedFlowPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     def _conditioning(self, prompts: list[str], negative_prompt, guidance_scale: float, num_images_per_prompt: int,
                       size: tuple[int, int]):
-        """(cond, uncond) text states of the prompts; uncond (``negative_prompt``, default "") only when w > 1."""
+        """(cond, uncond) text states of the prompts; uncond (``negative_prompt``, default "") for every w != 1."""
         if self.is_xl:
             return self._conditioning_xl(prompts, negative_prompt, guidance_scale, num_images_per_prompt, size)
         dtype, n = self.unet.dtype, len(prompts)
         cond = self.encode_prompt(prompts).to(dtype)
         uncond = None
-        if guidance_scale > 1.0:
+        if guidance_scale != 1.0:
             neg = negative_prompt if negative_prompt is not None else ""
             if isinstance(neg, str):  # one prompt: encoded once (as the project encodes "")
                 uncond = self.encode_prompt([neg]).expand(n, -1, -1).to(dtype)
@@ -268,7 +269,7 @@ class RectifiedFlowPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         """Euler from t = 0 to 1 in ``num_inference_steps`` steps of dt = 1/N.
 
         Args:
-            guidance_scale: w; with w > 1 v = v_u + w (v_c - v_u), the unconditional prompt being
+            guidance_scale: w, finite and >= 0; with w != 1 v = v_u + w (v_c - v_u), the unconditional prompt being
                 ``negative_prompt`` (default ""); with w <= 1 no unconditional pass runs (one-step InstaFlow).
             seeds: per-image noise seeds, one per image in prompt-major order; an int s gives image j
                 of every prompt seed s + j. Same seed, same image as the InstaFlow project's ``generate``.
@@ -280,6 +281,14 @@ class RectifiedFlowPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             raise ValueError(f"output_type must be pil, np, pt or latent, got {output_type!r}")
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if not (float(guidance_scale) >= 0.0 and float(guidance_scale) != float("inf")):  # NaN fails ">="
+            raise ValueError(f"guidance_scale must be a finite number >= 0 (1 = no guidance), got {guidance_scale!r}")
+        if guidance_scale < 1.0:
+            # diffusers pipelines and InstaFlow's own examples read w <= 1 as "no guidance" (w = 0 there is the
+            # conditional model); here the formula holds for every w, so w = 0 is the unconditional model
+            warnings.warn(f"guidance_scale {guidance_scale:g} < 1 interpolates towards the unconditional model "
+                          "(v_u + w (v_c - v_u); 0 = unconditional): pass 1.0 for the conditional model alone",
+                          stacklevel=2)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         n, device = len(prompts), self._execution_device

@@ -185,3 +185,29 @@ def test_export_refuses_a_diffusion_teacher(tiny_sd_folder, tmp_path):
     with pytest.raises(ValueError, match="diffusion teacher .*kind 'ddpm'"):
         export_tool.export(str(tiny_sd_folder), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_pipeline_guidance_below_one_follows_the_formula_warns_and_nan_is_refused(tiny_sd_components):
+    """The exported pipeline's guidance is the project's: v_u + w (v_c - v_u) for every w != 1 (w = 0.5 is the
+    mean of the conditional and unconditional velocities), with a warning below 1 (diffusers reads w <= 1 as
+    "no guidance"); NaN or a negative w is refused instead of silently turning guidance off."""
+    from diffusers import DDPMScheduler
+
+    from instaflow.models.rf_pipeline import RectifiedFlowPipeline
+
+    c = tiny_sd_components
+    pipe = RectifiedFlowPipeline(vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=c["tokenizer"],
+                                 unet=c["unet"], scheduler=DDPMScheduler.from_config(c["scheduler_config"]),
+                                 kind="ddpm_velocity")
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=1, seeds=[3], output_type="latent")
+    with pytest.warns(UserWarning, match="interpolates towards the unconditional model"):
+        half = pipe(PROMPTS[0], guidance_scale=0.5, **kw).images
+    cond = pipe(PROMPTS[0], guidance_scale=1.0, **kw).images
+    with pytest.warns(UserWarning):
+        uncond = pipe(PROMPTS[0], guidance_scale=0.0, **kw).images
+    assert not torch.allclose(cond, uncond)  # before, w = 0 and w = 0.5 both silently gave the conditional image
+    torch.testing.assert_close(half, (cond + uncond) / 2, atol=1e-5, rtol=0)  # one Euler step is linear in v
+    for bad in (float("nan"), -1.0, float("inf")):
+        with pytest.raises(ValueError, match="guidance_scale must be a finite number >= 0"):
+            pipe(PROMPTS[0], guidance_scale=bad, **kw)
