@@ -1,7 +1,8 @@
 """Write couplings (seed or x0, x1 latent, caption) as WebDataset shards, resumably.
 
 Output shard k holds exactly the samples of input shard k (same file name), written by the rank
-that read it, to a temporary name and renamed when complete, with ``{name}_stats.json`` last. A
+that read it, to a temporary name and renamed when complete (``instaflow.state``: same folder, fsync,
+``os.replace``), with ``{name}_stats.json`` last, written the same way. A
 rerun excludes the input shards whose outputs are complete, so a killed job loses and duplicates
 nothing: a half-written shard is simply regenerated. Each shard's stats file lists its keys and the
 rank that wrote it, and each rank writes ``manifest_rank{r}.json`` (the shards and keys it wrote in
@@ -25,6 +26,7 @@ from data.laion import expand_shards
 from data.shards import npy_bytes, write_tar
 from instaflow.contracts import DescribesCouplings
 from instaflow.evaluation.grids import captioned_grid, save_png
+from instaflow.state import atomic_write_json, read_json
 
 
 def shard_name(url: str) -> str:
@@ -54,7 +56,10 @@ class CouplingWriter(BasePredictionWriter):
 
     # -- resume ----------------------------------------------------------------------------
     def is_done(self, url: str) -> bool:
-        return (self.output_dir / f"{Path(self.name_of(url)).stem}_stats.json").exists()
+        """Complete: its shard and a readable stats mark exist (a mark cut by a kill, or a lost shard, means redo)."""
+        name = self.name_of(url)
+        stats = read_json(self.output_dir / f"{Path(name).stem}_stats.json")
+        return isinstance(stats, dict) and "count" in stats and (self.output_dir / name).is_file()
 
     def name_of(self, url: str) -> str:
         return self._names.get(url) or shard_name(url)
@@ -83,7 +88,7 @@ class CouplingWriter(BasePredictionWriter):
 
         if trainer.is_global_zero:  # the model is configured by now
             meta = pl_module.metadata() if isinstance(pl_module, DescribesCouplings) else {}
-            (self.output_dir / "generation.json").write_text(json.dumps(meta, indent=2))
+            atomic_write_json(self.output_dir / "generation.json", meta)
 
         self._t0, self._n, self._skips, self._grid_logged = time.time(), 0, 0, False
         self._bar = tqdm(desc=f"couplings (rank {trainer.global_rank})", unit="pair",
@@ -152,9 +157,7 @@ class CouplingWriter(BasePredictionWriter):
         keys = sorted(s["key"] for s in samples)
         stats = {"count": len(samples), "source": url, "written_at": time.time(), "rank": self._rank,
                  "world_size": self._world, "keys": keys}
-        tmp = self.output_dir / f"{Path(name).stem}_stats.json.tmp"
-        tmp.write_text(json.dumps(stats))
-        os.replace(tmp, self.output_dir / f"{Path(name).stem}_stats.json")  # marks the shard complete
+        atomic_write_json(self.output_dir / f"{Path(name).stem}_stats.json", stats, indent=None)  # marks it complete
         self._written[name] = keys
 
     def on_predict_end(self, trainer, pl_module) -> None:
@@ -164,9 +167,7 @@ class CouplingWriter(BasePredictionWriter):
         self._bar.close()
         manifest = {"rank": self._rank, "world_size": self._world, "shards": self._written,
                     "count": sum(len(k) for k in self._written.values()), "skipped_complete": self._skipped_done}
-        tmp = self.output_dir / f"manifest_rank{self._rank}.json.tmp"
-        tmp.write_text(json.dumps(manifest, indent=1))
-        os.replace(tmp, self.output_dir / f"manifest_rank{self._rank}.json")
+        atomic_write_json(self.output_dir / f"manifest_rank{self._rank}.json", manifest, indent=1)
         for logger in trainer.loggers:
             logger.save()
         if trainer.is_global_zero:
