@@ -26,7 +26,7 @@ from data.laion import expand_shards
 from data.shards import npy_bytes, write_tar
 from instaflow.contracts import DescribesCouplings
 from instaflow.evaluation.grids import captioned_grid, save_png
-from instaflow.state import atomic_write_json, read_json
+from instaflow.state import atomic_write_json, read_json, remove_stale_temporaries
 
 
 def shard_name(url: str) -> str:
@@ -74,6 +74,7 @@ class CouplingWriter(BasePredictionWriter):
             names = [f"{zlib.crc32(u.encode()):08x}_{n}" for u, n in zip(urls, names)]
         self._names = dict(zip(urls, names))
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.output_dir)  # half-written shards of killed writers on this machine
         done = {u for u in urls if self.is_done(u)}
         dm.exclude_shards["predict"] = done
         self._rank, self._world = trainer.global_rank, trainer.world_size

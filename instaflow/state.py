@@ -22,16 +22,28 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-TMP_MARK = ".tmp-"  # temporary names: ".<name>.tmp-<pid>-<random>"
-OLD_MARK = ".old-"  # a replaced folder kept aside: ".<name>.old-<pid>-<random>"
+TMP_MARK = ".tmp-"  # temporary names: ".<name>.tmp-<host>-<pid>-<random>"
+OLD_MARK = ".old-"  # a replaced folder kept aside: ".<name>.old-<host>-<pid>-<random>"
 
 
-def _sibling(path: Path, mark: str) -> Path:
-    return path.parent / f".{path.name}{mark}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+def _host() -> str:
+    """This machine's name as it goes into temporary names (no separators that could confuse the parse)."""
+    return "".join(c if c.isalnum() or c == "." else "_" for c in socket.gethostname())[:64] or "host"
+
+
+def sibling(path: str | Path, mark: str = TMP_MARK) -> Path:
+    """A new hidden name beside ``path`` that says which process made it (host, pid), so that its leftovers can
+    be told apart from a live writer's, also on a filesystem shared by several machines."""
+    path = Path(path)
+    return path.parent / f".{path.name}{mark}{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+_sibling = sibling
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -194,11 +206,16 @@ def recover_folder(path: str | Path) -> Path | None:
 
 
 def _owner_alive(name: str) -> bool:
-    """Whether the process that named a temporary entry (``...<mark><pid>-<random>``) is alive here (not us)."""
+    """Whether the process that named a temporary entry (``...<mark><host>-<pid>-<random>``) may still be writing
+    it: True for another machine's entry (its process cannot be checked from here), else whether that pid lives."""
     try:
-        pid = int(name.rsplit("-", 2)[-2])
-    except (ValueError, IndexError):
-        return False
+        host, pid, _ = name.rsplit("-", 2)
+        pid = int(pid)
+    except ValueError:
+        return False  # not one of ours (or the old "<pid>-<random>" form): nobody writes it any more
+    mark = TMP_MARK if TMP_MARK in host else OLD_MARK
+    if mark not in host or host.split(mark, 1)[1] != _host():
+        return mark in host
     if pid == os.getpid():
         return False
     try:
@@ -208,6 +225,25 @@ def _owner_alive(name: str) -> bool:
     except (PermissionError, OSError):
         return True
     return True
+
+
+def remove_stale_temporaries(folder: str | Path) -> int:
+    """Delete the temporary files and folders (``.<name>.tmp-...``) that dead writers on this machine left in
+    ``folder``; returns how many. Another machine's entries and live writers' are left alone."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    n = 0
+    for p in folder.iterdir():
+        if not (p.name.startswith(".") and TMP_MARK in p.name) or _owner_alive(p.name):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                p.unlink()
+        n += 1
+    return n
 
 
 def _fsync_tree(root: Path) -> None:

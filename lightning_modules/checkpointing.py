@@ -16,8 +16,6 @@
 
 from __future__ import annotations
 
-import os
-import uuid
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -29,7 +27,7 @@ from torch.distributed.checkpoint import save as dcp_save
 
 from instaflow.collective import every_rank_raises, on_rank_zero
 from instaflow.models.checkpoints import META, load_file, refuse_non_finite, validate_folder
-from instaflow.state import TMP_MARK, atomic_file, fsync_dir, recover_folder, replace_folder
+from instaflow.state import TMP_MARK, atomic_file, fsync_dir, recover_folder, replace_folder, sibling
 
 
 def _remote(path: Any) -> bool:
@@ -72,7 +70,7 @@ def install_atomic_io(strategy: Any) -> str | None:
 
 def _temp_beside(path: Path) -> Path:
     """A new temporary folder name beside ``path`` (``instaflow.state``'s naming: cleaned up once its owner died)."""
-    return path.parent / f".{path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return sibling(path, TMP_MARK)
 
 
 def _prepare(path: Path) -> str:

@@ -111,3 +111,32 @@ def test_atomic_write_is_fast_enough_to_use_everywhere(tmp_path):
     assert json.loads((tmp_path / "r.json").read_text()) == {"i": 49}
     assert os.listdir(tmp_path) == ["r.json"]
     assert time.perf_counter() - t0 < 30
+
+
+def test_stale_temporaries_of_dead_writers_here_are_removed_others_kept(tmp_path):
+    """Temporary names carry host and pid: a dead writer's leftovers on this machine go, a live writer's and
+    another machine's (a filesystem shared by nodes, whose pids mean nothing here) stay."""
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        here = state._host()
+        names = {"dead_file": f".00001.tar{state.TMP_MARK}{here}-{dead}-aaaa0000",
+                 "live_file": f".00002.tar{state.TMP_MARK}{here}-{live.pid}-bbbb0000",
+                 "other_host": f".00003.tar{state.TMP_MARK}some-other-node.{socket.gethostname()}x-{dead}-cccc0000",
+                 "old_form": f".00004.tar{state.TMP_MARK}{dead}-dddd0000"}
+        for key, name in names.items():
+            (tmp_path / name).write_text(key)
+        (tmp_path / f".ckpt{state.TMP_MARK}{here}-{dead}-eeee0000").mkdir()
+        (tmp_path / "00001.tar").write_text("complete")
+        assert state.remove_stale_temporaries(tmp_path) == 3
+        left = sorted(p.name for p in tmp_path.iterdir())
+        assert left == sorted(["00001.tar", names["live_file"], names["other_host"]])
+    finally:
+        live.kill()
+        live.wait()
+    assert state.sibling(tmp_path / "x.tar").name.startswith(f".x.tar{state.TMP_MARK}{state._host()}-")

@@ -158,7 +158,11 @@ def build_app(gen: Generator, debounce_s: float = 0.25, prompt: str = DEFAULT_PR
     import os
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline machines: no usage calls home
-    import gradio as gr
+    try:
+        import gradio as gr
+    except ImportError as exn:  # an extra: a training install need not carry a web framework
+        raise SystemExit("demo: Gradio is not installed; it comes with the demo extra: pip install -e '.[demo]' "
+                         "(make demo installs it into .venv)") from exn
 
     debouncer = Debouncer(debounce_s)
 

@@ -160,7 +160,9 @@ def srun_line(stage: Stage, world: World, requeue: bool = True) -> str:
     if parts is None:
         return _join(stage.command)  # once, on the first node (the batch step)
     prefix, call = parts
-    srun = ["srun", f"--nodes={world.nodes}", f"--ntasks-per-node={world.devices}"]
+    # --kill-on-bad-exit: a task that stops before the process group exists (a refused resume, a bad config on
+    # one rank) ends the step instead of leaving the other tasks waiting at the rendezvous until the time limit
+    srun = ["srun", "--kill-on-bad-exit=1", f"--nodes={world.nodes}", f"--ntasks-per-node={world.devices}"]
     extra = world.overrides() + ["--trainer.default_root_dir", _stage_root(stage)]
     if not requeue:
         extra += ["--trainer.plugins", NO_REQUEUE_PLUGIN]

@@ -85,7 +85,7 @@ def test_coupling_generation_writes_every_key_once_and_regenerates_noise(tiny_wo
     gen_pairs(tmp_path, tiny_world, str(tiny_sd_folder), out, store_noise=True)
     pairs = read_pairs(out)
     assert len(pairs) == 64 and sorted(out.glob("*.tar")) == [out / f"{i:05d}.tar" for i in range(4)]
-    assert len(list(out.glob("*_stats.json"))) == 4 and not list(out.glob("*.tmp"))
+    assert len(list(out.glob("*_stats.json"))) == 4 and not list(out.glob(".*.tmp-*"))
     meta = json.loads((out / "generation.json").read_text())
     assert meta["steps"] == 3 and meta["guidance"] == 3.0 and "w * (out_c - out_u)" in meta["guidance_formula"]
     for key, files in list(pairs.items())[:5]:
@@ -108,6 +108,19 @@ def test_coupling_generation_writes_every_key_once_and_regenerates_noise(tiny_wo
     assert grid.exists() and grid.stat().st_size > 0
 
 
+
+def dead_writers_temporary(name: str) -> str:
+    """The hidden name a writer killed on this machine leaves (``instaflow.state``: host, a pid now dead)."""
+    import subprocess
+    import sys
+
+    from instaflow import state
+
+    pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                         text=True).stdout.strip()
+    return f".{name}{state.TMP_MARK}{state._host()}-{pid}-0badc0de"
+
+
 def test_killed_coupling_generation_resumes_without_loss_or_duplicates(tiny_world, tiny_sd_folder, tmp_path):
     """Simulate a kill: one shard complete, one half-written (.tmp), two missing; rerun fills exactly the gaps."""
     out = tmp_path / "pairs"
@@ -116,12 +129,12 @@ def test_killed_coupling_generation_resumes_without_loss_or_duplicates(tiny_worl
     keep = (out / "00001.tar").stat().st_mtime_ns
     for i in (0, 2, 3):
         (out / f"{i:05d}_stats.json").unlink()  # the writer dies before marking these complete
-    (out / "00002.tar").rename(out / "00002.tar.tmp")  # and mid-way through this one
+    (out / "00002.tar").rename(out / dead_writers_temporary("00002.tar"))  # and mid-way through this one
     (out / "00003.tar").unlink()
     gen_pairs(tmp_path, tiny_world, str(tiny_sd_folder), out)
     again = read_pairs(out)
     assert sorted(again) == sorted(full)  # every key, once (keys are unique per dict; count members too)
-    assert sum(1 for _ in out.glob("*.tar")) == 4 and not list(out.glob("*.tmp"))
+    assert sum(1 for _ in out.glob("*.tar")) == 4 and not list(out.glob(".*.tmp-*"))
     assert (out / "00001.tar").stat().st_mtime_ns == keep  # the complete shard was skipped
     for key in full:  # deterministic: regenerated couplings are identical
         assert full[key]["x1.npy"] == again[key]["x1.npy"]

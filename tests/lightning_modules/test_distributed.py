@@ -21,7 +21,7 @@ import yaml
 from torch.utils.data import DataLoader, IterableDataset
 
 from tests.conftest import ROOT, reference_and_sharded
-from tests.lightning_modules.test_chain import BASE, cli, read_pairs, tiny_yaml
+from tests.lightning_modules.test_chain import BASE, cli, dead_writers_temporary, read_pairs, tiny_yaml
 
 FSDP2 = str(ROOT / "experiments" / "sharding" / "fsdp2.yaml")
 B = 4  # per-rank batch; the global batch is 2 * B on both sides of a comparison
@@ -251,12 +251,12 @@ def test_two_rank_coupling_generation_writes_every_key_once_and_resumes(tiny_wor
 
     # the kill: rank 1 died inside shard 3 (half-written .tmp), rank 0 after writing shard 2 but before marking it
     keep = {n: (out / n).stat().st_mtime_ns for n in ("00000.tar", "00001.tar")}
-    (out / "00003.tar").rename(out / "00003.tar.tmp")
+    (out / "00003.tar").rename(out / dead_writers_temporary("00003.tar"))
     (out / "00003_stats.json").unlink()
     (out / "00002_stats.json").unlink()
     run_2proc(args)
     again = read_pairs(out)
-    assert sorted(again) == expected and not list(out.glob("*.tmp"))
+    assert sorted(again) == expected and not list(out.glob(".*.tmp-*"))
     assert sum(len(tarfile.open(p).getnames()) for p in out.glob("*.tar")) == 4 * 64  # txt, json, x1, states once each
     assert {n: (out / n).stat().st_mtime_ns for n in keep} == keep  # complete shards were skipped
     manifests = [json.loads((out / f"manifest_rank{r}.json").read_text()) for r in (0, 1)]

@@ -181,7 +181,8 @@ def check_quality_callback(exp: Path, trainer, model, quality, tiny_world, clip:
     quality._set = quality.prompts.load()
     stub = SimpleNamespace(global_rank=0, world_size=1, global_step=0, callback_metrics={}, log_dir=None, loggers=[],
                            default_root_dir=str(trainer.default_root_dir),
-                           strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj, root_device=torch.device("cpu")))
+                           strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj, root_device=torch.device("cpu"),
+                                                    is_global_zero=True))
     quality._score(stub, model)
     got = {k: v.item() for k, v in stub.callback_metrics.items()}
     tags = [f"euler{s.steps}_w{s.guidance:g}" for s in quality.settings]

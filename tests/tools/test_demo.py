@@ -248,3 +248,21 @@ def test_demo_in_a_real_browser(demo_server, browser, tmp_path):
     shot.parent.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(shot))
     assert shot.stat().st_size > 10_000
+
+
+def test_without_gradio_the_demo_names_the_extra(monkeypatch):
+    """Gradio is the [demo] extra, not a training dependency: without it the demo says how to get it."""
+    import builtins
+
+    from instaflow.tools import demo
+
+    real_import = builtins.__import__
+
+    def no_gradio(name, *args, **kwargs):
+        if name == "gradio" or name.startswith("gradio."):
+            raise ImportError("No module named 'gradio'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_gradio)
+    with pytest.raises(SystemExit, match=r"pip install -e '\.\[demo\]'"):
+        demo.build_app(gen=None)

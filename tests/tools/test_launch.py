@@ -68,10 +68,10 @@ def test_slurm_submission_writes_the_job_script_and_returns_the_job_id(fake_slur
     srun = [line.strip() for line in lines if "srun" in line and not line.startswith("#")]
     assert len(srun) == 2
     assert srun[0] == (f"{PY} -m lightning_modules.cli predict -c base.yaml -c pairs.yaml".replace(
-        PY, f"srun --nodes=2 --ntasks-per-node=8 {PY}", 1) + " --trainer.num_nodes 2 --trainer.devices 8 "
+        PY, f"srun --kill-on-bad-exit=1 --nodes=2 --ntasks-per-node=8 {PY}", 1) + " --trainer.num_nodes 2 --trainer.devices 8 "
         '--trainer.default_root_dir "$RUN_ROOT"/pairs' f" && touch {tmp_path}/pairs/.done")
     assert f'RUN_ROOT={tmp_path}/slurm/"$RUN_ID"' in lines  # the run folder: one fixed line of the script
-    assert srun[1].startswith(f"{PY} -m instaflow.tools.timed {tmp_path}/timings reflow -- srun --nodes=2 ")
+    assert srun[1].startswith(f"{PY} -m instaflow.tools.timed {tmp_path}/timings reflow -- srun --kill-on-bad-exit=1 --nodes=2 ")
     assert srun[1].endswith("fit -c base.yaml -c reflow.yaml --trainer.num_nodes 2 --trainer.devices 8 "
                             '--trainer.default_root_dir "$RUN_ROOT"/reflow')
     assert f"{PY} -c pass" in lines  # not a CLI call: runs once, on the batch node, without srun
@@ -94,7 +94,7 @@ def test_job_script_runs_stages_in_order_skips_finished_ones_and_keys_requeue_fo
     env.pop("SLURM_ARRAY_JOB_ID", None)
     subprocess.run(["bash", "-c", script], env=env, check=True, cwd=tmp_path)
     calls = (fake_slurm / "srun_calls").read_text().splitlines()
-    assert calls == [f"--nodes=2 --ntasks-per-node=4 {PY} -m lightning_modules.cli predict -c base.yaml -c pairs.yaml "
+    assert calls == [f"--kill-on-bad-exit=1 --nodes=2 --ntasks-per-node=4 {PY} -m lightning_modules.cli predict -c base.yaml -c pairs.yaml "
                      "--trainer.num_nodes 2 --trainer.devices 4 --trainer.default_root_dir runs/slurm/4242/pairs"]
     assert (tmp_path / "pairs" / ".done").exists()  # the marker is written after success
     # run again (a requeue): the finished stage is skipped too, srun is not called again

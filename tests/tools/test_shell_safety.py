@@ -61,8 +61,8 @@ def test_cli_stage_under_srun_gets_literal_arguments_and_the_job_keyed_folder(tm
     env.pop("SLURM_ARRAY_JOB_ID", None)
     subprocess.run(["bash", "-c", script], env=env, check=True, cwd=tmp_path)
     args = received(tmp_path)
-    assert args[:6] == ["--nodes=1", "--ntasks-per-node=2", PY, "-m", launch.CLI_MODULE, "fit"]
-    assert args[6:6 + len(HOSTILE)] == HOSTILE and pwned(tmp_path) == []
+    assert args[:7] == ["--kill-on-bad-exit=1", "--nodes=1", "--ntasks-per-node=2", PY, "-m", launch.CLI_MODULE, "fit"]
+    assert args[7:7 + len(HOSTILE)] == HOSTILE and pwned(tmp_path) == []
     assert args[-2:] == ["--trainer.default_root_dir", "runs/x y/7/fit"]
 
 

@@ -131,7 +131,7 @@ def test_sweep_as_a_slurm_array(tmp_path, monkeypatch, capsys):
                       "--gpus-per-node", "4", "--partition", "gpu", "--dry-run"])
     assert "#SBATCH --array=0-3" in out and "#SBATCH --output=runs/slurm/%x-%A_%a.out" in out
     assert "#SBATCH --job-name=sweep-reflow_lr" in out and "#SBATCH --signal=SIGUSR1@90" in out
-    assert out.count("srun --nodes=1 --ntasks-per-node=4") == 4
+    assert out.count("srun --kill-on-bad-exit=1 --nodes=1 --ntasks-per-node=4") == 4
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text(f'#!/bin/bash\necho "$@" > {tmp_path}/srun_call\n')
