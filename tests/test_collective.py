@@ -39,7 +39,8 @@ WORKER = textwrap.dedent("""
             print(f"rank {rank} ok", flush=True)
     except Exception as exn:
         print(f"rank {rank} raised {type(exn).__name__}: {exn}", flush=True)
-        sys.exit(3)
+        # exit at once: an interpreter shutdown racing gloo's threads can abort (SIGABRT) after the message
+        os._exit(3)
 """)
 
 

@@ -133,7 +133,7 @@ def test_stages_resume_and_never_redo_a_finished_stage(tmp_path, monkeypatch):
             return [tool.Stage("first", tmp_path / "first.done", fn=lambda: (calls.append("first"),
                                                                               (tmp_path / "first.done").touch())),
                     tool.Stage("writer", out / ".done", lambda: [sys.executable, "-c",
-                                                                 f"import pathlib; pathlib.Path({str(out)!r}).mkdir(); "
+                                                                 f"import pathlib; pathlib.Path({str(out)!r}).mkdir(exist_ok=True); "
                                                                  f"pathlib.Path({str(out)!r}, 'a.tar').write_text('x')"],
                                partial=out),
                     tool.Stage("boom", tmp_path / "boom.done", fn=lambda: (_ for _ in ()).throw(RuntimeError("killed")))]
@@ -144,7 +144,8 @@ def test_stages_resume_and_never_redo_a_finished_stage(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="killed"):
         t.run()
     assert calls == ["first"]
-    assert sorted(p.name for p in out.iterdir()) == [".done", "a.tar"]  # the partial output was removed first
+    # the unfinished output is kept for the writer to continue (it skips complete shards), not deleted
+    assert sorted(p.name for p in out.iterdir()) == [".done", "a.tar", "half_written.tar"]
     timings = sorted(p.stem for p in (tmp_path / "root" / "timings").glob("*.json"))
     assert timings == ["first", "writer"]  # the failed stage left no record
     with pytest.raises(RuntimeError):
