@@ -8,6 +8,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from instaflow.flow.checks import checked_number
+
 
 class EMA(Callback):
     """EMA of ``pl_module.<attr>``'s trainable parameters (element-wise, so it works on local shards).
@@ -24,9 +26,10 @@ class EMA(Callback):
     """
 
     def __init__(self, decay: float = 0.999, attr: str = "unet", warmup: bool = True) -> None:
-        if not (isinstance(decay, (int, float)) and not isinstance(decay, bool) and 0.0 <= decay < 1.0):
-            raise ValueError(f"EMA decay must be a number in [0, 1) (e.g. 0.999; 0 keeps the latest weights), "
-                             f"got {decay!r}")
+        if isinstance(decay, bool):
+            raise ValueError(f"EMA decay must be a number in [0, 1), got {decay!r}")
+        checked_number(decay, "EMA decay", lambda v: 0.0 <= v < 1.0,
+                       "a number in [0, 1) (e.g. 0.999; 0 keeps the latest weights)")
         self.decay = decay
         self.attr = attr
         self.warmup = warmup

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from instaflow.flow.checks import checked_number
 from instaflow.flow.losses import l2_loss, pseudo_huber_loss
-from instaflow.flow.schedules import check_nonnegative
 from instaflow.models import loading
 from instaflow.models.perceptual import PerceptualLoss, resize_images
 from lightning_modules.student import FlowStudent
@@ -37,8 +37,8 @@ class DistillTraining(FlowStudent):
         if loss_type != "perceptual" and (perceptual_decoder is not None or perceptual_size is not None):
             raise ValueError(f"perceptual_decoder / perceptual_size only apply to loss_type perceptual, "
                              f"not {loss_type!r}")
-        if loss_type == "pseudo_huber" and not check_nonnegative(huber_c, "huber_c") > 0:
-            raise ValueError(f"huber_c must be > 0 (e.g. 0.03), got {huber_c!r}")
+        if loss_type == "pseudo_huber":
+            checked_number(huber_c, "huber_c", lambda v: v > 0, "a finite number > 0 (e.g. 0.03)")
         if perceptual_size is not None and perceptual_size < 16:
             raise ValueError(f"perceptual_size must be a pixel size >= 16 (e.g. 224), got {perceptual_size}")
         if student not in ("unet", "stacked"):

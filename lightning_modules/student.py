@@ -15,6 +15,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from instaflow.flow.checks import checked_number
 from instaflow.flow.guidance import check_guidance, check_probability, drop_captions
 from instaflow.flow.losses import check_nonfinite_setting
 from instaflow.flow.schedules import adamw_with_warmup, check_nonnegative, check_optimizer_settings
@@ -38,8 +39,8 @@ def check_student_settings(h: dict) -> None:
     check_guidance(h["guidance_input"], "guidance_input")
     check_nonnegative(h["text_cache_mb"], "text_cache_mb")
     check_nonfinite_setting(h["nonfinite"], h["nonfinite_limit"])
-    if h["lora_alpha"] is not None and not check_nonnegative(h["lora_alpha"], "lora_alpha") > 0:
-        raise ValueError(f"lora_alpha must be > 0 (or null: alpha = rank), got {h['lora_alpha']!r}")
+    if h["lora_alpha"] is not None:
+        checked_number(h["lora_alpha"], "lora_alpha", lambda v: v > 0, "a finite number > 0 (or null: alpha = rank)")
 
 
 class FlowStudent(NonfiniteGuard, L.LightningModule, abc.ABC):

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
+
+from instaflow.flow.checks import checked_number
 
 Tensor = torch.Tensor
 VelocityFn = Callable[[Tensor, Tensor], Tensor]  # (x_t (B, ...), t (B,)) -> v (B, ...)
@@ -16,24 +17,12 @@ def check_guidance(w: float, key: str = "guidance") -> float:
 
     NaN, inf or a negative w would silently sample garbage (or, before, turn guidance off).
     """
-    try:
-        value = float(w)
-    except (TypeError, ValueError):
-        raise ValueError(f"{key} must be a number >= 0 (1 = no guidance), got {w!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{key} must be a finite number >= 0 (1 = no guidance, e.g. 1.5 or 3), got {w!r}")
-    return value
+    return checked_number(w, key, lambda v: v >= 0, "a finite number >= 0 (1 = no guidance, e.g. 1.5 or 3)")
 
 
 def check_probability(p: float, key: str) -> float:
     """``p`` as a float, or a ValueError naming ``key`` unless 0 <= p <= 1 (e.g. caption dropout)."""
-    try:
-        value = float(p)
-    except (TypeError, ValueError):
-        raise ValueError(f"{key} must be a probability in [0, 1], got {p!r}") from None
-    if not 0.0 <= value <= 1.0:  # NaN fails both comparisons
-        raise ValueError(f"{key} must be a probability in [0, 1] (e.g. 0.1), got {p!r}")
-    return value
+    return checked_number(p, key, lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1] (e.g. 0.1)")
 
 
 def drop_captions(captions: list[str], p: float, generator: torch.Generator) -> list[str]:

@@ -6,19 +6,13 @@ import math
 
 import torch
 
-from instaflow.flow.solvers import is_whole
+from instaflow.flow.checks import checked_number, is_whole
 
 
 def check_lr(lr, key: str = "lr") -> float:
     """``lr`` as a float, or a ValueError naming ``key`` unless it is finite and > 0 (a negative or infinite
     learning rate would only show up as a diverged run hours later)."""
-    try:
-        value = float(lr)
-    except (TypeError, ValueError):
-        raise ValueError(f"{key} must be a learning rate > 0 (e.g. 1.0e-4), got {lr!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{key} must be a finite learning rate > 0 (e.g. 1.0e-4), got {lr!r}")
-    return value
+    return checked_number(lr, key, lambda v: v > 0, "a finite learning rate > 0 (e.g. 1.0e-4)")
 
 
 def check_count(n, key: str, minimum: int = 0, optional: bool = False) -> int | None:
@@ -33,13 +27,7 @@ def check_count(n, key: str, minimum: int = 0, optional: bool = False) -> int | 
 
 def check_nonnegative(x, key: str) -> float:
     """``x`` as a float, or a ValueError naming ``key`` unless it is finite and >= 0 (weight decay, loss weights)."""
-    try:
-        value = float(x)
-    except (TypeError, ValueError):
-        raise ValueError(f"{key} must be a finite number >= 0, got {x!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{key} must be a finite number >= 0, got {x!r}")
-    return value
+    return checked_number(x, key, lambda v: v >= 0, "a finite number >= 0")
 
 
 def check_optimizer_settings(lr, warmup_steps, weight_decay, decay_steps=None) -> None:

@@ -6,23 +6,15 @@ and after every step, in flow time and flow coordinates, for ``straightness``.
 
 from __future__ import annotations
 
-import numbers
 from typing import Sequence
 
 import torch
 
+from instaflow.flow.checks import is_whole
 from instaflow.flow.conditioning import call_unet
 from instaflow.flow.guidance import VelocityFn, cfg_combine, uses_uncond
 
 Tensor = torch.Tensor
-
-
-def is_whole(n, minimum: int) -> bool:
-    """Whether ``n`` is a whole number (an int, or a float such as 25.0) >= ``minimum``; never raises."""
-    try:
-        return isinstance(n, numbers.Real) and not isinstance(n, bool) and float(n) == int(n) and n >= minimum
-    except (ValueError, OverflowError):  # NaN, inf
-        return False
 
 
 def check_steps(steps, key: str = "steps") -> int:

@@ -14,7 +14,6 @@ pipeline code only after verifying that code is this project's, byte for byte.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 

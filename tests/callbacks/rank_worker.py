@@ -23,11 +23,11 @@ import time
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from instaflow.evaluation.quality import ImageFeatures, PromptSet, ShardPrompts, TextImageScore
+from instaflow.evaluation.quality import PromptSet, ShardPrompts, TextImageScore
+from tests.callbacks.test_quality import TinyFeatures  # the fixed 4-feature stand-in for Inception
 
 N = 8  # prompts (and reference images): 2 ranks score 4 each
 PLANTED_REFERENCE = "planted: reference shard 00007.tar does not decode"
@@ -53,23 +53,6 @@ class BrokenReference(BlockPrompts):
 
     def reference_images(self) -> torch.Tensor:
         raise ValueError(PLANTED_REFERENCE)
-
-
-class SmallFeatures(ImageFeatures):
-    """A fixed random 4-feature network standing in for Inception (8 images give a full-rank covariance)."""
-
-    name = "small_features"
-
-    def prepare(self, device, download=True) -> None:
-        torch.manual_seed(0)
-        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveMaxPool2d(1),
-                                       torch.nn.Flatten()).eval()
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> np.ndarray:
-        from instaflow.evaluation.fid import to_uint8
-
-        return 10 * self.net(to_uint8(images).float() / 255).numpy()
 
 
 def stand_in_images(shards: str, seeds: list[int]) -> torch.Tensor:
@@ -125,7 +108,7 @@ def quality(prompts_cls: type, shards: str, root: Path, score: TextImageScore | 
     from callbacks.quality import Quality
     from instaflow.evaluation.quality import EmbeddedAlignment
 
-    return Quality(prompts_cls(shards, n=N, resolution=32), SmallFeatures(),
+    return Quality(prompts_cls(shards, n=N, resolution=32), TinyFeatures(),
                    [score or EmbeddedAlignment("assets/embedded-evaluator")], batch_size=4,
                    cache_dir=str(root / "reference"))
 

@@ -16,6 +16,7 @@ import torch
 
 from tests.callbacks import rank_worker
 from tests.callbacks.rank_worker import N, PLANTED_REFERENCE, BlockPrompts, StandIn, launch
+from tests.callbacks.test_quality import TinyFeatures
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +111,7 @@ def test_a_cut_last_line_of_quality_jsonl_is_dropped_on_resume_and_the_curve_goe
     path.write_text("".join(json.dumps(p) + "\n" for p in points) + '{"step": 480, "metrics": {"quality/fi')
     one = SimpleNamespace(is_global_zero=True, broadcast=lambda obj, src=0: obj)
     trainer = SimpleNamespace(log_dir=str(tmp_path), strategy=one, global_step=160, loggers=[])
-    cb = Quality(BlockPrompts("unused", n=2), rank_worker.SmallFeatures())
+    cb = Quality(BlockPrompts("unused", n=2), TinyFeatures())
     cb.on_train_start(trainer, None)  # a resume at step 160
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 160]
     assert "skipped 1 unreadable line(s)" in capsys.readouterr().out

@@ -88,7 +88,7 @@ def test_the_shard_is_fsynced_before_it_is_renamed_into_place(tmp_path, monkeypa
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    out = write_tar(tmp_path / "00000.tar", _members("a", 2))
+    write_tar(tmp_path / "00000.tar", _members("a", 2))
     assert any(Path(p).name.startswith(".00000.tar.tmp-") for p in synced), synced  # the data, never synced before
     assert str(tmp_path) in synced  # and the folder's new entry
 

@@ -10,7 +10,6 @@ import itertools
 import json
 import signal
 import struct
-import tarfile
 import time
 import zlib
 from collections import Counter
@@ -22,13 +21,13 @@ import torch
 from PIL import EpsImagePlugin, Image, TiffImagePlugin
 from torch.utils.data import DataLoader
 
-torch.set_num_threads(1)  # the machine is shared
-
-import data.stream_guard as stream_guard  # noqa: E402
-from data.images import load_image  # noqa: E402
-from data.laion import EmptyStreamError, LaionStream, collate  # noqa: E402
-from data.pairs import CouplingDataModule  # noqa: E402
-from data.shapes import make_sample, write_split  # noqa: E402
+import data.stream_guard as stream_guard
+from data.images import load_image
+from data.laion import EmptyStreamError, LaionStream, collate
+from data.pairs import CouplingDataModule
+from data.shapes import make_sample, write_split
+from tests.data.test_laion import _jpg
+from tests.data.test_laion import _write_tar as _tar
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -73,24 +72,9 @@ def _first_error(loader: DataLoader) -> EmptyStreamError:
     pytest.fail("the loader yielded a batch")
 
 
-def _jpg(index: int = 0) -> bytes:
-    buf = io.BytesIO()
-    make_sample(0, index)[0].save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
-
-
-def _tar(path: Path, members: list[tuple[str, bytes]]) -> str:
-    with tarfile.open(path, "w") as tar:
-        for name, payload in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
-    return str(path)
-
-
 def _blank_shard(path: Path, n: int, good_at: int | None = None, prefix: str = "s") -> str:
     """``n`` samples with a blank caption, except a good one at ``good_at``."""
-    img, members = _jpg(), []
+    img, members = _jpg(0), []
     for i in range(n):
         caption = b"a red circle on a white background" if i == good_at else b"   "
         members += [(f"{prefix}{i:05d}.jpg", img), (f"{prefix}{i:05d}.txt", caption)]

@@ -12,8 +12,6 @@ import errno
 import os
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -21,10 +19,9 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import ROOT
 from tests.lightning_modules.test_chain import BASE, cli, tiny_yaml
 from tests.lightning_modules.test_distributed import write_step_shards
-from tests.lightning_modules.test_resume import KillAt, load, run_cli
+from tests.lightning_modules.test_resume import load, run_cli
 from tests.models.test_checkpoints import Payload, dcp_folder, plant_file
 
 STEPS, EVERY = 12, 4
