@@ -35,13 +35,15 @@ def _remote(path: Any) -> bool:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """TorchCheckpointIO that writes atomically in the target's folder, refuses non-finite checkpoints and loads
-    with ``weights_only=True`` only (remote URLs go through Lightning's fsspec path, still weights-only)."""
+    """TorchCheckpointIO that writes atomically in the target's folder and loads with ``weights_only=True`` only
+    (remote URLs go through Lightning's fsspec path, still weights-only).
+
+    NaN/inf is refused before this runs, on every rank at once (``callbacks.resume.Resume.on_save_checkpoint``,
+    which the CLI adds to every run): a check here would run on rank 0 alone and leave the others waiting."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options (got {storage_options!r})")
-        refuse_non_finite(checkpoint, str(path))
         if _remote(path):
             return super().save_checkpoint(checkpoint, path)
         with atomic_file(path, "wb") as f:
