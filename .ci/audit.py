@@ -13,12 +13,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 IGNORE = Path(__file__).resolve().parent.parent / "requirements" / "audit-ignore.txt"
+SYSTEM_CA = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt")  # Debian/Ubuntu, RHEL
+
+
+def audit_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for pip-audit: its HTTP client (requests) trusts certifi's bundle only, so behind a
+    TLS-inspecting proxy it fails where pip (which reads the system's or PIP_CERT's store) succeeds; without
+    REQUESTS_CA_BUNDLE it is pointed at PIP_CERT, SSL_CERT_FILE or the system's CA bundle, the first that exists."""
+    env = dict(os.environ if environ is None else environ)
+    if not env.get("REQUESTS_CA_BUNDLE"):
+        found = next((c for c in (env.get("PIP_CERT"), env.get("SSL_CERT_FILE"), *SYSTEM_CA) if c and Path(c).is_file()),
+                     None)
+        if found:
+            env["REQUESTS_CA_BUNDLE"] = found
+    return env
 
 
 def ignored(path: Path = IGNORE) -> dict[str, str]:
@@ -64,7 +79,7 @@ def run_pip_audit(requirements: str, accepted: dict[str, str]) -> dict:
                "--progress-spinner", "off", "-f", "json", "-o", str(out)]
         for vid in accepted:
             cmd += ["--ignore-vuln", vid]
-        r = subprocess.run(cmd, capture_output=True, text=True)
+        r = subprocess.run(cmd, capture_output=True, text=True, env=audit_env())
         if not out.exists():  # no report: it did not run (no network, no pip-audit)
             raise SystemExit(f"audit did not run (pip-audit exit {r.returncode}):\n{r.stderr.strip()[-2000:]}\n"
                              "install it with pip install -e '.[test]' and check that pypi.org is reachable")

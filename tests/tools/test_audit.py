@@ -84,3 +84,15 @@ def test_no_report_means_the_audit_did_not_run_and_fails(tmp_path):
     r = subprocess.run([sys.executable, str(SCRIPT), "requirements/constraints.txt"], cwd=ROOT,
                        env={**os.environ, "PYTHONPATH": str(tmp_path / "fake")}, capture_output=True, text=True)
     assert r.returncode == 1 and "audit did not run" in r.stderr and "ConnectionError" in r.stderr
+
+
+def test_pip_audit_trusts_the_systems_ca_store_when_no_bundle_is_given(tmp_path):
+    """pip-audit's client trusts certifi's bundle only: behind a TLS-inspecting proxy (this project's build
+    machines) it failed with CERTIFICATE_VERIFY_FAILED in a clean environment where pip itself worked."""
+    ca = tmp_path / "ca.crt"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    audit = load()
+    assert audit.audit_env({"PIP_CERT": str(ca)})["REQUESTS_CA_BUNDLE"] == str(ca)
+    assert audit.audit_env({"REQUESTS_CA_BUNDLE": "/given.crt", "PIP_CERT": str(ca)})["REQUESTS_CA_BUNDLE"] == "/given.crt"
+    system = next((c for c in audit.SYSTEM_CA if os.path.isfile(c)), None)
+    assert audit.audit_env({"PIP_CERT": str(tmp_path / "absent.crt")}).get("REQUESTS_CA_BUNDLE") == system
