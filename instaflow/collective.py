@@ -94,3 +94,18 @@ def every_rank_raises(what: str) -> Iterator[None]:
     except Exception as exn:
         error = exn
     raise_if_any(error, what)
+
+
+def end_process_group() -> None:
+    """After a run that finished on every rank: wait for the others, then destroy the default process group.
+
+    Left to the interpreter's exit, the backend's threads can be torn down while still joinable and the
+    process aborts (``terminate called without an active exception``, status -6) after a successful run,
+    which torchrun and SLURM report as a failed job. The barrier keeps a fast rank from closing its
+    connections while a slower one still finishes its last collective.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -35,6 +35,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.resume import Resume
+from instaflow.collective import end_process_group
 from instaflow.experiments import expand
 from instaflow.models.checkpoints import UnreadableCheckpoint, UnsafeCheckpoint, checkpoint_meta
 from lightning_modules.checkpointing import install_atomic_io
@@ -108,9 +109,12 @@ def _say(msg: str) -> None:
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     args = expand(sys.argv[1:] if args is None else list(args), subcommand=run)
     try:
-        return _cli(args, run)
+        cli = _cli(args, run)
     except SIGTERMException as exn:  # Lightning's SIGTERM exit carries no status: make it a failure
         raise SystemExit(128 + signal.SIGTERM) from exn
+    if run:  # every rank finished: close the group before the interpreter's exit can abort in its threads
+        end_process_group()
+    return cli
 
 
 def _cli(args: list[str], run: bool) -> LightningCLI:

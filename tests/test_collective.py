@@ -98,3 +98,17 @@ def test_single_process_passes_values_and_errors_through():
     with pytest.raises(ValueError):
         with collective.every_rank_raises("x"):
             raise ValueError("mine")
+
+
+def test_end_process_group_closes_the_group_after_a_finished_run_and_is_a_no_op_without_one():
+    """The CLI closes the group itself after a run (left to the exit, gloo's threads could abort a successful
+    rank with status -6, which the launcher reports as a failed job)."""
+    import torch.distributed as dist
+
+    from instaflow.collective import end_process_group
+
+    end_process_group()  # no group: nothing to do
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_port()}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    end_process_group()
+    assert not dist.is_initialized()

@@ -26,6 +26,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from instaflow.collective import end_process_group
 from instaflow.evaluation.quality import PromptSet, ShardPrompts, TextImageScore
 from tests.callbacks.test_quality import TinyFeatures  # the fixed 4-feature stand-in for Inception
 
@@ -140,6 +141,7 @@ def main(case: str, root: str, shards: str) -> None:
     data = DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=2)
     trainer.fit(StandIn(shards, fail_export=case == "export"), data)
     print(f"DONE rank {trainer.global_rank}", flush=True)
+    end_process_group()  # as the CLI does: without it the exit could abort in gloo's threads (status -6)
 
 
 def launch(case: str, root: Path, shards: str, world: int = 2, timeout: float = 180) -> list[dict]:
