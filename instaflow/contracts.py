@@ -26,6 +26,15 @@ class SamplesImages(Protocol):
 
 
 @runtime_checkable
+class SamplesPaths(Protocol):
+    """Gives its sampler for path metrics: ``sampler().sample_latents(prompts, steps, guidance, seeds, path=[])``
+    appends the solver's states [(t, x_t), ...] in flow time, x0 first (the quality callback's straightness)."""
+
+    def sampler(self):
+        ...
+
+
+@runtime_checkable
 class SamplesGrid(Protocol):
     """Draws named image grids of fixed prompts and seeds: ``{name: (N, 3, H, W) in [0, 1]}``."""
 
@@ -73,4 +82,73 @@ class ShardingAware(Protocol):
     """
 
     def supports_sharded_module(self) -> bool:
+        ...
+
+
+@runtime_checkable
+class Family(Protocol):
+    """A model family (SD 1.x/2.x, SDXL, SD3, Flux, ...) seen the one way the stages use it.
+
+    ``instaflow.models.families`` holds one implementation per family (``families/base.py``: what they share);
+    ``load_family(folder)`` picks it by the folder's ``model_index.json``. Stages hold one and never ask which it is:
+    prompts -> conditioning (``encode``, unconditional included), a velocity field v(x_t, t, cond) in our flow time
+    (t=0 noise, t=1 data), ``solve`` along the family's time grid, ``decode``, the trainable ``denoiser`` and the
+    frozen modules a LightningModule registers, ``save`` as the family's own diffusers folder, LoRA defaults.
+    ``name`` and ``conditioning`` are words for metadata only (never branched on by a stage).
+    """
+
+    name: str
+    conditioning: str
+    lora_targets: tuple[str, ...]
+    bf16: bool
+
+    @property
+    def kind(self) -> str:  # "ddpm" | "flow" | "ddpm_velocity" | "flow_matching": how its network is read
+        ...
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        ...
+
+    @property
+    def device(self) -> torch.device:
+        ...
+
+    @property
+    def denoiser(self) -> torch.nn.Module:  # the trainable network (UNet or transformer)
+        ...
+
+    @property
+    def solvers(self) -> tuple[str, ...]:  # the solvers that fit ``kind``, the default first
+        ...
+
+    def to(self, device: torch.device | str) -> "Family":
+        ...
+
+    def encode(self, prompts: list[str], guidance: float) -> tuple:  # (cond, uncond | None)
+        ...
+
+    def encode_for_training(self, captions: list[str], dropout: float, generator: torch.Generator):
+        ...
+
+    def stored_states(self, states: torch.Tensor, dropout: float, generator: torch.Generator):
+        ...
+
+    def velocity(self) -> torch.nn.Module:
+        ...
+
+    def time_grid(self, steps: int) -> torch.Tensor:
+        ...
+
+    def solve(self, x0: torch.Tensor, cond, uncond, steps: int, guidance: float, solver: str | None = None,
+              path: list | None = None) -> torch.Tensor:
+        ...
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) in [0, 1]
+        ...
+
+    def frozen_modules(self) -> dict[str, torch.nn.Module]:
+        ...
+
+    def save(self, dirpath: str | Path, denoiser: torch.nn.Module | None = None) -> Path:
         ...
