@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from callbacks.ema import find_ema
 from instaflow.collective import on_rank_zero
 from instaflow.contracts import Exportable, GathersForExport
-from instaflow.models.checkpoints import checkpoint_weights
+from instaflow.resume.checkpoints import checkpoint_weights
 from instaflow.state import atomic_folder
 
 

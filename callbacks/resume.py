@@ -1,28 +1,19 @@
-"""What a fit needs to be resumed where it stopped: a checkpoint on SIGTERM, and a mark once it finished.
+"""The Lightning side of the resume protocol (``instaflow.resume``): marks, the run's state, the SIGTERM checkpoint.
 
 The CLI adds this callback to every run (``--resume.*`` in the config) and, before a ``fit``, looks
-for the run's own unfinished checkpoint (``lightning_modules.resume``): a ``last.ckpt`` with no
-``fit_finished.json`` beside it. So:
+for the run's own unfinished checkpoint (``instaflow.resume.find``). This callback only says when:
 
-- kill -9, a lost machine: the rerun continues from the last periodic ``last.ckpt``;
-- SIGTERM (a scheduler, Kubernetes, ``kill``): Lightning turns it into ``SIGTERMException`` at the
-  next step boundary; ``on_exception`` saves ``last.ckpt`` at that step, and the CLI exits with 143;
-- a fit that ends normally writes ``fit_finished.json``, so running it again starts a new run
-  instead of "resuming" a finished one;
-- while a fit runs, ``fit_running.json`` names its host, process, process start time and boot id
-  (``running_mark``), so a second copy of the same command on that machine (a double launch, an
-  orphaned stage) is refused instead of training into the same folder at the same time, while a
-  reused pid after a reboot or container restart is not mistaken for it;
-- every checkpoint stores the run folder that wrote it (this callback's state), so resume never takes
-  another run's checkpoint from a shared ``dirpath``; and every rank checks the checkpoint for NaN/inf
-  before it is written: one bad tensor on any rank (a shard) stops the fit on every rank, naming it.
-
-The marks are written atomically (``instaflow.state``): a kill leaves the old mark or the new one.
+- ``on_fit_start``: the fit is running (``fit_running.json``, ``marks.mark_running``), unfinished;
+- ``on_save_checkpoint``: every rank refuses a checkpoint holding NaN/inf before any rank writes;
+  each checkpoint stores this run's folder (this callback's state, ``marks.run_state``);
+- ``on_exception``: SIGTERM (a scheduler, Kubernetes, ``kill``) reaches Lightning as
+  ``SIGTERMException`` at the next step boundary; ``last.ckpt`` is saved at that step and the CLI
+  exits with 143; a kill -9 or a lost machine resumes from the last periodic ``last.ckpt``;
+- ``on_fit_end``: ``fit_finished.json``, so running the command again starts a new run.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +23,8 @@ from lightning.pytorch.plugins import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.ema import find_ema
-from instaflow.collective import every_rank_raises
-from instaflow.models.checkpoints import FINISHED, RUN_STATE_KEY, RUNNING, refuse_non_finite, running_mark
-from instaflow.state import atomic_write_json
+from instaflow.resume.marks import RUN_STATE_KEY, clear_running, mark_finished, mark_running, run_state
+from instaflow.resume.refusals import refuse_non_finite_on_every_rank
 
 
 def last_checkpoint_dirs(trainer: L.Trainer) -> list[Path]:
@@ -61,30 +51,26 @@ class Resume(Callback):
 
     @property
     def state_key(self) -> str:
-        return RUN_STATE_KEY  # lightning_modules.resume reads it back under this name
+        return RUN_STATE_KEY  # instaflow.resume.find reads it back under this name
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._run = str(Path(trainer.log_dir or trainer.default_root_dir).resolve())
 
     def state_dict(self) -> dict[str, Any]:
-        return {"run": self._run}
+        return run_state(self._run)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        # every rank, before any writes: a rank-0-only refusal would leave the others waiting in the next collective
-        with every_rank_raises(f"checking the checkpoint of step {trainer.global_step} for NaN/inf"):
-            refuse_non_finite(checkpoint, "checked before saving")
+        refuse_non_finite_on_every_rank(checkpoint, "checked before saving",
+                                        f"checking the checkpoint of step {trainer.global_step} for NaN/inf")
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # started or resumed: unfinished until on_fit_end says otherwise
         if trainer.is_global_zero:
-            for d in last_checkpoint_dirs(trainer):
-                (d / FINISHED).unlink(missing_ok=True)
-                atomic_write_json(d / RUNNING, {**running_mark(), "time": time.time()})
+            mark_running(last_checkpoint_dirs(trainer))
 
     def _not_running(self, trainer: L.Trainer) -> None:
         if trainer.is_global_zero:
-            for d in last_checkpoint_dirs(trainer):
-                (d / RUNNING).unlink(missing_ok=True)
+            clear_running(last_checkpoint_dirs(trainer))
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._not_running(trainer)
@@ -106,5 +92,4 @@ class Resume(Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._not_running(trainer)
         if trainer.is_global_zero:
-            for d in last_checkpoint_dirs(trainer):
-                atomic_write_json(d / FINISHED, {"step": trainer.global_step, "time": time.time()})
+            mark_finished(last_checkpoint_dirs(trainer), trainer.global_step)

@@ -1,4 +1,5 @@
-"""How a fit writes and reads its checkpoints: atomically, finite, and never unpickling code.
+"""How a fit writes and reads its checkpoints: atomically, finite, and never unpickling code (the reading and the
+refusals are the resume protocol's, ``instaflow.resume``; this module puts them on Lightning's IO and strategy).
 
 - ``AtomicCheckpointIO`` (the CLI installs it on every run's strategy, ``install_atomic_io``): a
   checkpoint file is written to a temporary file in its own folder, fsynced and renamed over the
@@ -26,7 +27,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.checkpoint import save as dcp_save
 
 from instaflow.collective import every_rank_raises, on_rank_zero
-from instaflow.models.checkpoints import META, load_file, refuse_non_finite, validate_folder
+from instaflow.resume.checkpoints import META, load_file, validate_folder
+from instaflow.resume.refusals import refuse_non_finite_on_every_rank
 from instaflow.state import TMP_MARK, atomic_file, fsync_dir, recover_folder, replace_folder, sibling
 
 
@@ -39,7 +41,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     (remote URLs go through Lightning's fsspec path, still weights-only).
 
     NaN/inf is refused before this runs, on every rank at once (``callbacks.resume.Resume.on_save_checkpoint``,
-    which the CLI adds to every run): a check here would run on rank 0 alone and leave the others waiting."""
+    which the CLI adds to every run, through ``instaflow.resume.refusals``): a check here would run on rank 0
+    alone and leave the others waiting."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         if storage_options is not None:
@@ -110,8 +113,8 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options")
         path = Path(self.broadcast(str(filepath)))
-        with every_rank_raises(f"checking the checkpoint {path} for NaN/inf"):
-            refuse_non_finite(checkpoint, str(path))  # each rank its own shards
+        # each rank its own shards
+        refuse_non_finite_on_every_rank(checkpoint, str(path), f"checking the checkpoint {path} for NaN/inf")
         tmp = Path(on_rank_zero(self, lambda: _prepare(path), f"preparing to write {path}"))
         state = {"state_dict": checkpoint.pop("state_dict")}
         state.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})

@@ -11,10 +11,11 @@
 Every setting lives in the YAML: this file adds nothing to it (no hidden scaling of learning
 rates or batch sizes); ``--experiment`` only names the files (``instaflow.experiments``).
 
-Resume anywhere: every run has the ``callbacks.resume.Resume`` callback (config key ``resume``), and
-a ``fit`` without ``--ckpt_path`` first looks for its own unfinished checkpoint
-(``lightning_modules.resume``) and continues from it, in the same run folder. A fit stopped by
-SIGTERM saves ``last.ckpt`` and exits with status 143 (128 + SIGTERM), so a wrapper sees it failed.
+Resume anywhere (the protocol: ``instaflow.resume``): every run has the ``callbacks.resume.Resume``
+callback (config key ``resume``), and a ``fit`` without ``--ckpt_path`` first looks for its own
+unfinished checkpoint (``instaflow.resume.find``) and continues from it, in the same run folder. A
+fit stopped by SIGTERM saves ``last.ckpt`` and exits with status 143 (128 + SIGTERM), so a wrapper
+sees it failed.
 
 Safe checkpoints on every run: the trainer's strategy writes through ``AtomicCheckpointIO``
 (``lightning_modules.checkpointing``; put on the strategy here, so a ``--trainer.plugins`` list, such
@@ -37,9 +38,9 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from callbacks.resume import Resume
 from instaflow.collective import end_process_group
 from instaflow.experiments import expand
-from instaflow.models.checkpoints import UnreadableCheckpoint, UnsafeCheckpoint, checkpoint_meta
+from instaflow.resume.checkpoints import check_given
+from instaflow.resume.find import continue_from
 from lightning_modules.checkpointing import install_atomic_io
-from lightning_modules.resume import find_unfinished
 
 
 class InstaFlowCLI(LightningCLI):
@@ -60,7 +61,7 @@ class InstaFlowCLI(LightningCLI):
         # LightningCLI reads a given checkpoint's hyperparameters right after parsing: check it first
         sub = self.config.get("subcommand")
         if sub and self.config[sub].get("ckpt_path") is not None:
-            _check_given(self.config[sub].ckpt_path)
+            check_given(self.config[sub].ckpt_path)
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config.get(str(self.subcommand)) if self.subcommand else None
@@ -72,32 +73,15 @@ class InstaFlowCLI(LightningCLI):
             return
         if self.subcommand != "fit" or not cfg.resume.auto:
             return
-        try:
-            found = find_unfinished(yaml.safe_load(self.parser.dump(self.config))[self.subcommand], log=_say)
-        except UnsafeCheckpoint as exn:
-            raise SystemExit(f"[resume] {exn}") from exn
+        found = continue_from(yaml.safe_load(self.parser.dump(self.config))[self.subcommand], log=_say)
         if found is None:
             return
         cfg.ckpt_path = str(found.ckpt)
         logger = cfg.trainer.get("logger")
-        if found.version is not None and hasattr(logger, "init_args"):
-            logger.init_args.version = found.version
-            if str(logger.class_path).endswith("TensorBoardLogger"):
-                # TensorBoard hides what the killed run logged after the checkpoint: the curves continue cleanly
-                logger.init_args.purge_step = found.step + 1
-        _say(f"[resume] continuing {found.run_dir} from step {found.step} ({found.ckpt}); "
-             "--resume.auto false starts a new run instead")
-
-
-def _check_given(ckpt_path: str) -> None:
-    """Refuse a given checkpoint that is unsafe or unreadable before Lightning reads it (``last``, ``best``,
-    ``hpc``: Lightning's names, checked by its weights-only load)."""
-    if not os.path.exists(ckpt_path):
-        return
-    try:
-        checkpoint_meta(ckpt_path)
-    except (UnsafeCheckpoint, UnreadableCheckpoint) as exn:
-        raise SystemExit(f"[checkpoint] --ckpt_path: {exn}") from exn
+        if hasattr(logger, "init_args"):
+            for key, value in found.logger_settings(str(logger.class_path)).items():
+                setattr(logger.init_args, key, value)
+        _say(found.message())
 
 
 def _say(msg: str) -> None:

@@ -7,27 +7,20 @@ read by ``DcpMetadataUnpickler``, an allow-list of the ``torch.distributed.check
 classes, and its ``meta.pt`` with ``weights_only=True``. A file that names anything else raises
 ``UnsafeCheckpoint`` and is never loaded; a cut or incomplete one raises ``UnreadableCheckpoint``.
 
-``first_non_finite`` finds a NaN/inf tensor among a checkpoint's weights and callback states
-(the EMA shadow): a checkpoint holding one is never written (``refuse_non_finite``).
-
-``FINISHED`` is the mark a fit leaves beside its ``last.ckpt`` when it ends normally
-(``callbacks.resume``); ``RUNNING`` names the process training into the folder (``running_mark``).
+The resume protocol (``instaflow.resume``) reads every checkpoint through these; so do the export
+(``checkpoint_weights``) and the CLI's check of a given ``--ckpt_path`` (``check_given``).
 """
 
 from __future__ import annotations
 
 import os
 import pickle
-import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
-FINISHED = "fit_finished.json"
-RUNNING = "fit_running.json"  # running_mark(): host, pid, process start time, boot id
-RUN_STATE_KEY = "Resume"  # callbacks.resume.Resume's state in each checkpoint: {"run": the run folder writing it}
 META = "meta.pt"  # Lightning's non-tensor part of a distributed checkpoint folder
 DCP_METADATA = ".metadata"  # torch DCP's index of the shards (a pickle)
 
@@ -53,10 +46,6 @@ class UnsafeCheckpoint(RuntimeError):
 
 class UnreadableCheckpoint(RuntimeError):
     """A checkpoint that is cut, incomplete or corrupt (a kill during its write): resume falls back past it."""
-
-
-class NonFiniteCheckpoint(ValueError):
-    """A checkpoint whose weights or EMA hold NaN/inf: never written, never resumed from."""
 
 
 def _unsafe(path: Path | str, what: str) -> UnsafeCheckpoint:
@@ -94,7 +83,7 @@ class DcpMetadataUnpickler(pickle.Unpickler):
             module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
         if not allowed:
             raise pickle.UnpicklingError(f"global {module}.{name} is not on the DCP metadata allow-list "
-                                         "(instaflow.models.checkpoints.DCP_GLOBALS)")
+                                         "(instaflow.resume.checkpoints.DCP_GLOBALS)")
         return super().find_class(module, name)
 
     def persistent_load(self, pid: Any) -> Any:
@@ -200,101 +189,12 @@ def checkpoint_weights(path: str | Path, prefix: str = "unet.", ema_key: str | N
     return state
 
 
-# -- non-finite weights --------------------------------------------------------------------------------
-
-def _tensors(obj: Any, name: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, tensor)`` of every floating tensor in nested dicts/lists (DTensors as their local shard)."""
-    if isinstance(obj, torch.Tensor):
-        t = obj.to_local() if hasattr(obj, "to_local") else obj
-        if (t.is_floating_point() or t.is_complex()) and t.device.type != "meta":
-            yield name, t
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _tensors(v, f"{name}[{k!r}]" if name else str(k))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from _tensors(v, f"{name}[{i}]")
-
-
-def first_non_finite(checkpoint: dict) -> str | None:
-    """The name of the first weight (``state_dict``) or EMA shadow tensor (a callback state's ``shadow``) holding
-    NaN/inf, or None. Other callback states may be infinite by design (``ModelCheckpoint``'s ``kth_value``).
-
-    One ``isfinite`` pass over the tensors, one device sync per device (cost: reading them once).
-    """
-    named = list(_tensors(checkpoint.get("state_dict") or {}, ""))
-    for key, state in (checkpoint.get("callbacks") or {}).items():
-        if isinstance(state, dict) and "shadow" in state:
-            named += list(_tensors(state["shadow"], f"callbacks[{key!r}]['shadow']"))
-    by_device: dict[torch.device, list[int]] = {}
-    for i, (_, t) in enumerate(named):
-        by_device.setdefault(t.device, []).append(i)
-    bad: list[int] = []
-    for idx in by_device.values():
-        ok = torch.stack([torch.isfinite(named[i][1]).all() for i in idx]).cpu()
-        bad += [i for i, good in zip(idx, ok.tolist()) if not good]
-    return named[min(bad)][0] if bad else None
-
-
-def non_finite_message(checkpoint: dict, where: str) -> str | None:
-    """Why ``checkpoint`` must not be written to (or resumed from) ``where``, or None when it is finite."""
-    name = first_non_finite(checkpoint)
-    if name is None:
-        return None
-    return (f"the checkpoint of step {checkpoint.get('global_step', '?')} ({where}) holds NaN/inf in {name}: not "
-            "written, so the last good checkpoint stays the newest; the training diverged (lower the learning "
-            "rate, check the data, or resume from the last good checkpoint)")
-
-
-def refuse_non_finite(checkpoint: dict, where: str) -> None:
-    """Raise ``NonFiniteCheckpoint`` naming the first NaN/inf tensor and the step instead of writing it."""
-    msg = non_finite_message(checkpoint, where)
-    if msg is not None:
-        raise NonFiniteCheckpoint(msg)
-
-
-# -- the running mark: which process trains into a folder ----------------------------------------------
-
-def _read(path: str) -> str | None:
+def check_given(ckpt_path: str) -> None:
+    """Refuse a given checkpoint that is unsafe or unreadable before Lightning reads it (``last``, ``best``,
+    ``hpc``: Lightning's names, checked by its weights-only load)."""
+    if not os.path.exists(ckpt_path):
+        return
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read().strip()
-    except OSError:
-        return None
-
-
-def boot_id() -> str | None:
-    """This boot of this machine (Linux), None elsewhere: a pid from another boot is another process."""
-    return _read("/proc/sys/kernel/random/boot_id")
-
-
-def process_start(pid: int) -> int | None:
-    """When process ``pid`` started, in clock ticks since boot (``/proc/<pid>/stat`` field 22); None if gone."""
-    stat = _read(f"/proc/{pid}/stat")
-    if stat is None:
-        return None
-    try:
-        return int(stat[stat.rindex(")") + 2:].split()[19])  # fields after "(comm)" start at field 3
-    except (ValueError, IndexError):
-        return None
-
-
-def running_mark(pid: int | None = None) -> dict:
-    """What identifies process ``pid`` (default: this one) on this machine, across pid reuse and reboots."""
-    pid = os.getpid() if pid is None else pid
-    return {"host": socket.gethostname(), "pid": pid, "start_ticks": process_start(pid), "boot_id": boot_id()}
-
-
-def mark_alive(mark: dict) -> bool:
-    """Whether the process a ``running_mark`` names is alive now: same host, same boot, same pid *and* start time.
-
-    A mark from another machine cannot be checked (False: a requeued job's process is gone); one
-    without a start time or boot id (older marks, non-Linux) counts as stale.
-    """
-    try:
-        host, pid, start, boot = mark["host"], int(mark["pid"]), mark.get("start_ticks"), mark.get("boot_id")
-    except (KeyError, TypeError, ValueError):
-        return False
-    if host != socket.gethostname() or start is None or boot is None or boot != boot_id():
-        return False
-    return process_start(pid) == start
+        checkpoint_meta(ckpt_path)
+    except (UnsafeCheckpoint, UnreadableCheckpoint) as exn:
+        raise SystemExit(f"[checkpoint] --ckpt_path: {exn}") from exn

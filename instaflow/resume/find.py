@@ -4,16 +4,17 @@ A run is the fit's logger version folder (``<save_dir>/<name>/version_<n>``, whe
 saves ``config.yaml`` and ``ModelCheckpoint`` its ``checkpoints/``; an explicit checkpoint
 ``dirpath`` is used instead when the config sets one). The newest run whose saved config equals
 this one's is looked at, and continued when it has checkpoints and no ``fit_finished.json``
-(``callbacks.resume.Resume``): the CLI passes ``ckpt_path`` and the run's version, so the curves,
+(``instaflow.resume.marks``): the CLI passes ``ckpt_path`` and the run's version, so the curves,
 checkpoints and export go on in the same folder. Lightning restores step, optimizer, LR scheduler
 and callback states (EMA) from the checkpoint.
 
 Which checkpoint: the newest *readable* one of the run (``newest_readable``): ``last.ckpt``,
 ``step=*.ckpt``, FSDP2 folders (and one an interrupted swap left aside), by their stored step.
 Readable means it loads with ``weights_only=True`` (a folder: complete, its DCP metadata through the
-allow-list), holds no NaN/inf, and was written by this run (``Resume`` stores the run folder in each
-checkpoint; a shared ``dirpath`` holds other runs' too). What is skipped is said, with why. A file
-that names code to run (``UnsafeCheckpoint``) is never skipped silently: the fit stops, naming it.
+allow-list), holds no NaN/inf, and was written by this run (each checkpoint stores its run folder,
+``marks.RUN_STATE_KEY``; a shared ``dirpath`` holds other runs' too). What is skipped is said, with
+why. A file that names code to run (``UnsafeCheckpoint``) is never skipped silently: the fit stops,
+naming it.
 
 "Equal" ignores what says where or how a run is launched, not what it trains: ``ckpt_path``, the
 logger's ``version`` and ``purge_step`` (the CLI sets both on resume; TensorBoard then hides what
@@ -30,7 +31,6 @@ pid and start time) is not continued a second time; only global rank 0 refuses.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +38,10 @@ from typing import Any
 
 import yaml
 
-from instaflow.models.checkpoints import (FINISHED, RUN_STATE_KEY, RUNNING, UnreadableCheckpoint, checkpoint_meta,
-                                         first_non_finite, load_file, mark_alive, validate_folder)
-from instaflow.state import OLD_MARK, read_json
+from instaflow.resume.checkpoints import UnreadableCheckpoint, UnsafeCheckpoint, checkpoint_meta
+from instaflow.resume.marks import RUNNING, checkpoint_owner, same_run, unfinished
+from instaflow.resume.refusals import non_finite_file, refuse_if_alive
+from instaflow.state import OLD_MARK
 
 LAST = "last.ckpt"
 # launch-only keys: a requeued or resubmitted run of the same experiment may differ in these
@@ -57,6 +58,20 @@ class Found:
     step: int
     version: str | None
     run_dir: Path
+
+    def logger_settings(self, logger_class_path: str) -> dict[str, Any]:
+        """The logger's ``init_args`` that continue the run's curves: its version, and for TensorBoard the first
+        step to keep (TensorBoard hides what the killed run logged after the checkpoint)."""
+        if self.version is None:
+            return {}
+        if logger_class_path.endswith("TensorBoardLogger"):
+            return {"version": self.version, "purge_step": self.step + 1}
+        return {"version": self.version}
+
+    def message(self) -> str:
+        """What the launch says when it continues this checkpoint."""
+        return (f"[resume] continuing {self.run_dir} from step {self.step} ({self.ckpt}); "
+                "--resume.auto false starts a new run instead")
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -118,30 +133,6 @@ def _runs(cfg: dict) -> tuple[list[tuple[Path, str | None]], str]:
     return [(p, p.name) for p in found], ""
 
 
-def global_rank_zero() -> bool:
-    """Whether this process is global rank 0 of its launch (RANK, SLURM_PROCID and LOCAL_RANK unset or 0)."""
-    return all(int(os.environ.get(k) or 0) == 0 for k in ("RANK", "SLURM_PROCID", "LOCAL_RANK"))
-
-
-def _refuse_if_alive(running: Path) -> None:
-    """Stop when the process that trains into this folder is still alive on this machine (left by a killed
-    parent, or launched twice): two runs must not write one folder.
-
-    Alive means same host, boot, pid and process start time (``mark_alive``): a reused pid after a
-    reboot or in a restarted container is a stale mark. Only global rank 0 refuses; the other ranks
-    follow it (they never see a mark of their own run, which rank 0 writes once all ranks started).
-    """
-    mark = read_json(running)
-    if not isinstance(mark, dict) or not global_rank_zero() or not mark_alive(mark):
-        return
-    pid = mark["pid"]
-    if pid == os.getpid():
-        return  # this process ran a fit before in the same interpreter (an earlier in-process fit)
-    raise SystemExit(f"[resume] {running.parent} is being trained by process {pid} on this machine right now "
-                     f"({running}): stop it (kill -TERM {pid} saves a checkpoint) and run again, or pass "
-                     "--resume.auto false to start a separate run")
-
-
 def candidates(dirs: list[Path]) -> list[Path]:
     """Every checkpoint in a run's checkpoint folders: ``*.ckpt`` files and folders, and a folder that an
     interrupted swap left aside (``instaflow.state``'s ``.<name>.old-*``) while ``<name>`` is missing."""
@@ -158,12 +149,6 @@ def candidates(dirs: list[Path]) -> list[Path]:
     return out
 
 
-def _same_run(a: str | Path, b: str | Path) -> bool:
-    """Whether two run folders are one run: equal paths, or equal ``<name>/<version>`` (a run folder moved whole)."""
-    a, b = Path(a).resolve(), Path(b).resolve()
-    return a == b or a.parts[-2:] == b.parts[-2:]
-
-
 def _probe(path: Path, run_dir: Path | None) -> tuple[int | None, str]:
     """(step, "") of a checkpoint this run can continue from, or (None, why not). An unsafe file raises."""
     try:
@@ -173,18 +158,10 @@ def _probe(path: Path, run_dir: Path | None) -> tuple[int | None, str]:
         return None, str(exn)
     except (KeyError, TypeError, ValueError):
         return None, f"{path} holds no global_step: not a Lightning checkpoint"
-    owner = ((meta.get("callbacks") or {}).get(RUN_STATE_KEY) or {}).get("run")
-    if owner and run_dir is not None and not _same_run(owner, run_dir):
+    owner = checkpoint_owner(meta)
+    if owner and run_dir is not None and not same_run(owner, run_dir):
         return None, f"another run's ({owner})"
     return step, ""
-
-
-def _non_finite(path: Path) -> str | None:
-    """Why a checkpoint holds NaN/inf (file: every tensor read once, memory-mapped; folder: ``meta.pt``'s
-    tensors, the EMA), or None."""
-    ckpt = validate_folder(path) if path.is_dir() else load_file(path, mmap=True)
-    name = first_non_finite(ckpt)
-    return None if name is None else f"{path} holds NaN/inf in {name}"
 
 
 def newest_readable(paths: list[Path], run_dir: Path | None, log=print) -> tuple[Path, int] | None:
@@ -195,7 +172,7 @@ def newest_readable(paths: list[Path], run_dir: Path | None, log=print) -> tuple
     skipped = [(p, why) for p, step, why in probed if step is None and p not in others]
     chosen = None
     for step, _, p in sorted(((s, p.name == LAST, p) for p, s, _ in probed if s is not None), reverse=True):
-        why = _non_finite(p)
+        why = non_finite_file(p)
         if why is None:
             chosen = (p, step)
             break
@@ -231,18 +208,18 @@ def find_unfinished(cfg: dict, log=print) -> Found | None:
             continue
         dirs = explicit or [run_dir / "checkpoints"]
         ckpts = candidates(dirs)
-        unfinished = bool(ckpts) and not any((d / FINISHED).exists() for d in dirs)
+        can_continue = unfinished(dirs, ckpts)
         diff = config_differences(yaml.safe_load(saved_cfg.read_text()) or {}, cfg)
         if diff:
-            if unfinished:
+            if can_continue:
                 log(f"[resume] {dirs[0]} holds an unfinished run but its config differs ({', '.join(diff[:6])}"
                     f"{', ...' if len(diff) > 6 else ''}): starting a new run (--ckpt_path <checkpoint> continues "
                     "it anyway)")
             continue
         # the newest run of this config decides: finished, or never checkpointed -> start afresh
-        if unfinished:
+        if can_continue:
             for d in dirs:
-                _refuse_if_alive(d / RUNNING)
+                refuse_if_alive(d / RUNNING)
             best = newest_readable(ckpts, run_dir, log)
             if best is None:
                 log(f"[resume] no readable checkpoint in {', '.join(map(str, dirs))}: starting afresh")
@@ -254,3 +231,11 @@ def find_unfinished(cfg: dict, log=print) -> Found | None:
         found = Found(ckpt=hpc[0], step=hpc[1], version=found.version if found else None,
                       run_dir=found.run_dir if found else hpc[0].parent)
     return found
+
+
+def continue_from(cfg: dict, log=print) -> Found | None:
+    """``find_unfinished`` for the CLI: a checkpoint that names code to run stops the launch, naming it."""
+    try:
+        return find_unfinished(cfg, log=log)
+    except UnsafeCheckpoint as exn:
+        raise SystemExit(f"[resume] {exn}") from exn

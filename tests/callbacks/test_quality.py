@@ -173,7 +173,7 @@ def test_best_checkpoints_follow_the_score_and_the_best_is_exported(quality_runs
     Export(weights=best) writes the EMA weights of the first monitored checkpoint (a file, or FSDP2 shards)."""
     from safetensors.torch import load_file
 
-    from instaflow.models.checkpoints import checkpoint_weights
+    from instaflow.resume.checkpoints import checkpoint_weights
 
     scores = {r["step"]: r["metrics"]["quality/clip_score_euler1_w1"] for r in curve(quality_runs, name)[1:]}
     assert scores[2] != scores[4]

@@ -22,7 +22,7 @@ import yaml
 from tests.lightning_modules.test_chain import BASE, cli, tiny_yaml
 from tests.lightning_modules.test_distributed import write_step_shards
 from tests.lightning_modules.test_resume import load, run_cli
-from tests.models.test_checkpoints import Payload, dcp_folder, plant_file
+from tests.resume.test_checkpoints import Payload, dcp_folder, plant_file
 
 STEPS, EVERY = 12, 4
 
@@ -158,7 +158,7 @@ def test_a_kill_while_last_ckpt_is_written_leaves_a_checkpoint_to_resume_from(pa
 
 
 def test_a_checkpoint_with_nan_weights_is_not_written(pairs, tiny_sd_folder, tmp_path):
-    from instaflow.models.checkpoints import NonFiniteCheckpoint
+    from instaflow.resume.refusals import NonFiniteCheckpoint
 
     cfg = fit_config(tmp_path, tiny_sd_folder, pairs, [{"class_path": f"{__name__}.PoisonAt",
                                                        "init_args": {"step": 8}}])
@@ -192,7 +192,7 @@ def test_the_atomic_io_survives_the_launchers_plugins_and_loads_weights_only_wha
                                                                                                 monkeypatch):
     """--trainer.plugins (the SLURM launcher's --no-requeue) replaces a YAML plugins list, not the CLI's IO; the IO
     reads weights-only even when asked otherwise and torch is told to by its environment variable."""
-    from instaflow.models.checkpoints import UnsafeCheckpoint
+    from instaflow.resume.checkpoints import UnsafeCheckpoint
     from instaflow.tools import launch
     from lightning_modules.checkpointing import AtomicCheckpointIO
     from lightning_modules.cli import main

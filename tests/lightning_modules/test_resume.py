@@ -187,7 +187,7 @@ def test_sigterm_saves_the_step_it_stopped_at_and_the_rerun_continues_there(pair
 
 def test_only_the_runs_own_unfinished_checkpoint_is_continued(tmp_path):
     """Unit rules of ``find_unfinished``: newest own run; finished or changed config starts afresh."""
-    from lightning_modules.resume import config_differences, find_unfinished
+    from instaflow.resume.find import config_differences, find_unfinished
 
     ckpt_file = tmp_path / "x.ckpt"
     torch.save({"global_step": 7}, ckpt_file)
@@ -226,8 +226,8 @@ def test_a_run_still_training_on_this_machine_is_not_resumed_twice(tmp_path):
     """fit_running.json names the process training into a folder: alive here -> refused; gone -> a stale mark."""
     import json
 
-    from instaflow.models.checkpoints import running_mark
-    from lightning_modules.resume import find_unfinished
+    from instaflow.resume.marks import running_mark
+    from instaflow.resume.find import find_unfinished
 
     d = tmp_path / "reflow" / "version_0"
     (d / "checkpoints").mkdir(parents=True)
@@ -329,7 +329,7 @@ def test_in_a_requeued_slurm_job_the_newer_of_hpc_and_last_checkpoint_wins(tmp_p
     """Lightning's requeue checkpoint (hpc_ckpt_<n>.ckpt in default_root_dir) against the run's own last.ckpt."""
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-    from lightning_modules.resume import find_unfinished
+    from instaflow.resume.find import find_unfinished
 
     monkeypatch.setattr(SLURMEnvironment, "detect", staticmethod(lambda: True))
     root = tmp_path / "slurm" / "123" / "reflow"

@@ -24,12 +24,12 @@ import pytest
 import torch
 import yaml
 
-from instaflow.models import checkpoints as ck
+from instaflow.resume import checkpoints as ck
 from tests.conftest import ROOT, free_port
 from tests.lightning_modules.test_chain import BASE
 from tests.lightning_modules.test_distributed import FSDP2, reflow_yaml, write_step_shards
 from tests.lightning_modules.test_resume import run_group
-from tests.models.test_checkpoints import Payload, dcp_folder
+from tests.resume.test_checkpoints import Payload, dcp_folder
 
 SAVE = textwrap.dedent("""
     import os, signal, sys, warnings

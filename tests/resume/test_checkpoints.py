@@ -1,4 +1,4 @@
-"""instaflow.models.checkpoints: nothing unpickles code, cut or incomplete checkpoints are named, NaN/inf is found.
+"""instaflow.resume: nothing unpickles code, cut or incomplete checkpoints are named, NaN/inf is found, marks.
 
 The planted files carry a pickle whose loading would create a file (``PAYLOAD``): each test checks
 both the refusal (its message names the file) and that the file was never created.
@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from instaflow.models import checkpoints as ck
+from instaflow.resume import checkpoints as ck
+from instaflow.resume import marks, refusals
 
 
 class Payload:
@@ -101,31 +102,31 @@ def test_cut_files_and_incomplete_folders_are_unreadable_not_unsafe(tmp_path):
 def test_first_non_finite_names_the_weight_or_the_ema_tensor():
     ok = {"global_step": 3, "state_dict": {"unet.a": torch.ones(2), "unet.b": torch.zeros(2, dtype=torch.long)},
           "callbacks": {"EMA": {"shadow": [torch.ones(2), torch.ones(3)]}}}
-    assert ck.first_non_finite(ok) is None
+    assert refusals.first_non_finite(ok) is None
     bad_w = {**ok, "state_dict": {"unet.a": torch.ones(2), "unet.c": torch.tensor([1.0, float("inf")])}}
-    assert ck.first_non_finite(bad_w) == "unet.c"
+    assert refusals.first_non_finite(bad_w) == "unet.c"
     bad_ema = {**ok, "callbacks": {"EMA": {"shadow": [torch.ones(2), torch.tensor([0.0, float("nan"), 1.0])]}}}
-    assert ck.first_non_finite(bad_ema) == "callbacks['EMA']['shadow'][1]"
-    with pytest.raises(ck.NonFiniteCheckpoint, match=r"step 3 \(x\.ckpt\) holds NaN/inf in callbacks\['EMA'\]"):
-        ck.refuse_non_finite(bad_ema, "x.ckpt")
+    assert refusals.first_non_finite(bad_ema) == "callbacks['EMA']['shadow'][1]"
+    with pytest.raises(refusals.NonFiniteCheckpoint, match=r"step 3 \(x\.ckpt\) holds NaN/inf in callbacks\['EMA'\]"):
+        refusals.refuse_non_finite(bad_ema, "x.ckpt")
 
 
 def test_running_mark_names_this_process_and_only_a_matching_live_process_is_alive():
     import subprocess
     import sys
 
-    mine = ck.running_mark()
+    mine = marks.running_mark()
     assert mine["pid"] == os.getpid() and mine["start_ticks"] > 0 and len(mine["boot_id"]) == 36
-    assert ck.mark_alive(mine)
+    assert marks.mark_alive(mine)
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        live = ck.running_mark(other.pid)
-        assert ck.mark_alive(live)
-        assert not ck.mark_alive({**live, "boot_id": "0" * 36})  # the same pid in another boot: another process
-        assert not ck.mark_alive({**live, "start_ticks": live["start_ticks"] - 1})  # the pid reused
-        assert not ck.mark_alive({**live, "host": "elsewhere"})
-        assert not ck.mark_alive({"host": live["host"], "pid": other.pid, "start": 0})  # an old pid-only mark
+        live = marks.running_mark(other.pid)
+        assert marks.mark_alive(live)
+        assert not marks.mark_alive({**live, "boot_id": "0" * 36})  # the same pid in another boot: another process
+        assert not marks.mark_alive({**live, "start_ticks": live["start_ticks"] - 1})  # the pid reused
+        assert not marks.mark_alive({**live, "host": "elsewhere"})
+        assert not marks.mark_alive({"host": live["host"], "pid": other.pid, "start": 0})  # an old pid-only mark
     finally:
         other.kill()
         other.wait()
-    assert not ck.mark_alive(live)
+    assert not marks.mark_alive(live)

@@ -1,4 +1,4 @@
-"""Rules of ``lightning_modules.resume.find_unfinished`` on hand-made run folders: which checkpoint, which mark.
+"""Rules of ``instaflow.resume.find.find_unfinished`` on hand-made run folders: which checkpoint, which mark.
 
 - the running mark counts only a truly live process (host, boot, pid and start time), and only global
   rank 0 refuses;
@@ -18,9 +18,9 @@ import pytest
 import torch
 import yaml
 
-from instaflow.models.checkpoints import running_mark
-from lightning_modules.resume import find_unfinished
-from tests.models.test_checkpoints import dcp_folder
+from instaflow.resume.find import find_unfinished
+from instaflow.resume.marks import running_mark
+from tests.resume.test_checkpoints import dcp_folder
 
 LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
 
