@@ -38,6 +38,11 @@ def flow_to_diffusion_scale(t: Tensor) -> Tensor:
     return 1.0 / (t**2 + (1 - t) ** 2).sqrt()
 
 
+def diffusion_to_flow_state(x_s: Tensor, t: float) -> Tensor:
+    """x_t = x_s / c(t) = x_s sqrt(t^2 + (1 - t)^2): a diffusion state (unit noise) in flow coordinates, same SNR."""
+    return x_s * (t * t + (1 - t) ** 2) ** 0.5
+
+
 def diffusion_to_x1_eps(output: Tensor, x_s: Tensor, alpha_bar: Tensor, prediction_type: str) -> tuple[Tensor, Tensor]:
     """(x1_hat, eps_hat) from a DDPM model output (Ho et al. 2020 eps; Salimans & Ho 2022 v, eq. 13)."""
     s, n = bcast(alpha_bar.sqrt(), x_s), bcast((1 - alpha_bar).sqrt(), x_s)
