@@ -289,3 +289,39 @@ def tiny_flux_folder(tmp_path_factory) -> Path:
                                            pooled_projection_dim=8, guidance_embeds=True, axes_dims_rope=[2, 2, 4]))
     pipe.save_pretrained(root / "pipeline")
     return root / "pipeline"
+
+
+@pytest.fixture(scope="session")
+def tiny_sana_folder(tmp_path_factory) -> Path:
+    """A tiny SANA pipeline: a 16-wide Gemma-2 stand-in (states 16 = caption_channels) with a character-level Gemma
+    tokenizer built offline (vocab + no merges; it adds <bos> as Gemma does), a linear-attention transformer on
+    (4, 8, 8) latents, a 3-level DC-AE (x4: 32 px images, SANA's minimum multiple) and FlowMatchEuler, shift 3."""
+    import string
+
+    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model, GemmaTokenizer
+
+    root = tmp_path_factory.mktemp("sana")
+    vocab = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "\u2581", *string.ascii_lowercase]
+    torch.manual_seed(0)
+    blocks = dict(encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+                  decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+                  encoder_block_out_channels=(4, 8, 8), decoder_block_out_channels=(4, 8, 8),
+                  encoder_qkv_multiscales=((), (), (5,)), decoder_qkv_multiscales=((), (), (5,)),
+                  encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1))
+    pipe = SanaPipeline(
+        tokenizer=GemmaTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=[], add_bos_token=True),
+        text_encoder=Gemma2Model(Gemma2Config(hidden_size=16, intermediate_size=32, head_dim=8, num_attention_heads=2,
+                                              num_key_value_heads=2, num_hidden_layers=1, vocab_size=len(vocab),
+                                              max_position_embeddings=2048, pad_token_id=0, eos_token_id=1,
+                                              bos_token_id=2)),
+        vae=AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=2, downsample_block_type="conv",
+                          upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+                          scaling_factor=0.41407, **blocks),
+        transformer=SanaTransformer2DModel(patch_size=1, in_channels=4, out_channels=4, num_layers=1,
+                                           num_attention_heads=2, attention_head_dim=4, num_cross_attention_heads=2,
+                                           cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=16,
+                                           sample_size=8),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    pipe.save_pretrained(root / "pipeline")
+    return root / "pipeline"
