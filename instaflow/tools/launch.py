@@ -32,7 +32,7 @@ SIGUSR1 90 s before the end (``#SBATCH --signal=SIGUSR1@90``, sent to the job st
 batch-shell form) and allows ``--requeue``; on the signal Lightning saves the hpc checkpoint and calls
 ``scontrol requeue <job id>``. The requeued job reruns the script: finished stages are skipped by their
 guards, the interrupted one resumes from its checkpoint (the newer of the hpc checkpoint and its own
-``last.ckpt``; a job submitted again after a kill finds ``last.ckpt`` too: ``lightning_modules.resume``
+``last.ckpt``; a job submitted again after a kill finds ``last.ckpt`` too: ``instaflow.resume.find``
 ignores the job-keyed ``default_root_dir`` when it matches configs). ``--no-requeue`` drops both lines and passes
 ``SLURMEnvironment(auto_requeue=False)`` as a trainer plugin, so nothing owns the signal.
 Under torchrun the Trainer detects ``TorchElasticEnvironment`` from the variables torchrun sets

@@ -1,4 +1,5 @@
-"""instaflow.resume: nothing unpickles code, cut or incomplete checkpoints are named, NaN/inf is found, marks.
+"""instaflow.resume.checkpoints and .refusals: nothing unpickles code, cut or incomplete checkpoints are named,
+NaN/inf is found.
 
 The planted files carry a pickle whose loading would create a file (``PAYLOAD``): each test checks
 both the refusal (its message names the file) and that the file was never created.
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from instaflow.resume import checkpoints as ck
-from instaflow.resume import marks, refusals
+from instaflow.resume import refusals
 
 
 class Payload:
@@ -111,22 +112,28 @@ def test_first_non_finite_names_the_weight_or_the_ema_tensor():
         refusals.refuse_non_finite(bad_ema, "x.ckpt")
 
 
-def test_running_mark_names_this_process_and_only_a_matching_live_process_is_alive():
-    import subprocess
-    import sys
+def test_non_finite_is_refused_on_every_rank_and_found_in_a_file(tmp_path):
+    """On one process the every-rank refusal raises the rank's own error; a file on disk is named with its tensor."""
+    bad = {"global_step": 4, "state_dict": {"unet.w": torch.tensor([1.0, float("nan")])}}
+    with pytest.raises(refusals.NonFiniteCheckpoint, match=r"step 4 \(checked before saving\) holds NaN/inf in unet\.w"):
+        refusals.refuse_non_finite_on_every_rank(bad, "checked before saving", "checking step 4")
+    refusals.refuse_non_finite_on_every_rank({**bad, "state_dict": {"unet.w": torch.ones(2)}}, "x", "checking")
+    torch.save(bad, tmp_path / "last.ckpt")
+    assert refusals.non_finite_file(tmp_path / "last.ckpt") == f"{tmp_path / 'last.ckpt'} holds NaN/inf in unet.w"
+    torch.save({**bad, "state_dict": {"unet.w": torch.ones(2)}}, tmp_path / "good.ckpt")
+    assert refusals.non_finite_file(tmp_path / "good.ckpt") is None
 
-    mine = marks.running_mark()
-    assert mine["pid"] == os.getpid() and mine["start_ticks"] > 0 and len(mine["boot_id"]) == 36
-    assert marks.mark_alive(mine)
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        live = marks.running_mark(other.pid)
-        assert marks.mark_alive(live)
-        assert not marks.mark_alive({**live, "boot_id": "0" * 36})  # the same pid in another boot: another process
-        assert not marks.mark_alive({**live, "start_ticks": live["start_ticks"] - 1})  # the pid reused
-        assert not marks.mark_alive({**live, "host": "elsewhere"})
-        assert not marks.mark_alive({"host": live["host"], "pid": other.pid, "start": 0})  # an old pid-only mark
-    finally:
-        other.kill()
-        other.wait()
-    assert not marks.mark_alive(live)
+
+def test_a_given_checkpoint_is_checked_before_lightning_reads_it(tmp_path):
+    """``--ckpt_path``: a planted or cut file stops the launch naming it; Lightning's names (``last``) pass through."""
+    marker = tmp_path / "payload_ran"
+    evil = plant_file(tmp_path / "evil.ckpt", marker)
+    with pytest.raises(SystemExit, match=r"\[checkpoint\] --ckpt_path: .*evil\.ckpt is not a plain checkpoint"):
+        ck.check_given(str(evil))
+    assert not marker.exists()
+    (tmp_path / "cut.ckpt").write_bytes(b"PK\x03")
+    with pytest.raises(SystemExit, match=r"--ckpt_path: .*cut\.ckpt cannot be read"):
+        ck.check_given(str(tmp_path / "cut.ckpt"))
+    ck.check_given("last")  # not a path: Lightning resolves it and loads it weights-only
+    torch.save({"global_step": 2, "state_dict": {}}, tmp_path / "ok.ckpt")
+    ck.check_given(str(tmp_path / "ok.ckpt"))

@@ -97,3 +97,26 @@ def test_a_folder_left_aside_by_an_interrupted_swap_is_resumed_from(tmp_path):
     aside = dcp_folder(ckpts / ".last.ckpt.old-4242-0123abcd", step=5)
     found = find_unfinished(cfg)
     assert (found.ckpt, found.step) == (aside, 5)
+
+
+def test_the_launch_continues_in_the_run_s_logger_version_and_refuses_a_planted_file(tmp_path):
+    """What the CLI sets from a found checkpoint (TensorBoard also drops what was logged after it), and a planted
+    file among the candidates stops the launch naming it instead of being skipped."""
+    from instaflow.resume.find import Found, continue_from
+    from tests.resume.test_checkpoints import plant_file
+
+    found = Found(ckpt=tmp_path / "last.ckpt", step=7, version="version_2", run_dir=tmp_path)
+    assert found.logger_settings("lightning.pytorch.loggers.TensorBoardLogger") == {"version": "version_2",
+                                                                                   "purge_step": 8}
+    assert found.logger_settings("lightning.pytorch.loggers.CSVLogger") == {"version": "version_2"}
+    assert Found(ckpt=tmp_path, step=7, version=None, run_dir=tmp_path).logger_settings("x.TensorBoardLogger") == {}
+    assert found.message().startswith(f"[resume] continuing {tmp_path} from step 7 ({tmp_path / 'last.ckpt'})")
+
+    cfg, ckpts = make_run(tmp_path)
+    save(ckpts / "epoch=0-step=4.ckpt", 4, run=ckpts.parent)
+    assert continue_from(cfg).step == 4
+    marker = tmp_path / "payload_ran"
+    plant_file(ckpts / "last.ckpt", marker)
+    with pytest.raises(SystemExit, match=r"\[resume\] .*last\.ckpt is not a plain checkpoint"):
+        continue_from(cfg)
+    assert not marker.exists()
