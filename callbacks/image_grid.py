@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
@@ -10,6 +11,14 @@ from lightning.pytorch.callbacks import Callback
 from instaflow.collective import on_rank_zero
 from instaflow.contracts import SamplesGrid
 from instaflow.evaluation.grids import captioned_grid, save_png
+
+
+@runtime_checkable
+class TakesImages(Protocol):
+    """A logger's experiment that shows images (TensorBoard's ``SummaryWriter``); other loggers get the PNGs only."""
+
+    def add_image(self, tag: str, img_tensor, global_step: int | None = None) -> None:
+        ...
 
 
 class ImageGrid(Callback):
@@ -49,8 +58,8 @@ class ImageGrid(Callback):
             captions = [f"{p} [{name}, seed {self.seed + i}]" for i, p in enumerate(prompts[:len(images)])]
             grid = captioned_grid(images, captions, self.nrow, scale=self.png_scale)
             for logger in trainer.loggers:
-                exp = getattr(logger, "experiment", None)
-                if hasattr(exp, "add_image"):
+                exp = getattr(logger, "experiment", None)  # a Logger's own attribute, not the module's
+                if isinstance(exp, TakesImages):
                     exp.add_image(f"samples/{name}", grid, trainer.global_step)
             if log_dir:
                 save_png(grid, Path(log_dir) / "grids" / f"{name}_{trainer.global_step:06d}.png")

@@ -14,9 +14,10 @@ from lightning.pytorch.callbacks import Callback
 
 from callbacks.ema import find_ema
 from instaflow.collective import every_rank_raises, on_rank_zero
-from instaflow.contracts import SamplesImages
+from instaflow.contracts import SamplesImages, SamplesPaths
 from instaflow.evaluation.quality import (ImageFeatures, PromptSet, QualityPrompts, Setting, TextImageScore,
-                                          frechet_to_stats, gathered_order, rank_share, reference_stats, summarize)
+                                          gathered_order, rank_share, reference_stats)
+from instaflow.evaluation.scoring import aggregate, per_image
 from instaflow.flow.straightness import straightness
 from instaflow.state import append_jsonl, read_jsonl, write_jsonl
 
@@ -57,7 +58,10 @@ class Quality(Callback):
         cache_dir: where the reference statistics are cached (default ``<default_root_dir>/quality_reference``).
         straightness_n: also log ``quality/straightness_<solver><steps>_w<guidance>``, the straightness
             S of the model's own ``straightness_steps``-step path at ``straightness_guidance`` on the first
-            ``straightness_n`` prompts (0: off); needs the module's ``sampler()``.
+            ``straightness_n`` prompts (0: off); needs a module with ``sampler()`` (``contracts.SamplesPaths``).
+
+    Scoring is ``instaflow.evaluation.scoring``'s (``per_image`` on every rank, ``aggregate`` on rank 0): the
+    results table, the ablation and COCO score through it too, so the same images give the same numbers.
     """
 
     def __init__(self, prompts: QualityPrompts, features: ImageFeatures, scores: list[TextImageScore] | None = None,
@@ -84,9 +88,10 @@ class Quality(Callback):
         if not isinstance(pl_module, SamplesImages):
             raise TypeError(f"Quality needs a module with sample_images(prompts, steps, guidance, seeds) and a "
                             f"solver_tag (contracts.SamplesImages); {type(pl_module).__name__} lacks them")
-        if self.straightness_n and not callable(getattr(pl_module, "sampler", None)):
-            raise TypeError(f"Quality(straightness_n={self.straightness_n}) needs the module's sampler() "
-                            f"(a TextToImage, for the solver path); {type(pl_module).__name__} has none")
+        if self.straightness_n and not isinstance(pl_module, SamplesPaths):
+            raise TypeError(f"Quality(straightness_n={self.straightness_n}) needs a module whose sampler() records "
+                            f"its solver path (contracts.SamplesPaths); {type(pl_module).__name__} lacks it: "
+                            "set straightness_n: 0 or give the module a sampler()")
         if stage != "fit":
             return
         # everything that reads files or loads weights runs now, on every rank: a missing COCO folder,
@@ -146,10 +151,8 @@ class Quality(Callback):
             with autocast:
                 images = pl_module.sample_images(mine.captions, setting.steps, setting.guidance, mine.seeds,
                                                  self.batch_size).float()  # (m, 3, H, W) in [0, 1]
-            per_image = {"__features": self.features(images)}  # (m, D)
-            for scorer in self.scores:
-                per_image.update(scorer(images, mine))  # {name: (m,)}
-            rows = self._gather(trainer, pl_module, per_image, len(full))
+            values = per_image(images, mine, self.features, self.scores)  # {FEATURES: (m, D), name: (m,)}
+            rows = self._gather(trainer, pl_module, values, len(full))
             # rank 0 alone: the reference (built lazily) and the distance; its value or error reaches every rank
             metrics.update(on_rank_zero(trainer.strategy, lambda: self._metrics(trainer, rows, tag, t0),
                                         f"Quality: the FID and scores of {tag}"))
@@ -170,10 +173,9 @@ class Quality(Callback):
 
     def _metrics(self, trainer: L.Trainer, rows: dict[str, np.ndarray], tag: str, t0: float) -> dict[str, float]:
         """FID against the reference and the mean scores of one setting (rank 0)."""
-        mu, sigma = self._reference(trainer)
-        rows = dict(rows)
-        out = {f"quality/fid_{tag}": frechet_to_stats(rows.pop("__features"), mu, sigma)}
-        for name, value in summarize(rows).items():
+        s = aggregate(rows, self._reference(trainer))  # no bootstrap: a curve point
+        out = {f"quality/fid_{tag}": s.fid}
+        for name, value in s.means.items():
             base, _, suffix = name.partition("@")
             out[f"quality/{base}_{tag}" + (f"_{suffix}" if suffix else "")] = value
         out[f"quality/seconds_{tag}"] = time.perf_counter() - t0
@@ -198,15 +200,15 @@ class Quality(Callback):
         return self._ref
 
     @staticmethod
-    def _gather(trainer: L.Trainer, pl_module: L.LightningModule, per_image: dict[str, np.ndarray],
+    def _gather(trainer: L.Trainer, pl_module: L.LightningModule, values: dict[str, np.ndarray],
                 n: int) -> dict[str, np.ndarray]:
         """Each rank's (m, ...) arrays -> on every rank the (n, ...) arrays in prompt order (padding dropped)."""
         if trainer.world_size == 1:
-            return {k: np.asarray(v)[:n] for k, v in per_image.items()}
-        same_names_on_every_rank(trainer, pl_module.device, list(per_image))
+            return {k: np.asarray(v)[:n] for k, v in values.items()}
+        same_names_on_every_rank(trainer, pl_module.device, list(values))
         order = gathered_order(n, trainer.world_size)
         out = {}
-        for k, v in per_image.items():
+        for k, v in values.items():
             local = torch.as_tensor(np.asarray(v, dtype=np.float64), device=pl_module.device)
             rows = trainer.strategy.all_gather(local)  # (world, m, ...)
             out[k] = rows.reshape(-1, *local.shape[1:]).cpu().numpy()[order]

@@ -11,9 +11,12 @@ The protocol (``protocol()``; written next to every number in ``results.json``):
 - Sample rule (30k): the ``n`` image ids with the smallest ``sha256(f"{seed}:{image_id}")`` (hex),
   seed 0; no duplicates by construction, nested in ``n``, reproducible in any language.
 - Noise: prompt ``i`` of the sorted list starts from noise seed ``i`` (``instaflow.flow.noise.seeded_noise``).
-- FID: clean-fid, mode "clean" (Inception-v3 pool3 features, PIL-bicubic resize to 299 on float
-  images), between PNG folders of generated and reference images, both centre-cropped to a square
-  and resized with PIL bicubic to the protocol's resolution.
+- FID: clean-fid's Inception-v3 pool3 features, mode "clean" (PIL-bicubic resize to 299 on float
+  images; ``quality.CleanFidInception``, injectable), of the generated and the reference images, both
+  centre-cropped to a square and resized with PIL bicubic to the protocol's resolution (as their
+  PNGs, which are written too); the distance is ``instaflow.evaluation.scoring``'s, as every other
+  score of the project (float64 statistics; clean-fid's ``compute_fid`` on the folders keeps float32
+  means, which differ from these in the last digits).
 - CLIP score: cosine between the CLIP image embedding and the text embedding (77 tokens,
   truncated keeping the end-of-text token), averaged over images: ``clip_score`` on the paper's
   scale (0.30 ~ 30); ``clip_score_100`` = mean of 100 * max(cos, 0) (torchmetrics' convention).
@@ -31,13 +34,15 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Callable
 
+import numpy as np
 import torch
 from PIL import Image
 
-from instaflow.evaluation.fid import inception_fid, to_uint8
-from instaflow.models.sampler import TextToImage
+from instaflow.contracts import SamplesImages
+from instaflow.evaluation.fid import feature_stats, to_uint8
+from instaflow.evaluation.quality import (CleanFidInception, ClipScore, ImageFeatures, PromptSet, clip_per_image)
+from instaflow.evaluation.scoring import aggregate, per_image, summarize
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 CAPTION_RULE = "the caption with the lowest annotation id of each image; whitespace collapsed, ends stripped"
@@ -144,8 +149,8 @@ def cosine_scores(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torc
 
 
 def clip_summary(cos: torch.Tensor) -> dict:
-    """Both CLIP-score conventions from per-image cosines."""
-    return {"clip_score": float(cos.mean()), "clip_score_100": float((100 * cos.clamp(min=0)).mean())}
+    """Both CLIP-score conventions from per-image cosines (the means ``scoring`` takes of ``ClipScore``)."""
+    return summarize(clip_per_image(np.asarray(cos, dtype=np.float32)))
 
 
 class ClipScorer(torch.nn.Module):
@@ -196,7 +201,7 @@ def protocol(name: str, n: int, seed: int, annotations: str | Path, fid_resoluti
         "sample_rule": SAMPLE_RULE if n < spec["n_images"] else "all images, sorted by id",
         "sample_seed": seed, "noise_seed_rule": SEED_RULE,
         "fid": {"library": "clean-fid", "mode": "clean", "features": "Inception-v3 pool3 (clean-fid)",
-                "resolution": fid_resolution,
+                "resolution": fid_resolution, "distance": "instaflow.evaluation.scoring (float64 statistics)",
                 "preprocess": "centre crop to square, PIL bicubic resize, PNG (generated and reference)"},
         "clip": {"model": clip_model, "score": "mean cos(image, text) (clip_score); mean 100*max(cos, 0) "
                  "(clip_score_100)", "max_tokens": 77},
@@ -204,36 +209,82 @@ def protocol(name: str, n: int, seed: int, annotations: str | Path, fid_resoluti
     }
 
 
-def evaluate(model: str, out: str | Path, annotations: str | Path, images: str | Path, name: str = "coco2017_5k",
-             steps: int = 1, guidance: float = 1.0, n: int | None = None, seed: int = 0,
+class ResizedForFid(ImageFeatures):
+    """``features`` of images centre-cropped and resized to ``resolution`` as their PNGs are (``resize_for_fid``)."""
+
+    def __init__(self, features: ImageFeatures, resolution: int) -> None:
+        self.features, self.resolution = features, resolution
+        self.name = f"{features.name}_{resolution}px"
+
+    def prepare(self, device: torch.device, download: bool = True) -> None:
+        self.features.prepare(device, download)
+
+    def __call__(self, images: torch.Tensor) -> np.ndarray:
+        return self.features(for_fid(images, self.resolution))
+
+
+def for_fid(images: torch.Tensor, resolution: int) -> torch.Tensor:
+    """(N, 3, H, W) in [0, 1] or uint8 -> uint8 (N, 3, r, r) as ``resize_for_fid`` writes them (kept when square at r)."""
+    u8 = to_uint8(images)
+    if u8.shape[-2:] == (resolution, resolution):
+        return u8
+    hwc = u8.permute(0, 2, 3, 1).cpu().numpy()
+    return torch.stack([torch.from_numpy(np.array(resize_for_fid(Image.fromarray(a), resolution))).permute(2, 0, 1)
+                        for a in hwc]) if len(hwc) else u8.new_zeros(0, 3, resolution, resolution)
+
+
+def folder_stats(folder: Path, prompts: list[dict], features: ImageFeatures, batch_size: int = 64) -> tuple:
+    """Reference statistics (mu, sigma) of the prompts' reference PNGs in ``folder``, read in batches."""
+    feats = []
+    for i in range(0, len(prompts), batch_size):
+        arrays = [np.asarray(Image.open(folder / f"{p['image_id']:012d}.png").convert("RGB"))
+                  for p in prompts[i:i + batch_size]]
+        feats.append(features(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)))  # (B, 3, r, r) uint8
+    return feature_stats(np.concatenate(feats))
+
+
+def _load(model: str, device: str, bf16: bool) -> SamplesImages:
+    """The model folder as a sampler on ``device``."""
+    from instaflow.models.sampler import TextToImage
+
+    pipe = TextToImage.from_pretrained(model)
+    pipe.bf16 = bf16
+    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+        m.to(device)
+    return pipe
+
+
+def evaluate(model: str | SamplesImages, out: str | Path, annotations: str | Path, images: str | Path,
+             name: str = "coco2017_5k", steps: int = 1, guidance: float = 1.0, n: int | None = None, seed: int = 0,
              clip_model: str = DEFAULT_CLIP, fid_resolution: int | None = None, batch_size: int = 16,
-             device: str | None = None, bf16: bool = True,
-             clip: ClipScorer | None = None, fid_fn: Callable[[Path, Path], float] | None = None) -> dict:
-    """Generate the protocol's images with ``model``, score FID and CLIP, write ``out/results.json``."""
+             device: str | None = None, bf16: bool = True, clip: ClipScorer | None = None,
+             features: ImageFeatures | None = None) -> dict:
+    """Generate the protocol's images with ``model`` (a folder, or a loaded ``contracts.SamplesImages``), score
+    FID and CLIP through ``scoring`` (``features``: clean-fid's Inception unless injected), write ``out/results.json``."""
     out = Path(out)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     prompts = coco_prompts(name, annotations, n, seed)  # fails first if the annotations are missing
     res = fid_resolution or PROTOCOLS[name]["fid_resolution"]
     ref_dir = prepare_reference(prompts, images, out.parent / f"reference_{name}_{len(prompts)}_{res}px", res, name)
-    clip = clip or ClipScorer.from_pretrained(clip_model)
-    pipe = TextToImage.from_pretrained(model)
-    pipe.bf16 = bf16
-    for m in (pipe.unet, pipe.vae, pipe.text_encoder, clip):
-        m.to(device)
+    clip = (clip or ClipScorer.from_pretrained(clip_model)).to(device)
+    feats = ResizedForFid(features or CleanFidInception(), res)
+    feats.prepare(torch.device(device))
+    pipe = _load(model, device, bf16) if isinstance(model, (str, Path)) else model
     gen_dir = out / f"generated_{res}px"
     gen_dir.mkdir(parents=True, exist_ok=True)
-    cosines, t0 = [], time.time()
+    values, t0 = [], time.time()
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
         captions = [p["caption"] for p in chunk]
         x = pipe.sample_images(captions, steps, guidance, [p["seed"] for p in chunk], batch_size=batch_size)
-        cosines.append(clip(x, captions).cpu())
-        for p, img in zip(chunk, to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()):
-            resize_for_fid(Image.fromarray(img), res).save(gen_dir / f"{p['image_id']:012d}.png")
-    fid = (fid_fn or (lambda a, b: inception_fid(a, b, mode="clean", device=device)))(gen_dir, ref_dir)
-    results = {"fid": float(fid), **clip_summary(torch.cat(cosines)), "n": len(prompts),
-               "wall_s": round(time.time() - t0, 1),
-               "protocol": protocol(name, len(prompts), seed, annotations, res, clip.name, steps, guidance, model)}
+        values.append(per_image(x, PromptSet(captions, [p["seed"] for p in chunk]), feats, [ClipScore.loaded(clip)]))
+        for p, img in zip(chunk, for_fid(x, res).permute(0, 2, 3, 1).cpu().numpy()):
+            Image.fromarray(img).save(gen_dir / f"{p['image_id']:012d}.png")
+    s = aggregate({k: np.concatenate([v[k] for v in values]) for k in values[0]}, folder_stats(ref_dir, prompts, feats))
+    results = {"fid": s.fid, "clip_score": s.means["clip_score"], "clip_score_100": s.means["clip_score_100"],
+               "n": len(prompts), "wall_s": round(time.time() - t0, 1),
+               "protocol": protocol(name, len(prompts), seed, annotations, res, clip.name, steps, guidance,
+                                    str(model) if isinstance(model, (str, Path)) else type(model).__name__)}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "prompts.json").write_text(json.dumps(prompts, indent=1))
     return results

@@ -152,10 +152,15 @@ def fid_bootstrap(f_gen: np.ndarray, f_ref: np.ndarray, n: int = 200, seed: int 
     percentile interval). FID's own finite-sample bias is not in the interval; it is the same for
     every model scored with the same N, which is why scores are only compared at equal N.
     """
+    return fid_to_stats(f_gen, *feature_stats(f_ref), n=n, seed=seed, level=level)
+
+
+def fid_to_stats(f_gen: np.ndarray, mu_r: np.ndarray, s_r: np.ndarray, n: int = 200, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float, float]:
+    """``fid_bootstrap`` against reference statistics (mu, sigma) instead of features (cached or gathered)."""
     from cleanfid.fid import frechet_distance
 
     f_gen = np.asarray(f_gen, dtype=np.float64)
-    mu_r, s_r = feature_stats(f_ref)
     mu_g, s_g = feature_stats(f_gen)
     point = max(float(frechet_distance(mu_g, s_g, mu_r, s_r)), 0.0)
     if n <= 0:  # no interval asked (e.g. the small curves logged during training)

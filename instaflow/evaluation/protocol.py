@@ -5,9 +5,10 @@ the teacher's evaluation, the floors). Protocol:
 
 - the test split is read in a fixed order (sorted by key); ``test[0, n)`` supplies the prompts
   (captions + ground-truth scenes), ``test[n, 2n)`` the *reference* images for FID;
-- a generator makes one image per prompt of ``test[0, n)``; ``score_images`` scores them: FID of
-  their evaluator features against the reference features (with a bootstrap interval over the
-  generated images), and alignment of the scenes the evaluator sees with the prompts' scenes;
+- a generator makes one image per prompt of ``test[0, n)``; ``score_images`` scores them through
+  ``instaflow.evaluation.scoring`` (the path the quality curves and COCO take too): FID of their
+  evaluator features against the reference features (with a bootstrap interval over the generated
+  images), and alignment of the scenes the evaluator sees with the prompts' scenes;
 - the floor (``python -m instaflow.tools.floors``) is that same scoring applied to the real images
   of ``test[0, n)``: what a perfect generator would get. FID's floor is not 0 (two finite samples
   of the same distribution differ) and alignment's ceiling is not 1 (the evaluator errs);
@@ -20,7 +21,9 @@ import numpy as np
 import torch
 
 from data.laion import LaionStream
-from instaflow.evaluation.fid import fid_bootstrap, image_features, to_uint8
+from instaflow.evaluation.fid import image_features, to_uint8
+from instaflow.evaluation.quality import EmbeddedAlignment, EmbeddedFeatures, PromptSet
+from instaflow.evaluation.scoring import aggregate, per_image, reference_of
 from instaflow.evaluation.shapes_evaluator import accuracies_by_objects, attribute_accuracies, predict_scenes
 
 
@@ -57,28 +60,42 @@ def score_images(images: torch.Tensor, prompt_scenes: list[dict], ref_features: 
 
     ``images``: (N, 3, 32, 32) float in [0, 1] (or uint8); they are quantised to uint8 first, as a
     saved PNG would be. Returns ``fid`` with its bootstrap interval ``fid_low``/``fid_high`` (over
-    the generated images, see ``metrics.fid_bootstrap``), ``alignment`` (exact match on cells,
+    the generated images, see ``fid.fid_bootstrap``), ``alignment`` (exact match on cells,
     shape, colour, background; see ``evaluator``) with its binomial standard error,
     ``size_accuracy`` (per object) and the other per-attribute accuracies, and ``by_objects``
     (alignment, shape, colour, cells per number of prompt objects).
     """
+    return score_images_per_image(images, prompt_scenes, ref_features, evaluator, n_bootstrap, seed)[0]
+
+
+def scene_prompts(prompt_scenes: list[dict]) -> PromptSet:
+    """The embedded prompts as ``scoring`` sees them: scene i in ``meta[i]["scene"]``, noise seed i."""
+    return PromptSet([""] * len(prompt_scenes), list(range(len(prompt_scenes))), [{"scene": s} for s in prompt_scenes])
+
+
+def score_images_per_image(images: torch.Tensor, prompt_scenes: list[dict], ref_features: np.ndarray,
+                           evaluator: torch.nn.Module, n_bootstrap: int = 200,
+                           seed: int = 0) -> tuple[dict, dict[str, np.ndarray]]:
+    """``score_images`` and the per-image values it was computed from (``scoring.per_image``):
+    ``scoring.FEATURES`` (N, D) and the ``alignment`` hits (N,), which the ablation's paired intervals resample."""
     if len(images) != len(prompt_scenes):
         raise ValueError(f"{len(images)} images for {len(prompt_scenes)} prompts")
     u8 = to_uint8(images)
-    feats = image_features(u8, evaluator)
-    fid, low, high = fid_bootstrap(feats, ref_features, n=n_bootstrap, seed=seed)
-    preds = predict_scenes(evaluator, u8.float() / 127.5 - 1.0)
+    values = per_image(u8, scene_prompts(prompt_scenes), EmbeddedFeatures.loaded(evaluator),
+                       [EmbeddedAlignment.loaded(evaluator)])
+    s = aggregate(values, reference_of(ref_features), n_bootstrap, seed)
+    preds = predict_scenes(evaluator, u8.float() / 127.5 - 1.0)  # the per-attribute diagnostics beside it
     acc = attribute_accuracies(preds, prompt_scenes)
-    p, n = acc["alignment"], len(preds)
+    p, n = s.means.get("alignment", float("nan")), s.n
     return {
         "n": n, "n_ref": int(len(ref_features)),
-        "fid": fid, "fid_low": low, "fid_high": high, "fid_bootstrap": n_bootstrap,
+        "fid": s.fid, "fid_low": s.fid_low, "fid_high": s.fid_high, "fid_bootstrap": n_bootstrap,
         "alignment": p, "alignment_stderr": float(np.sqrt(p * (1 - p) / max(n, 1))),
         "alignment_with_size": acc["alignment_with_size"], "size_accuracy": acc["size"],
         "shape_accuracy": acc["shape"], "color_accuracy": acc["color"], "cells_accuracy": acc["cells"],
         "count_accuracy": acc["count"], "background_accuracy": acc["background"],
         "by_objects": {k: round_floats(v) for k, v in accuracies_by_objects(preds, prompt_scenes).items()},
-    }
+    }, values
 
 
 def round_floats(d: dict, digits: int = 4) -> dict:

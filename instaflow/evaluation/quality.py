@@ -78,25 +78,6 @@ def gathered_order(n: int, world: int) -> list[int]:
     return [r * m + j for r in range(world) for j in range(m) if r * m + j < n]
 
 
-def frechet_to_stats(feats: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray) -> float:
-    """FID of (N, D) features against cached reference statistics (clean-fid's ``frechet_distance``, clipped at 0)."""
-    from cleanfid.fid import frechet_distance
-
-    mu, sigma = feature_stats(feats)
-    return max(float(frechet_distance(mu, sigma, mu_ref, sigma_ref)), 0.0)
-
-
-def summarize(per_image: dict[str, np.ndarray]) -> dict[str, float]:
-    """Mean of each per-image score over the images where it applies (NaN = not applicable)."""
-    out = {}
-    for name, values in per_image.items():
-        v = np.asarray(values, dtype=np.float64)
-        ok = ~np.isnan(v)
-        if ok.any():
-            out[name] = float(v[ok].mean())
-    return out
-
-
 # -- prompt sets -------------------------------------------------------------------------------
 
 class QualityPrompts(abc.ABC):
@@ -218,7 +199,7 @@ class CocoPrompts(QualityPrompts):
             if not path.is_file():
                 raise _missing(f"image {p['file_name']}", Path(self.images), self.protocol, "--images")
             with Image.open(path) as img:
-                out.append(torch.from_numpy(np.asarray(resize_for_fid(img, self.resolution))).permute(2, 0, 1))
+                out.append(torch.from_numpy(np.array(resize_for_fid(img, self.resolution))).permute(2, 0, 1))
         return torch.stack(out)
 
     def describe(self) -> dict:
@@ -251,6 +232,13 @@ class EmbeddedFeatures(ImageFeatures):
     def __init__(self, evaluator: str = "assets/embedded-evaluator") -> None:
         self.evaluator = evaluator
         self._model = None
+
+    @classmethod
+    def loaded(cls, model: torch.nn.Module) -> "EmbeddedFeatures":
+        """Around an evaluator already loaded (the tables load it once for every row)."""
+        out = cls()
+        out._model = model
+        return out
 
     def prepare(self, device: torch.device, download: bool = True) -> None:
         from instaflow.evaluation.shapes_evaluator import load_evaluator
@@ -333,6 +321,13 @@ class ClipScore(TextImageScore):
         self.model = model
         self._scorer = None
 
+    @classmethod
+    def loaded(cls, scorer: torch.nn.Module) -> "ClipScore":
+        """Around a ``coco.ClipScorer`` already loaded (and placed on its device)."""
+        out = cls(getattr(scorer, "name", "custom"))
+        out._scorer = scorer
+        return out
+
     def prepare(self, device: torch.device, download: bool = True) -> None:
         from instaflow.evaluation.coco import ClipScorer
 
@@ -340,8 +335,12 @@ class ClipScore(TextImageScore):
             self._scorer = ClipScorer.from_pretrained(self.model).to(device)
 
     def __call__(self, images: torch.Tensor, prompts: PromptSet) -> dict[str, np.ndarray]:
-        cos = self._scorer(images, prompts.captions).float().cpu().numpy()
-        return {"clip_score": cos, "clip_score_100": 100 * np.clip(cos, 0, None)}
+        return clip_per_image(self._scorer(images, prompts.captions).float().cpu().numpy())
+
+
+def clip_per_image(cos: np.ndarray) -> dict[str, np.ndarray]:
+    """Both CLIP-score conventions per image from cosines (N,): ``clip_score`` and ``clip_score_100``."""
+    return {"clip_score": cos, "clip_score_100": 100 * np.clip(cos, 0, None)}
 
 
 class EmbeddedAlignment(TextImageScore):
@@ -352,6 +351,13 @@ class EmbeddedAlignment(TextImageScore):
         self.evaluator = evaluator
         self._model = None
         self._counts: list[int] | None = None  # object counts of the whole prompt set (``bind``)
+
+    @classmethod
+    def loaded(cls, model: torch.nn.Module) -> "EmbeddedAlignment":
+        """Around an evaluator already loaded."""
+        out = cls()
+        out._model = model
+        return out
 
     def prepare(self, device: torch.device, download: bool = True) -> None:
         from instaflow.evaluation.shapes_evaluator import load_evaluator

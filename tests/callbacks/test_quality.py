@@ -236,3 +236,24 @@ def test_a_resumed_run_forgets_the_curve_points_after_its_checkpoint(tmp_path):
     one = SimpleNamespace(is_global_zero=True, broadcast=lambda obj, src=0: obj)
     Quality._forget_after(SimpleNamespace(log_dir=str(tmp_path), strategy=one), 160)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 160]
+
+
+def test_straightness_asks_for_the_samples_paths_contract():
+    """Callbacks ask, not probe: a module without ``sampler()`` is refused at setup, naming contracts.SamplesPaths."""
+    from callbacks.quality import Quality
+    from instaflow.contracts import SamplesImages, SamplesPaths
+    from instaflow.evaluation.quality import EmbeddedFeatures, ShardPrompts
+    from lightning_modules.reflow import ReflowTraining
+
+    class ImagesOnly:  # contracts.SamplesImages, no sampler()
+        solver_tag = "euler"
+
+        def sample_images(self, prompts, steps, guidance, seeds, batch_size=256):
+            return torch.zeros(len(prompts), 3, 8, 8)
+
+    assert isinstance(ImagesOnly(), SamplesImages) and not isinstance(ImagesOnly(), SamplesPaths)
+    assert isinstance(ReflowTraining("folder"), SamplesPaths)  # the flow students record their paths
+    cb = Quality(ShardPrompts("none.tar"), EmbeddedFeatures(), straightness_n=4)
+    with pytest.raises(TypeError, match=r"contracts\.SamplesPaths.*ImagesOnly"):
+        cb.setup(None, ImagesOnly(), "validate")
+    Quality(ShardPrompts("none.tar"), EmbeddedFeatures()).setup(None, ImagesOnly(), "validate")  # no straightness: fine

@@ -172,19 +172,35 @@ def test_evaluate_writes_numbers_with_their_protocol(fake_coco, tmp_path, tiny_s
     ann, images, _ = fake_coco
     seen = {}
 
-    def fid_fn(gen: Path, ref: Path) -> float:  # clean-fid's Inception weights cannot be downloaded here
-        seen.update(gen=sorted(p.name for p in gen.glob("*.png")), ref=sorted(p.name for p in ref.glob("*.png")))
-        return 12.5
+    class Features:  # clean-fid's Inception weights cannot be downloaded here: a stand-in, injected
+        name = "mean_colour"
+
+        def prepare(self, device, download=True):
+            seen["device"] = device
+
+        def __call__(self, x):
+            seen.setdefault("sizes", set()).add(tuple(x.shape[-2:]))
+            return x.float().mean(dim=(2, 3)).numpy() + np.arange(3)  # (N, 3)
 
     out = tmp_path / "eval"
     res = coco.evaluate(str(tiny_sd_folder), out, ann, images, "coco2014_30k", steps=2, guidance=1.5, n=5,
-                        fid_resolution=8, batch_size=2, device="cpu", bf16=False, clip=scorer, fid_fn=fid_fn)
+                        fid_resolution=8, batch_size=2, device="cpu", bf16=False, clip=scorer, features=Features())
     prompts = json.loads((out / "prompts.json").read_text())
     names = [f"{p['image_id']:012d}.png" for p in prompts]
-    assert len(prompts) == 5 and seen == {"gen": names, "ref": names}
+    assert len(prompts) == 5 and seen["sizes"] == {(8, 8)}  # generated and reference alike, at the FID size
+    assert sorted(p.name for p in (out / "generated_8px").glob("*.png")) == sorted(names)
     assert Image.open(out / "generated_8px" / names[0]).size == (8, 8)
+    # the FID is the one of the written PNGs (generated vs reference) through the same extractor
+    from instaflow.evaluation.fid import fid_from_features
+
+    def folder(d):
+        return torch.from_numpy(np.stack([np.asarray(Image.open(d / f)) for f in names])).permute(0, 3, 1, 2)
+
+    ref_dir = tmp_path / "reference_coco2014_30k_5_8px"
+    want = fid_from_features(Features()(folder(out / "generated_8px")), Features()(folder(ref_dir)))
     saved = json.loads((out / "results.json").read_text())
-    assert saved == res and res["fid"] == 12.5 and res["n"] == 5 and -1 <= res["clip_score"] <= 1
+    assert saved == res and res["fid"] == pytest.approx(want, rel=1e-9, abs=1e-9) and res["fid"] > 0
+    assert res["n"] == 5 and -1 <= res["clip_score"] <= 1
     p = res["protocol"]
     assert p["name"] == "coco2014_30k" and p["n"] == 5 and p["fid"]["mode"] == "clean" and p["fid"]["resolution"] == 8
     assert p["clip"]["model"] == str(clip_dir) and (p["steps"], p["guidance"]) == (2, 1.5)
