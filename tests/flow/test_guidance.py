@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from instaflow.flow import guidance, solvers
+from instaflow.flow.velocity import velocity_field
 
 
 def _field(x, t, states):
@@ -55,11 +56,16 @@ class _StatesUNet(torch.nn.Module):
 def test_dpm_solver_applies_guidance_below_one(sd_schedule):
     x0 = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(0))
     cond, uncond = torch.full((2, 3, 4), 2.0), torch.full((2, 3, 4), -1.0)
-    got = solvers.sample_dpm_solver(_StatesUNet(), sd_schedule, x0, cond, uncond, 0.5, 3)
+    teacher = velocity_field(_StatesUNet(), "ddpm", sd_schedule)
+
+    def solve(c, u, w):  # the DDPM teacher's DPM-Solver++ through the velocity conversion
+        return solvers.sample_diffusion_teacher(guidance.guided(teacher, c, u, w), x0, sd_schedule, 3)
+
+    got = solve(cond, uncond, 0.5)
     # eps_u + 0.5 (eps_c - eps_u) = -1 + 0.5 * 3 = 0.5: the same as the conditional model fed states of mean 0.5
-    want = solvers.sample_dpm_solver(_StatesUNet(), sd_schedule, x0, torch.full((2, 3, 4), 0.5), None, 1.0, 3)
+    want = solve(torch.full((2, 3, 4), 0.5), None, 1.0)
     torch.testing.assert_close(got, want)
-    plain = solvers.sample_dpm_solver(_StatesUNet(), sd_schedule, x0, cond, uncond, 1.0, 3)
+    plain = solve(cond, uncond, 1.0)
     assert not torch.allclose(got, plain)  # guidance 0.5 is not the conditional model alone
 
 
