@@ -150,7 +150,7 @@ export: $(VENV)/.installed ## MODEL (2-RF or one-step) as a diffusers folder in 
 	$(PY) -m instaflow.tools.export --model "$$MK_MODEL" --out "$${MK_OUT:-runs/export/$$(basename -- "$$MK_MODEL")}"
 
 ablation: $(VENV)/.installed ## the embedded evidence (docs/ablation.md): resumable stages, < 4 h on 2 cores -> results/ablation.{md,json} + 3 figures
-	$(PY) -m instaflow.tools.ablation --root runs/ablation --results results/ablation
+	$(PY) -m studies.ablation.run --root runs/ablation --results results/ablation
 
 # make run EXP=embedded/distill_direct [ARGS="--trainer.max_steps 10"]
 # ARGS: more command-line arguments for the CLI, split at whitespace; nothing in it is expanded or run by the

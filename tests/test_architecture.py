@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("instaflow", "lightning_modules", "data", "callbacks", "benchmarks")
+PACKAGES = ("instaflow", "lightning_modules", "data", "callbacks", "benchmarks", "studies")
 
 # layer 0 modules with no project imports of their own, which every layer may use
 BASE = ("instaflow.state", "instaflow.collective")
@@ -29,18 +29,22 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "instaflow.resume": ("instaflow.resume", *BASE),
     "data": ("data", "instaflow.flow", *BASE),
     "instaflow.models": ("instaflow.models", "instaflow.flow", "instaflow.resume", "instaflow.contracts", *BASE),
+    # loss objects: LPIPS builds a feature network and decodes with the model's VAE (beside evaluation, layer 3)
+    "instaflow.losses": ("instaflow.losses", "instaflow.models", "instaflow.flow", "instaflow.contracts", *BASE),
     "instaflow.evaluation": ("instaflow.evaluation", "instaflow.models", "instaflow.flow", "instaflow.resume",
                              "instaflow.contracts", "data", *BASE),
     # the entry point: LightningCLI assembles modules and callbacks (it adds callbacks.resume.Resume to every run)
-    "lightning_modules.cli": ("lightning_modules", "callbacks", "instaflow.flow", "instaflow.models",
+    "lightning_modules.cli": ("lightning_modules", "callbacks", "instaflow.flow", "instaflow.models", "instaflow.losses",
                               "instaflow.resume", "instaflow.evaluation", "instaflow.contracts", "instaflow.experiments",
                               "data", *BASE),
-    "lightning_modules": ("lightning_modules", "instaflow.flow", "instaflow.models", "instaflow.resume",
+    "lightning_modules": ("lightning_modules", "instaflow.flow", "instaflow.models", "instaflow.losses", "instaflow.resume",
                           "instaflow.evaluation", "instaflow.contracts", "instaflow.experiments", "data", *BASE),
     "callbacks": ("callbacks", "instaflow.flow", "instaflow.models", "instaflow.resume", "instaflow.evaluation",
                   "instaflow.contracts", "data", *BASE),
     "instaflow.tools": ("instaflow", "lightning_modules", "data", "callbacks"),
     "benchmarks": ("benchmarks", "instaflow", "lightning_modules", "data", "callbacks"),
+    # a study's own orchestration and report (make ablation): layer 5, nothing imports it
+    "studies": ("studies", "instaflow", "lightning_modules", "data", "callbacks"),
     "instaflow": ("instaflow",),  # the package's own __init__
 }
 

@@ -69,3 +69,11 @@ def verdict(interval: dict, target: float, holds_if: str) -> str:
     if holds_if == ">=":
         return "holds" if lo >= target else "does not hold" if hi < target else "cannot tell"
     raise ValueError(f"holds_if must be '<=' or '>=', got {holds_if!r}")
+
+
+def judged(stat_a: Statistic, stat_b: Statistic, n_items: int, combine: str, target: float, holds_if: str,
+           n: int = 1000, seed: int = 0) -> dict:
+    """A claim's record: the paired interval (floats to 4 digits), its ``target``, ``holds_if`` and ``verdict``."""
+    iv = paired_bootstrap(stat_a, stat_b, n_items, combine=combine, n=n, seed=seed)
+    return {**{k: round(v, 4) if isinstance(v, float) else v for k, v in iv.items()},
+            "target": target, "holds_if": holds_if, "verdict": verdict(iv, target, holds_if)}

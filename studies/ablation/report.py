@@ -1,4 +1,4 @@
-"""The ablation's rows, claims and verdicts (``make ablation``; ``instaflow.tools.ablation`` runs it).
+"""The ablation's rows, claims, verdicts and record (``make ablation``; ``studies.ablation.run`` runs it).
 
 What is compared, once: every test row is sampled from the same test prompts i and noise seeds i,
 so two rows are paired and a ratio or difference between them gets a paired bootstrap interval
@@ -14,89 +14,16 @@ against; the teacher's own DPM-Solver++ path at the same guidance stands beside 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import subprocess
 from pathlib import Path
 
 import numpy as np
 
-from instaflow.evaluation.paired import fid_of, mean_of, mean_over, paired_bootstrap, verdict
-
-SEEDS = (0, 1, 2)
-DISTILLS = {  # name -> (experiment, label)
-    "instaflow": ("ablation/distill", "InstaFlow (2-RF couplings, 2-RF init)"),
-    "direct": ("ablation/distill_direct", "direct distillation (teacher couplings, teacher init)"),
-    "control": ("ablation/distill_control", "control (teacher couplings, 2-RF init)"),
-}
-TEACHER = "assets/embedded-sd"
-PATH_GUIDANCE = (1.0, 1.5, 3.0)
-
-
-@dataclass(frozen=True)
-class EvalRow:
-    """One test row: a model sampled by one solver at one step count and guidance."""
-
-    name: str
-    label: str
-    model: str          # folder, relative to the repository (runs/ablation/models/... or the teacher)
-    steps: int
-    guidance: float
-    kind: str | None = None   # None: the folder's own; "ddpm_velocity": a diffusion UNet by Euler in flow time
-    curve: str | None = None  # the line of figure (c) it belongs to
-    group: str | None = None  # distillation rows: instaflow / direct / control
-    seed: int | None = None   # distillation rows: the training seed
-
-    @property
-    def solver(self) -> str:
-        return "dpm_solver++" if self.kind is None and self.model == TEACHER else "euler"
-
-    @property
-    def nfe(self) -> int:
-        return self.steps * (2 if self.guidance != 1 else 1)  # every w != 1 runs the unconditional pass
-
-
-@dataclass(frozen=True)
-class PathRow:
-    """Straightness of one model's own 25-step path at one guidance (per prompt, on ``n_path`` prompts)."""
-
-    name: str
-    label: str
-    model: str
-    guidance: float
-    kind: str | None = None
-    steps: int = 25
-
-
-def test_rows(models: str) -> list[EvalRow]:
-    """Every row of the test table; ``models``: the ablation's model folder."""
-    m = models.rstrip("/")
-    rows = [EvalRow(f"teacher_dpm{s}", f"teacher (DPM-Solver++, {s} steps)", TEACHER, s, 3.0, curve="teacher, DPM-Solver++")
-            for s in (2, 4, 8, 25)]
-    rows.append(EvalRow("step0_1", "2-RF step 0 (teacher via the conversion), 1 step", TEACHER, 1, 1.0,
-                        kind="ddpm_velocity", curve="teacher, Euler (step-0 model)"))
-    rows += [EvalRow(f"step0_euler{s}", f"teacher via the conversion (Euler, {s} steps)", TEACHER, s, 3.0,
-                     kind="ddpm_velocity", curve="teacher, Euler (step-0 model)") for s in (2, 4, 8, 25)]
-    rows += [EvalRow(f"rf2_{s}", f"2-RF (Euler, {s} step{'s' if s > 1 else ''})", f"{m}/rf2", s, 1.5 if s > 1 else 1.0,
-                     curve="2-RF, Euler") for s in (1, 2, 4, 8, 25)]
-    rows += [EvalRow(f"rf3_{s}", f"3-RF (Euler, {s} step{'s' if s > 1 else ''})", f"{m}/rf3", s, 1.5 if s > 1 else 1.0,
-                     curve="3-RF, Euler") for s in (1, 2, 4, 8)]
-    for group, (_, label) in DISTILLS.items():
-        rows += [EvalRow(f"{group}_s{seed}_1", f"{label}, seed {seed}", f"{m}/{group}_s{seed}", 1, 1.0,
-                         curve="InstaFlow (one step)" if group == "instaflow" else None, group=group, seed=seed)
-                 for seed in SEEDS]
-    return rows
-
-
-def path_rows(models: str) -> list[PathRow]:
-    """Straightness rows at equal solver and guidance (Euler, 25 steps), and the teacher's own solver beside."""
-    m = models.rstrip("/")
-    rows = []
-    for w in PATH_GUIDANCE:
-        rows += [PathRow(f"step0_w{w:g}", f"2-RF step 0 (teacher via the conversion), Euler, w = {w:g}", TEACHER, w,
-                         kind="ddpm_velocity"),
-                 PathRow(f"rf2_w{w:g}", f"2-RF, Euler, w = {w:g}", f"{m}/rf2", w),
-                 PathRow(f"rf3_w{w:g}", f"3-RF, Euler, w = {w:g}", f"{m}/rf3", w),
-                 PathRow(f"teacher_dpm_w{w:g}", f"teacher, DPM-Solver++, w = {w:g}", TEACHER, w)]
-    return rows
+from instaflow.evaluation import figures
+from instaflow.evaluation.paired import fid_of, judged, mean_of, mean_over, paired_bootstrap
+from instaflow.state import atomic_write_text
+from instaflow.tools.timed import read_timings
+from studies.ablation.rows import DISTILLS, PATH_GUIDANCE, SEEDS, TEACHER, TEST
 
 
 # --- reading the evaluation folder ---------------------------------------------------------------
@@ -140,10 +67,8 @@ def _seeds(rows: dict, group: str) -> list[str]:
 
 def _compare(what: str, a: list[str], b: list[str], stat_a, stat_b, n: int, combine: str, target: float,
              holds_if: str, n_boot: int) -> dict:
-    iv = paired_bootstrap(stat_a, stat_b, n, combine=combine, n=n_boot)
-    return {"statistic": what, "rows_a": a, "rows_b": b, **{k: round(v, 4) if isinstance(v, float) else v
-                                                            for k, v in iv.items()},
-            "target": target, "holds_if": holds_if, "verdict": verdict(iv, target, holds_if)}
+    return {"statistic": what, "rows_a": a, "rows_b": b,
+            **judged(stat_a, stat_b, n, combine, target, holds_if, n=n_boot)}
 
 
 def claims(rows: dict, paths: dict, ref: np.ndarray, n_boot: int = 500) -> dict:
@@ -261,10 +186,6 @@ def rows_table(rows: dict, latency: dict) -> list[dict]:
     return [{"name": k, **{f: v.get(f) for f in keep}, **latency.get(k, {})} for k, v in rows.items()]
 
 
-def asdicts(items) -> list[dict]:
-    return [asdict(i) for i in items]
-
-
 # --- the record people read ----------------------------------------------------------------------
 
 def _iv(c: dict, digits: int = 3) -> str:
@@ -362,3 +283,84 @@ def to_markdown(res: dict) -> str:
               "## Stage wall times", "",
               _walls(res["stage_wall_s"]) + f"; total {res['total_wall_s'] / 60:.1f} min.", ""]
     return "\n".join(lines)
+
+
+# --- the record, written when every stage is done ------------------------------------------------
+
+def write(root: Path, results: Path, machine: dict, n_test: int, n_path: int, n_boot: int) -> dict:
+    """results/ablation.{md,json} and the three figures, from what the stages left under ``root``."""
+    eval_dir = root / "eval"
+    m = machine
+    rows = load_rows(eval_dir)
+    paths = load_paths(eval_dir)
+    ref = np.load(eval_dir / "test_ref_features.npy")
+    lat_file = eval_dir / "latency.json"
+    lat = json.loads(lat_file.read_text())["rows"] if lat_file.exists() else {}
+    # the distillation rows share seed 0's latency (same architecture, same call)
+    for name in rows:
+        base = name.rsplit("_s", 1)[0] + "_s0_1" if "_s" in name else None
+        if name not in lat and base in lat:
+            lat[name] = lat[base]
+    table = rows_table(rows, lat)
+    comp = comparisons(rows, paths, ref, n_boot)
+    curves = {"reflow (2-RF)": figures.read_curve(root / "reflow"),
+              "reflow again (3-RF)": figures.read_curve(root / "rf3")}
+    distill_curves = {g: [figures.read_curve(root / f"distill_{g}_s{s}") for s in SEEDS] for g in DISTILLS}
+    fig_dir = results.parent
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    stem = results.name
+    named = f"{m['cpu']}, {m['cpus']} CPUs, {m['torch_threads']} threads, {m['platform']}"
+    figs = {"a": str(figures.reflow_figure(curves, fig_dir / f"{stem}_a_reflow.png", named)),
+            "b": str(figures.distill_figure(distill_curves, fig_dir / f"{stem}_b_distill.png", named)),
+            "c": str(figures.speed_figure(table, fig_dir / f"{stem}_c_speed.png", n_test, named))}
+    timings = {k: v["wall_s"] for k, v in sorted(read_timings(root / "timings").items(),
+                                                 key=lambda kv: kv[1]["start"])}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    res = {
+        "machine": m,
+        "commit": commit or None,
+        "protocol": {"test": f"first {n_test} test captions (sorted by key) of {TEST}, noise seeds "
+                             f"0..{n_test - 1} for every row; FID on embedded-evaluator features vs test "
+                             f"images [{n_test}, {2 * n_test}); bf16 autocast, fp32 ODE state",
+                     "paths": f"straightness and path-length ratio per prompt on the first {n_path} test "
+                              "prompts, each model's own 25-step path",
+                     "intervals": f"95% paired bootstrap over prompt indices ({n_boot} resamples); "
+                                  "distillation rows pooled over their training seeds",
+                     "choices": "on val only (2-RF coupling steps, velocity boundary); test read once here"},
+        "claims": claims(rows, paths, ref, n_boot),
+        "comparisons": comp,
+        "control_reading": control_reading(comp),
+        "seeds": seed_summary(rows),
+        "rows": table,
+        "paths": {k: {f: v[f] for f in ("label", "solver", "guidance", "n", "straightness", "path_length_ratio")}
+                  for k, v in paths.items()},
+        "coupling_quality": _read(eval_dir / "coupling_quality.json"),
+        "rf2_coupling_steps": _read(root / "select_rf2_steps.json"),
+        "velocity_boundary": _read(Path("docs/velocity_boundary.json")),
+        "curves": {"reflow": curves, "distill": distill_curves},
+        "figures": figs,
+        "stage_wall_s": timings,
+        "total_wall_s": round(sum(timings.values()), 1),
+    }
+    write_json(results.with_suffix(".json"), res)
+    atomic_write_text(results.with_suffix(".md"), to_markdown(res))
+    print(results.with_suffix(".md").read_text())
+    return res
+
+
+def _read(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _plain(o):
+    """numpy scalars and arrays as JSON numbers and lists."""
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def write_json(path: Path, obj) -> None:
+    """``obj`` as JSON (numpy values as numbers), written atomically: a stage's record marks it done."""
+    atomic_write_text(path, json.dumps(obj, indent=2, default=_plain))

@@ -1,8 +1,8 @@
 """``make ablation``: the embedded world's evidence, as resumable stages (docs/ablation.md).
 
-    python -m instaflow.tools.ablation                      # run (or continue) every stage
-    python -m instaflow.tools.ablation --list               # each stage, its output, done or not
-    python -m instaflow.tools.ablation --until reflow       # stop after a stage
+    python -m studies.ablation.run                      # run (or continue) every stage
+    python -m studies.ablation.run --list               # each stage, its output, done or not
+    python -m studies.ablation.run --until reflow       # stop after a stage
 
 Stages, in order: data; teacher couplings (4,000 train prompts) and held-out val couplings; the
 2-RF (reflow at the ablation's budget); the 2-RF couplings' step count chosen on val; 2-RF
@@ -14,7 +14,8 @@ checkpoint; a killed coupling stage keeps its complete shards, which its rerun s
 evaluation keeps the rows it finished). Each stage's wall time is recorded in
 ``<root>/timings``. Every training stage is an experiment under ``experiments/ablation/`` run by
 the project's CLI; the overrides a stage adds (seed, export folder, the chosen step count) are on
-its command line, printed and recorded with its time.
+its command line, printed and recorded with its time. Every image set is scored through the library's one
+scoring path (``protocol.score_images_per_image``); the rows, claims and record are ``studies.ablation.report``'s.
 """
 
 from __future__ import annotations
@@ -33,17 +34,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from instaflow.evaluation import ablation as ab
-from instaflow.evaluation import figures
-from instaflow.state import atomic_write_text
 from instaflow.tools.report import cpu_model
-from instaflow.tools.timed import read_timings, write_record
+from instaflow.tools.timed import write_record
+from studies.ablation import report
+from studies.ablation import rows as ab
+from studies.ablation.report import write_json
+from studies.ablation.rows import DATA, EVALUATOR, TEST, TRAIN, VAL
 
-DATA = "runs/data/shapes"
-TRAIN = f"{DATA}/train/{{00000..00003}}.tar"
-VAL = f"{DATA}/val/{{00000..00001}}.tar"
-TEST = f"{DATA}/test/{{00000..00003}}.tar"
-EVALUATOR = "assets/embedded-evaluator"
 RF2_STEP_CHOICES = (8, 16, 25)
 
 
@@ -148,7 +145,7 @@ class Ablation:
         else:
             print(f"[ablation] {stage.name}", flush=True)
             stage.fn()
-            command = f"instaflow.tools.ablation:{stage.name}"
+            command = f"studies.ablation.run:{stage.name}"
         rec = write_record(self.root / "timings", stage.name, command, start, time.time())
         print(f"[ablation] {stage.name}: {rec['wall_s']:.1f} s", flush=True)
 
@@ -180,19 +177,14 @@ class Ablation:
     @torch.no_grad()
     def score(self, model, steps: int, guidance: float, split: str) -> tuple[dict, np.ndarray, np.ndarray]:
         """Images of the split's prompts from noise seeds 0..n-1: (scores, features (n, D), hits (n,))."""
-        from instaflow.evaluation.fid import image_features, to_uint8
-        from instaflow.evaluation.protocol import score_images
-        from instaflow.evaluation.shapes_evaluator import predict_scenes, scene_matches
+        from instaflow.evaluation.protocol import score_images_per_image
+        from instaflow.evaluation.scoring import FEATURES
 
         proto = self.protocol(split)
         n = len(proto["captions"])
         images = model.sample_images(proto["captions"], steps, guidance, list(range(n)), self.batch_size)
-        u8 = to_uint8(images)
-        feats = image_features(u8, self.evaluator())
-        preds = predict_scenes(self.evaluator(), u8.float() / 127.5 - 1.0)
-        hits = np.array([scene_matches(p, s) for p, s in zip(preds, proto["scenes"])], dtype=np.float64)
-        s = score_images(u8, proto["scenes"], proto["ref_features"], self.evaluator())
-        return s, feats, hits
+        s, values = score_images_per_image(images, proto["scenes"], proto["ref_features"], self.evaluator())
+        return s, values[FEATURES], values["alignment"]
 
     # --- python stages -------------------------------------------------------------------------
 
@@ -213,7 +205,7 @@ class Ablation:
                            f"[{self.n_val}, {2 * self.n_val}); 2-RF by Euler at w = 1.5",
                "rf2": {str(k): v for k, v in scores.items()},
                "teacher_dpm25_w3": {"fid": t["fid"], "alignment": t["alignment"]}, "chosen": chosen}
-        _write_json(self.root / "select_rf2_steps.json", rec)
+        write_json(self.root / "select_rf2_steps.json", rec)
 
     def chosen_rf2_steps(self) -> int:
         return int(json.loads((self.root / "select_rf2_steps.json").read_text())["chosen"])
@@ -245,7 +237,7 @@ class Ablation:
             out[name] = {"n": len(keep), "unmatched_keys": len(samples) - len(keep), "generation": gen,
                          **{k: s[k] for k in ("fid", "fid_low", "fid_high", "alignment", "alignment_stderr")}}
             print(f"  couplings {name}: FID {s['fid']:.2f} alignment {s['alignment']:.3f} (n = {len(keep)})", flush=True)
-        _write_json(self.eval_dir / "coupling_quality.json", out)
+        write_json(self.eval_dir / "coupling_quality.json", out)
 
     def eval_row(self, row: ab.EvalRow) -> None:
         model = self.load(row.model, row.kind, self.n_test)
@@ -261,7 +253,7 @@ class Ablation:
         rec = {**asdict(row), "solver": row.solver, "nfe": row.nfe,
                **{k: s[k] for k in ("n", "fid", "fid_low", "fid_high", "alignment", "alignment_stderr")},
                "eval_wall_s": round(time.time() - t0, 1)}
-        _write_json(d / f"{row.name}.json", rec)  # last: it marks the row done
+        write_json(d / f"{row.name}.json", rec)  # last: it marks the row done
         print(f"  {row.name}: FID {s['fid']:.2f} alignment {s['alignment']:.3f}", flush=True)
 
     @torch.no_grad()
@@ -279,7 +271,7 @@ class Ablation:
         np.save(d / f"{row.name}.straightness.npy", s)
         np.save(d / f"{row.name}.ratio.npy", r)
         solver = "dpm_solver++" if row.kind is None and row.model == ab.TEACHER else "euler"
-        _write_json(d / f"{row.name}.json", {**asdict(row), "solver": solver, "n": n,
+        write_json(d / f"{row.name}.json", {**asdict(row), "solver": solver, "n": n,
                                                "straightness": float(s.mean()), "path_length_ratio": float(r.mean())})
         print(f"  {row.name}: straightness {s.mean():.4f} path ratio {r.mean():.4f}", flush=True)
 
@@ -292,85 +284,12 @@ class Ablation:
                 loaded[row.name] = (self.load(row.model, row.kind, 0), row.steps, row.guidance)
         prompt = self.protocol("test")["captions"][0]
         lat = latency(loaded, prompt, 1, self.latency_rounds)
-        _write_json(self.eval_dir / "latency.json", {"protocol": f"median over {self.latency_rounds} interleaved rounds, "
+        write_json(self.eval_dir / "latency.json", {"protocol": f"median over {self.latency_rounds} interleaved rounds, "
                                                                   "batch 1, end to end (text, UNet, decode); "
                                                                   f"{torch.get_num_threads()} threads", "rows": lat})
 
     def report(self) -> None:
-        rows = ab.load_rows(self.eval_dir)
-        paths = ab.load_paths(self.eval_dir)
-        ref = np.load(self.eval_dir / "test_ref_features.npy")
-        lat_file = self.eval_dir / "latency.json"
-        lat = json.loads(lat_file.read_text())["rows"] if lat_file.exists() else {}
-        # the distillation rows share seed 0's latency (same architecture, same call)
-        for name in rows:
-            base = name.rsplit("_s", 1)[0] + "_s0_1" if "_s" in name else None
-            if name not in lat and base in lat:
-                lat[name] = lat[base]
-        table = ab.rows_table(rows, lat)
-        comp = ab.comparisons(rows, paths, ref, self.n_boot)
-        curves = {"reflow (2-RF)": figures.read_curve(self.root / "reflow"),
-                  "reflow again (3-RF)": figures.read_curve(self.root / "rf3")}
-        distill_curves = {g: [figures.read_curve(self.root / f"distill_{g}_s{s}") for s in ab.SEEDS] for g in ab.DISTILLS}
-        fig_dir = self.results.parent
-        fig_dir.mkdir(parents=True, exist_ok=True)
-        stem = self.results.name
-        m = _machine()
-        named = f"{m['cpu']}, {m['cpus']} CPUs, {m['torch_threads']} threads, {m['platform']}"
-        figs = {"a": str(figures.reflow_figure(curves, fig_dir / f"{stem}_a_reflow.png", named)),
-                "b": str(figures.distill_figure(distill_curves, fig_dir / f"{stem}_b_distill.png", named)),
-                "c": str(figures.speed_figure(table, fig_dir / f"{stem}_c_speed.png", self.n_test, named))}
-        timings = {k: v["wall_s"] for k, v in sorted(read_timings(self.root / "timings").items(),
-                                                     key=lambda kv: kv[1]["start"])}
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        res = {
-            "machine": m,
-            "commit": commit or None,
-            "protocol": {"test": f"first {self.n_test} test captions (sorted by key) of {TEST}, noise seeds "
-                                 f"0..{self.n_test - 1} for every row; FID on embedded-evaluator features vs test "
-                                 f"images [{self.n_test}, {2 * self.n_test}); bf16 autocast, fp32 ODE state",
-                         "paths": f"straightness and path-length ratio per prompt on the first {self.n_path} test "
-                                  "prompts, each model's own 25-step path",
-                         "intervals": f"95% paired bootstrap over prompt indices ({self.n_boot} resamples); "
-                                      "distillation rows pooled over their training seeds",
-                         "choices": "on val only (2-RF coupling steps, velocity boundary); test read once here"},
-            "claims": ab.claims(rows, paths, ref, self.n_boot),
-            "comparisons": comp,
-            "control_reading": ab.control_reading(comp),
-            "seeds": ab.seed_summary(rows),
-            "rows": table,
-            "paths": {k: {f: v[f] for f in ("label", "solver", "guidance", "n", "straightness", "path_length_ratio")}
-                      for k, v in paths.items()},
-            "coupling_quality": _read(self.eval_dir / "coupling_quality.json"),
-            "rf2_coupling_steps": _read(self.root / "select_rf2_steps.json"),
-            "velocity_boundary": _read(Path("docs/velocity_boundary.json")),
-            "curves": {"reflow": curves, "distill": distill_curves},
-            "figures": figs,
-            "stage_wall_s": timings,
-            "total_wall_s": round(sum(timings.values()), 1),
-        }
-        _write_json(self.results.with_suffix(".json"), res)
-        atomic_write_text(self.results.with_suffix(".md"), ab.to_markdown(res))
-        print(self.results.with_suffix(".md").read_text())
-
-
-def _read(path: Path):
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def _plain(o):
-    """numpy scalars and arrays as JSON numbers and lists."""
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, np.generic):
-        return o.item()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def _write_json(path: Path, obj) -> None:
-    """``obj`` as JSON (numpy values as numbers), written atomically: a stage's record marks it done."""
-    atomic_write_text(path, json.dumps(obj, indent=2, default=_plain))
-
+        report.write(self.root, self.results, _machine(), self.n_test, self.n_path, self.n_boot)
 
 def _machine() -> dict:
     return {"platform": platform.platform(), "cpu": cpu_model(), "cpus": os.cpu_count(),

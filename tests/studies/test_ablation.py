@@ -1,4 +1,4 @@
-"""The ablation's claims, verdicts and resumable stages (instaflow.evaluation.ablation, instaflow.tools.ablation)."""
+"""The ablation's claims, verdicts, record and resumable stages (studies.ablation: rows, report, run)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from instaflow.evaluation import ablation as ab
 from instaflow.evaluation import figures
+from studies.ablation import report as ab
+from studies.ablation import rows as study
 
 N, D = 400, 8
 
@@ -46,7 +47,7 @@ def synthetic(tmp_path_factory):
     like_ref = lambda: rng.normal(size=(N, D))  # noqa: E731
     hits = lambda p: (rng.random(N) < p).astype(np.float64)  # noqa: E731
     _write_row(d, "teacher_dpm25", like_ref(), hits(0.8))
-    for s in ab.SEEDS:
+    for s in study.SEEDS:
         _write_row(d, f"instaflow_s{s}_1", like_ref(), hits(0.8), group="instaflow", seed=s)
         _write_row(d, f"direct_s{s}_1", rng.normal(size=(N, D)) + 1.5, hits(0.5), group="direct", seed=s)
         _write_row(d, f"control_s{s}_1", like_ref(), hits(0.8), group="control", seed=s)
@@ -71,7 +72,7 @@ def test_claims_read_their_verdicts_off_paired_intervals(synthetic):
     assert c["reflow_distill_beats_direct"]["low"] > 1.5  # a 1.5-per-feature shift is a large FID
     align = c["reflow_distill_beats_direct_alignment"]
     assert align["verdict"] == "holds" and align["value"] == pytest.approx(0.3, abs=0.06)
-    assert align["rows_a"] == [f"instaflow_s{s}_1" for s in ab.SEEDS]  # pooled over the three seeds
+    assert align["rows_a"] == [f"instaflow_s{s}_1" for s in study.SEEDS]  # pooled over the three seeds
     third = c["third_reflow_adds_little"]
     assert third["value"] == pytest.approx(1.0) and third["low"] == pytest.approx(1.0)  # identical rows
     assert third["verdict"] == "holds"
@@ -84,7 +85,7 @@ def test_the_control_reading_names_the_initialisation_when_the_control_matches_i
     assert comp["control_over_direct"]["high"] < 1.0
     assert "initialisation explains" in ab.control_reading(comp)
     seeds = ab.seed_summary(rows)
-    assert seeds["direct"]["seeds"] == list(ab.SEEDS) and len(seeds["direct"]["fid"]) == 3
+    assert seeds["direct"]["seeds"] == list(study.SEEDS) and len(seeds["direct"]["fid"]) == 3
 
 
 def test_markdown_and_figures(synthetic, tmp_path):
@@ -110,20 +111,20 @@ def test_markdown_and_figures(synthetic, tmp_path):
 
 
 def test_rows_compare_at_equal_solver_and_guidance():
-    paths = ab.path_rows("runs/ablation/models")
-    for w in ab.PATH_GUIDANCE:
+    paths = study.path_rows("runs/ablation/models")
+    for w in study.PATH_GUIDANCE:
         at_w = [p for p in paths if p.guidance == w]
         assert {p.name.rsplit("_w", 1)[0] for p in at_w} == {"step0", "rf2", "rf3", "teacher_dpm"}
         assert all(p.steps == 25 for p in at_w)
         assert [p.kind for p in at_w if p.name.startswith("step0")] == ["ddpm_velocity"]  # Euler, as the 2-RF
-    rows = {r.name: r for r in ab.test_rows("runs/ablation/models")}
+    rows = {r.name: r for r in study.test_rows("runs/ablation/models")}
     assert rows["teacher_dpm25"].solver == "dpm_solver++" and rows["step0_euler25"].solver == "euler"
     assert rows["teacher_dpm25"].nfe == 50 and rows["instaflow_s2_1"].nfe == 1
-    assert sum(r.group == "direct" for r in rows.values()) == len(ab.SEEDS) >= 3
+    assert sum(r.group == "direct" for r in rows.values()) == len(study.SEEDS) >= 3
 
 
 def test_stages_resume_and_never_redo_a_finished_stage(tmp_path, monkeypatch):
-    from instaflow.tools import ablation as tool
+    from studies.ablation import run as tool
 
     calls = []
     out = tmp_path / "pairs"
@@ -163,4 +164,30 @@ def test_every_ablation_experiment_parses_with_its_overrides():
         assert "runs/ablation" in json.dumps(cfg), name
     assert resolved("ablation/reflow")["trainer"]["max_steps"] == 1200
     assert resolved("ablation/distill_control")["model"]["init_args"]["init"] == "runs/ablation/models/rf2"
-    assert asdict(ab.EvalRow("a", "b", "c", 1, 1.0))["kind"] is None
+    assert asdict(study.EvalRow("a", "b", "c", 1, 1.0))["kind"] is None
+
+
+def test_the_record_is_written_from_the_stages_outputs(synthetic, tmp_path):
+    """report.write: results/ablation.{json,md} and the three figures from what the stages left under the root."""
+    import shutil
+
+    from instaflow.evaluation.paired import fid_of, paired_bootstrap, verdict
+
+    d, ref = synthetic
+    root = tmp_path / "abl"
+    shutil.copytree(d, root / "eval")
+    np.save(root / "eval" / "test_ref_features.npy", ref)
+    machine = {"cpu": "test cpu", "cpus": 2, "torch_threads": 2, "platform": "p"}
+    res = ab.write(root, tmp_path / "results" / "ablation", machine, n_test=N, n_path=256, n_boot=50)
+    saved = json.loads((tmp_path / "results" / "ablation.json").read_text())
+    assert saved["claims"] == json.loads(json.dumps(res["claims"])) and saved["machine"] == machine
+    assert {"claims", "comparisons", "control_reading", "seeds", "rows", "paths", "figures", "stage_wall_s",
+            "total_wall_s", "protocol"} <= set(saved)
+    assert "**holds**" in (tmp_path / "results" / "ablation.md").read_text()
+    for f in saved["figures"].values():
+        assert Path(f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a claim's record is the library's paired interval and verdict (paired.judged), rounded
+    third = saved["claims"]["third_reflow_adds_little"]
+    rows = ab.load_rows(root / "eval")
+    iv = paired_bootstrap(fid_of(rows["rf3_1"]["features"], ref), fid_of(rows["rf2_1"]["features"], ref), N, n=50)
+    assert third["low"] == round(iv["low"], 4) and third["verdict"] == verdict(iv, 0.9, ">=")

@@ -6,7 +6,7 @@ import dataclasses
 import json
 import sys
 
-from instaflow.tools.ablation import Ablation
+from studies.ablation.run import Ablation
 
 
 def test_a_rerun_keeps_the_complete_shards_and_runs_the_stage_command(tmp_path, monkeypatch, capsys):
