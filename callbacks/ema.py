@@ -8,11 +8,16 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from instaflow.contracts import TrainsNetworks, student_network
 from instaflow.flow.checks import checked_number
 
 
 class EMA(Callback):
-    """EMA of ``pl_module.<attr>``'s trainable parameters (element-wise, so it works on local shards).
+    """EMA of the student's trainable parameters (element-wise, so it works on local shards).
+
+    The student is the first of the module's ``trained_networks()`` (``contracts.TrainsNetworks``; a network a
+    loss trains, such as a discriminator, is checkpointed but not averaged); ``attr`` names a module attribute
+    instead (null: the contract, else ``unet`` for modules without it, as the embedded teacher's YAML says).
 
     Updated once per applied optimizer step (``optimizer.step`` ran: ``on_before_optimizer_step``), not
     per micro-batch and not on a step the module skipped (``lightning_modules.nonfinite``: a non-finite
@@ -25,21 +30,36 @@ class EMA(Callback):
     ``decay`` must be in [0, 1) (checked when built).
     """
 
-    def __init__(self, decay: float = 0.999, attr: str = "unet", warmup: bool = True) -> None:
+    def __init__(self, decay: float = 0.999, attr: str | None = None, warmup: bool = True) -> None:
         if isinstance(decay, bool):
             raise ValueError(f"EMA decay must be a number in [0, 1), got {decay!r}")
         checked_number(decay, "EMA decay", lambda v: 0.0 <= v < 1.0,
                        "a number in [0, 1) (e.g. 0.999; 0 keeps the latest weights)")
         self.decay = decay
-        self.attr = attr
+        self._attr = attr
         self.warmup = warmup
         self.shadow: list[torch.Tensor] | None = None
         self.num_updates = 0
         self._loaded: dict | None = None
         self._stepped = False  # optimizer.step ran since the last update
 
+    @property
+    def attr(self) -> str:
+        """The averaged network's attribute (its key prefix in checkpoints): ``attr``, or the student's "unet"."""
+        return self._attr or "unet"
+
+    def network(self, pl_module: L.LightningModule) -> torch.nn.Module:
+        """The averaged network: ``pl_module.<attr>`` when ``attr`` is set, else the contract's student."""
+        if self._attr is None and isinstance(pl_module, TrainsNetworks):
+            return student_network(pl_module)
+        net = getattr(pl_module, self.attr, None)
+        if not isinstance(net, torch.nn.Module):
+            raise AttributeError(f"EMA: {type(pl_module).__name__} has no network '{self.attr}' and no "
+                                 "trained_networks() (contracts.TrainsNetworks); set init_args.attr")
+        return net
+
     def _params(self, pl_module: L.LightningModule) -> list[torch.nn.Parameter]:
-        return [p for p in getattr(pl_module, self.attr).parameters() if p.requires_grad]
+        return [p for p in self.network(pl_module).parameters() if p.requires_grad]
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._init_shadow(pl_module)

@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
+from instaflow.contracts import TrainsNetworks, student_network
 from instaflow.evaluation.throughput import batch_size_of, peak_flops_for, peak_memory_mb, unet_forward_flops
 
 
@@ -36,11 +37,12 @@ class Throughput(Callback):
       or the CPU rule; an unknown GPU logs no MFU).
 
     Args:
-        unet_attr: the module attribute holding the UNet.
+        unet_attr: the module attribute holding the UNet; null: the student of ``trained_networks()``
+            (``contracts.TrainsNetworks``), else ``unet``.
         tokens: text tokens of the cross-attention states; None: the module's ``text_encoder.max_length`` or 77.
     """
 
-    def __init__(self, peak_flops: float | None = None, unet_attr: str = "unet", tokens: int | None = None,
+    def __init__(self, peak_flops: float | None = None, unet_attr: str | None = None, tokens: int | None = None,
                  train_flops_factor: float = 3.0) -> None:
         self.peak_flops = peak_flops
         self.unet_attr = unet_attr
@@ -50,10 +52,14 @@ class Throughput(Callback):
         self._t0 = 0.0
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        unet = getattr(pl_module, self.unet_attr, None)
+        if self.unet_attr is None and isinstance(pl_module, TrainsNetworks):
+            unet = student_network(pl_module)
+        else:
+            unet = getattr(pl_module, self.unet_attr or "unet", None)
         if unet is None:
-            raise AttributeError(f"Throughput: {type(pl_module).__name__} has no '{self.unet_attr}' to count FLOPs of; "
-                                 "set init_args.unet_attr to the attribute that holds the UNet")
+            raise AttributeError(f"Throughput: {type(pl_module).__name__} has no '{self.unet_attr or 'unet'}' (nor "
+                                 "trained_networks(), contracts.TrainsNetworks) to count FLOPs of; set "
+                                 "init_args.unet_attr to the attribute that holds the UNet")
         tokens = self.tokens or getattr(getattr(pl_module, "text_encoder", None), "max_length", None) or 77
         self.flops_per_sample = unet_forward_flops(unet, tokens, pl_module.device)
         if self.peak_flops is None:

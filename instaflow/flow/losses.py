@@ -1,5 +1,5 @@
-"""Regression losses of reflow and distillation (the perceptual loss, which loads a network, is in
-``instaflow.models.perceptual``), and what the non-finite guard of every training step checks
+"""Regression losses of reflow and distillation as pure functions (the loss objects a stage takes, LPIPS
+included, are in ``instaflow.losses``), and what the non-finite guard of every training step checks
 (``lightning_modules.nonfinite``: a step whose loss or gradient is not finite is skipped or stops the run)."""
 
 from __future__ import annotations
@@ -17,10 +17,15 @@ def l2_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(pred.float(), target.float())
 
 
-def pseudo_huber_loss(pred: torch.Tensor, target: torch.Tensor, c: float = 0.03) -> torch.Tensor:
-    """sqrt(||d||^2 + c^2) - c per sample, on per-element means (Song & Dhariwal 2023, iCT, sec. 3.3)."""
+def pseudo_huber_per_sample(pred: torch.Tensor, target: torch.Tensor, c: float = 0.03) -> torch.Tensor:
+    """(B,) sqrt(||d||^2 + c^2) - c of each sample, on per-element means (Song & Dhariwal 2023, iCT, sec. 3.3)."""
     d2 = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
-    return ((d2 + c * c).sqrt() - c).mean()
+    return (d2 + c * c).sqrt() - c
+
+
+def pseudo_huber_loss(pred: torch.Tensor, target: torch.Tensor, c: float = 0.03) -> torch.Tensor:
+    """The batch mean of ``pseudo_huber_per_sample`` (Song & Dhariwal 2023, iCT, sec. 3.3)."""
+    return pseudo_huber_per_sample(pred, target, c).mean()
 
 
 def check_finite(loss: torch.Tensor, step: int, hint: str = "lower the learning rate or check the data") -> torch.Tensor:

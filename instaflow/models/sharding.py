@@ -1,4 +1,5 @@
-"""FSDP2 sharding of a diffusers UNet for ``lightning.pytorch.strategies.ModelParallelStrategy``.
+"""FSDP2 sharding of a diffusers UNet (and of the networks a loss trains) for
+``lightning.pytorch.strategies.ModelParallelStrategy``.
 
 The strategy builds a 2-D device mesh ("data_parallel", "tensor_parallel") before
 ``configure_model``; the module shards its trainable UNet there with ``fully_shard`` (per-parameter
@@ -73,7 +74,7 @@ def shard_unet(unet: nn.Module, mesh, mixed_precision: str | None = None) -> nn.
         raise ValueError(f"tensor parallelism is not implemented for the UNet (tensor_parallel_size="
                          f"{mesh['tensor_parallel'].size()}): set strategy.init_args.tensor_parallel_size: 1 and "
                          "data_parallel_size to the number of devices")
-    dp_mesh = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
+    dp_mesh = data_parallel_mesh(mesh)
     policy = mixed_precision_policy(mixed_precision)
     blocks = list(unet.down_blocks) + ([unet.mid_block] if unet.mid_block is not None else []) + list(unet.up_blocks)
     for block in blocks:
@@ -86,6 +87,27 @@ def shard_unet(unet: nn.Module, mesh, mixed_precision: str | None = None) -> nn.
         fully_shard(unet, mesh=dp_mesh, mp_policy=root)
         unet.register_forward_pre_hook(_cast_inputs_keep_timestep(policy.param_dtype), with_kwargs=True, prepend=True)
     return unet
+
+
+def data_parallel_mesh(mesh):
+    """The "data_parallel" dimension of the strategy's mesh (the whole mesh when it has no named dimensions)."""
+    return mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
+
+
+def shard_network(net: nn.Module, mesh, mixed_precision: str | None = None) -> nn.Module:
+    """``fully_shard`` a network a loss trains (a discriminator, a fake-score model) as one FSDP2 unit (in place).
+
+    The same mesh and mixed-precision policy as the student's UNet (``shard_unet``); one unit, because such
+    networks are small beside the student (a loss with a large one can shard its blocks before this call:
+    ``fully_shard`` on an already sharded child is kept).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    if not any(p.requires_grad for p in net.parameters()):
+        raise ValueError(f"{type(net).__name__} has no trainable parameters: only trained networks are sharded "
+                         "(frozen ones stay whole on every rank, as the VAE and text encoder)")
+    fully_shard(net, mesh=data_parallel_mesh(mesh), mp_policy=mixed_precision_policy(mixed_precision))
+    return net
 
 
 @torch.no_grad()

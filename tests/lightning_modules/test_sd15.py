@@ -144,10 +144,14 @@ def test_sd15_experiment_instantiates_with_the_tiny_sd(exp, tmp_path, tiny_sd_fo
         assert h.parameterization == "raw"  # the paper's start: SD's raw weights fed 1000 (1 - t)
     else:
         assert h.parameterization == "flow"  # continues a rectified flow
-    if exp.stem == "distill_part2":
-        assert (h.loss_type, h.perceptual_features) == ("perceptual", "lpips_vgg") and requested == ["vgg"]
+    if exp.stem == "distill_part2":  # the loss object, and its class path and settings in the hyperparameters
+        from instaflow.losses import LPIPS
+
+        assert isinstance(model.criterion, LPIPS) and requested == ["vgg"]
+        assert h.loss == {"class_path": "instaflow.losses.perceptual.LPIPS",
+                          "init_args": {"features": "lpips_vgg", "decoder": None, "size": 224}}
     elif exp.stem.startswith("distill"):
-        assert h.loss_type == "l2"
+        assert h.loss == {"class_path": "instaflow.losses.regression.L2", "init_args": {}}
     # one batch of the configured size through the configured loss on the tiny model
     batch = next(iter(dm.train_dataloader()))
     assert batch["x0"].shape == batch["x1"].shape == (dm.batch_size, 4, 8, 8)
