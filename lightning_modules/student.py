@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import copy
+import inspect
 from pathlib import Path
 
 import lightning as L
@@ -18,9 +19,10 @@ import torch
 from instaflow.flow.checks import checked_number
 from instaflow.flow.guidance import check_guidance, check_probability, drop_captions
 from instaflow.flow.losses import check_nonfinite_setting
-from instaflow.flow.schedules import adamw_with_warmup, check_nonnegative, check_optimizer_settings
+from instaflow.flow.schedules import check_nonnegative, check_optimizer_settings
 from instaflow.flow.solvers import check_steps
 from instaflow.flow.velocity import velocity_field
+from instaflow.losses import Loss, ParamGroup, adamw_param_groups
 from instaflow.models import families, loading, lora, sharding
 from instaflow.models.sampler import TextToImage
 from instaflow.models.saving import save_pipeline
@@ -41,6 +43,25 @@ def check_student_settings(h: dict) -> None:
     check_nonfinite_setting(h["nonfinite"], h["nonfinite_limit"])
     if h["lora_alpha"] is not None:
         checked_number(h["lora_alpha"], "lora_alpha", lambda v: v > 0, "a finite number > 0 (or null: alpha = rank)")
+
+
+# the settings ``loss:`` replaced (issue 25): a config that still sets one is refused with the new spelling
+REMOVED_LOSS_KEYS = {
+    "loss_type": "loss: {class_path: instaflow.losses.L2} (loss_type l2), instaflow.losses.PseudoHuber "
+                 "(pseudo_huber) or instaflow.losses.LPIPS (perceptual)",
+    "huber_c": "loss: {class_path: instaflow.losses.PseudoHuber, init_args: {c: 0.03}}",
+    "perceptual_features": "loss: {class_path: instaflow.losses.LPIPS, init_args: {features: lpips_vgg}}",
+    "perceptual_decoder": "loss: {class_path: instaflow.losses.LPIPS, init_args: {decoder: madebyollin/taesd}}",
+    "perceptual_size": "loss: {class_path: instaflow.losses.LPIPS, init_args: {size: 224}}",
+}
+
+
+def check_removed_loss_keys(**given) -> None:
+    """Raise a ValueError naming a removed loss setting that is set, and what to write instead (docs/losses.md)."""
+    for key, value in given.items():
+        if value is not None:
+            raise ValueError(f"model.init_args.{key} was removed: losses are objects now; instead of "
+                             f"{key}: {value!r} write {REMOVED_LOSS_KEYS[key]} (see docs/losses.md)")
 
 
 class FlowStudent(NonfiniteGuard, L.LightningModule, abc.ABC):
@@ -93,7 +114,7 @@ class FlowStudent(NonfiniteGuard, L.LightningModule, abc.ABC):
             raise ValueError(f"parameterization must be raw, velocity_wrapper or flow, got {parameterization!r}")
         if lora_rank is not None and lora_rank < 1:
             raise ValueError(f"lora_rank must be >= 1 (or null for full training), got {lora_rank}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["loss", *REMOVED_LOSS_KEYS])  # a subclass's loss: set_criterion
         check_student_settings(self.hparams)
         self.unet = None
         self.strict_loading = False  # checkpoints hold the trainable UNet only
@@ -278,11 +299,58 @@ class FlowStudent(NonfiniteGuard, L.LightningModule, abc.ABC):
             out[f"euler{n}_w{w:g}"] = self.sample_images(prompts, n, w, seeds, batch_size=len(prompts))
         return out
 
+    def set_criterion(self, loss: Loss) -> None:
+        """Called by a subclass's ``__init__``: save its hyperparameters and hold ``loss`` as ``self.criterion``.
+
+        The hyperparameters record the loss's class path and settings (``Loss.description``), not the object:
+        a checkpoint holds no pickled module (checkpoints are read weights-only).
+        """
+        if not isinstance(loss, Loss):
+            raise TypeError(f"loss must be an instaflow.losses.Loss (e.g. class_path: instaflow.losses.L2), got "
+                            f"{type(loss).__name__}")
+        self.save_hyperparameters(ignore=["loss", *REMOVED_LOSS_KEYS], frame=inspect.currentframe().f_back)
+        self.criterion = loss
+        self.save_hyperparameters({"loss": loss.description()})
+
+    def trained_networks(self) -> dict[str, torch.nn.Module]:
+        """Every network the optimizer trains, by name (``contracts.TrainsNetworks``): the student first
+        (``"unet"``: sampled, averaged by the EMA, exported), then the loss's own (``"loss.<name>"``)."""
+        criterion = getattr(self, "criterion", None)
+        extra = criterion.trained_networks() if criterion is not None else {}
+        return {"unet": self.unet, **{f"loss.{k}": net for k, net in extra.items()}}
+
+    def trained_prefixes(self) -> dict[str, str]:
+        """{name: its key prefix in this module's state dict} of ``trained_networks`` (found by identity)."""
+        where = {id(m): n for n, m in self.named_modules() if n}
+        where[id(self.unet)] = "unet"  # the student's own attribute (another child may also reach it)
+        nets = self.trained_networks()
+        missing = [name for name, net in nets.items() if id(net) not in where]
+        if missing:
+            raise RuntimeError(f"trained networks {missing} are not submodules of {type(self).__name__}: a loss must "
+                               "hold its networks as attributes (nn.Module children) so they are saved and moved")
+        return {name: where[id(net)] + "." for name, net in nets.items()}
+
+    def configure_criterion(self) -> None:
+        """Build the loss's parts (once; ``Loss.configure``) and, under FSDP2, shard each network it trains
+        as the student is sharded (``instaflow.models.sharding.shard_network``)."""
+        criterion = getattr(self, "criterion", None)
+        if criterion is None or getattr(self, "_criterion_configured", False):
+            return
+        criterion.configure(vae=getattr(self, "vae", None))
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is not None:
+            for net in criterion.trained_networks().values():
+                sharding.shard_network(net, mesh, self.hparams.fsdp_mixed_precision)
+        self._criterion_configured = True
+
     def configure_optimizers(self):
         h = self.hparams
-        # the UNet only: VAE and text encoder are frozen and never reach the optimizer
-        return adamw_with_warmup([p for p in self.unet.parameters() if p.requires_grad], h.lr, h.weight_decay,
-                                 h.warmup_steps)
+        # the trained networks only (VAE, text encoder and a loss's feature network are frozen): the student's
+        # parameter group, then one per network the loss trains (its own lr, betas, weight decay, warm-up)
+        student = ParamGroup("unet", [p for p in self.unet.parameters() if p.requires_grad], h.lr,
+                             weight_decay=h.weight_decay, warmup_steps=h.warmup_steps)
+        criterion = getattr(self, "criterion", None)
+        return adamw_param_groups([student] + (criterion.param_groups() if criterion is not None else []))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)  # the non-finite guard's count
@@ -291,9 +359,17 @@ class FlowStudent(NonfiniteGuard, L.LightningModule, abc.ABC):
             # missing key: keep the frozen parts (saved once, not per rank: they are replicated)
             return
         sd = checkpoint["state_dict"]
-        # the trainable part only: the UNet, or under LoRA its adapter (the base is the init's, reloaded)
-        keep = (lambda k: k.startswith("unet.") and "lora_" in k) if lora.has_lora(self.unet) else \
-            (lambda k: k.startswith("unet."))
+        # every trained network, nothing frozen: the student (under LoRA its adapter only: the base is the init's,
+        # reloaded) and each network its loss trains (a frozen feature network is rebuilt by configure_model)
+        prefixes = self.trained_prefixes()
+        student = prefixes.pop("unet")
+        adapter = lora.has_lora(self.unet)
+
+        def keep(k: str) -> bool:
+            if k.startswith(student):
+                return "lora_" in k or not adapter
+            return k.startswith(tuple(prefixes.values()))
+
         for k in [k for k in sd if not keep(k)]:
             del sd[k]
 
