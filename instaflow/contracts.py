@@ -74,6 +74,25 @@ class DescribesCouplings(Protocol):
 
 
 @runtime_checkable
+class TrainsNetworks(Protocol):
+    """Names every network a module's optimizer trains: ``{name: module}``, the student first (what is sampled,
+    averaged by the EMA and exported), then any a loss trains (``"loss.<name>"``: a discriminator, a fake-score
+    model). Checkpoints keep each of them, FSDP2 shards each, and callbacks find the student here instead of by
+    an attribute name."""
+
+    def trained_networks(self) -> dict[str, torch.nn.Module]:
+        ...
+
+
+def student_network(module) -> torch.nn.Module:
+    """The first of ``module.trained_networks()`` (``TrainsNetworks``): the network that is sampled and exported."""
+    networks = module.trained_networks()
+    if not networks:
+        raise ValueError(f"{type(module).__name__}.trained_networks() is empty: it names no network to train")
+    return next(iter(networks.values()))
+
+
+@runtime_checkable
 class ShardingAware(Protocol):
     """A callback that says whether it can run beside an FSDP2-sharded module.
 
