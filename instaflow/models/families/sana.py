@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -29,9 +28,9 @@ from instaflow.flow.conditioning import Conditioning
 from instaflow.flow.flow_matching import flow_matching_time_grid, fm_timestep, fm_to_velocity
 from instaflow.flow.guidance import uses_uncond
 from instaflow.flow.solvers import time_grid
-from instaflow.models import loading
-from instaflow.models.families.base import FamilyBase, absent_components, saved_components
-from instaflow.state import atomic_write_json
+from instaflow.models.families.base import saved_components
+from instaflow.models.families.pipeline import PipelineFamily
+from instaflow.models.families.sd3 import check_flow_matching, flow_matching_student
 
 Tensor = torch.Tensor
 
@@ -77,7 +76,7 @@ def pipeline_instruction() -> list[str]:
     return list(inspect.signature(SanaPipeline.__call__).parameters["complex_human_instruction"].default)
 
 
-class SanaFamily(FamilyBase):
+class SanaFamily(PipelineFamily):
     """A SANA pipeline as a flow-matching teacher, or a rectified flow trained from one (module docstring).
 
     ``uniform``: Euler with dt = 1/N (our flows) instead of the scheduler's shifted sigmas; ``instruction``:
@@ -88,75 +87,32 @@ class SanaFamily(FamilyBase):
     title = "SANA"
     pipeline_class = "SanaPipeline"
     conditioning = "Gemma-2 token states of the instruction-prefixed prompt, with their attention mask"
+    kind = "flow_matching"
 
     def __init__(self, pipe, uniform: bool = False, max_sequence_length: int = 300,
                  instruction: list[str] | None = None) -> None:
         self.pipe, self.uniform, self.max_sequence_length = pipe, uniform, max_sequence_length
         self.instruction = pipeline_instruction() if instruction is None else instruction
 
-    # -- loading -------------------------------------------------------------------------------------------
     @classmethod
-    def _pipeline(cls, pretrained: str):
-        from diffusers import SanaPipeline
-
-        pipe = loading.from_pretrained(SanaPipeline, pretrained, what="SANA pipeline", **absent_components(pretrained))
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
-    @classmethod
-    def load(cls, pretrained: str, kind: str | None = None, **options) -> "SanaFamily":
+    def load(cls, pretrained: str, kind: str | None = None) -> "SanaFamily":
         """A SANA folder or hub id; a folder this framework wrote samples uniformly (its components file says)."""
-        if kind not in (None, "flow_matching"):
-            raise ValueError(f"'{pretrained}' is a SANA pipeline (a flow-matching model): kind must be null or "
-                             f"flow_matching, got {kind!r}")
-        return cls(cls._pipeline(pretrained), uniform=saved_components(pretrained).get("sampling") == "uniform")
+        check_flow_matching(cls.title, pretrained, kind)
+        return cls(cls.load_pipe(pretrained), uniform=saved_components(pretrained).get("sampling") == "uniform")
 
     @classmethod
     def student_kind(cls, init: str, parameterization: str) -> str:
-        if parameterization != "flow":
-            raise ValueError(f"'{init}' is a SANA pipeline, a flow-matching model already: use parameterization "
-                             f"flow (got {parameterization!r})")
-        return "flow_matching"
+        return flow_matching_student(cls.name, init, parameterization)
 
     @classmethod
-    def load_student(cls, init: str, kind: str, wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
-                     **settings) -> "SanaFamily":
-        """The pipeline of ``init`` with its transformer trainable (frozen Gemma and DC-AE); our flows: dt = 1/N."""
-        family = cls(cls._pipeline(init), uniform=True)
-        family.pipe.text_encoder.requires_grad_(False)
-        family.pipe.vae.requires_grad_(False)
-        if wrap is not None:
-            family.pipe.transformer = wrap(family.pipe.transformer)
-        return family
-
-    # -- what it is ----------------------------------------------------------------------------------------
-    @property
-    def kind(self) -> str:
-        return "flow_matching"
-
-    @property
-    def denoiser(self) -> torch.nn.Module:
-        return self.pipe.transformer
-
-    @property
-    def scheduler_config(self) -> dict:
-        return dict(self.pipe.scheduler.config)
+    def load_student(cls, init: str, kind: str, wrap: Callable | None = None, **settings) -> "SanaFamily":
+        return cls(cls.load_pipe(init), uniform=True)  # our flows: dt = 1/N
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         c = self.pipe.transformer.config
         return (c.in_channels, c.sample_size, c.sample_size)  # (32, 32, 32) for 1024 px (DC-AE: x32)
 
-    def to(self, device: torch.device | str) -> "SanaFamily":
-        self.pipe.to(device)
-        if self.velocity_module is not None:
-            self.velocity_module.to(device)
-        return self
-
-    def frozen_modules(self) -> dict[str, torch.nn.Module]:
-        return {"vae": self.pipe.vae, "text_encoder": self.pipe.text_encoder}
-
-    # -- text ----------------------------------------------------------------------------------------------
     def _encode(self, prompts: list[str], guidance: float) -> tuple[SanaConditioning, SanaConditioning | None]:
         """(cond, uncond) by the pipeline's own ``encode_prompt``; uncond (the empty prompt) only under guidance."""
         cfg = uses_uncond(guidance)
@@ -177,7 +133,6 @@ class SanaFamily(FamilyBase):
         states[drop], full[drop] = empty.to(states.dtype), mask.to(full.dtype)
         return SanaConditioning(states, mask=full)
 
-    # -- the ODE -------------------------------------------------------------------------------------------
     def _velocity(self) -> torch.nn.Module:
         return SanaVelocity(self.pipe.transformer)
 
@@ -188,41 +143,23 @@ class SanaFamily(FamilyBase):
             return time_grid(steps)
         return flow_matching_time_grid(type(self.pipe.scheduler).from_config(self.scheduler_config), steps)
 
-    # -- images --------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents (B, C, h, w) -> images (B, 3, H, W) in [0, 1]: DC-AE after undoing its scaling (no shift)."""
-        vae = self.pipe.vae
-        with self._autocast():
-            images = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype), return_dict=False)[0]
-        return ((images.float() + 1) / 2).clamp(0, 1)
-
-    # -- writing -------------------------------------------------------------------------------------------
-    def save(self, dirpath: str | Path, denoiser: torch.nn.Module | None = None) -> Path:
-        """A SANA pipeline folder plain diffusers samples as we do: FlowMatchEuler with shift 1, so
-        ``sigmas=[1 - i / N for i in range(N)]`` are our uniform Euler steps (still a flow-matching model)."""
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        out = Path(dirpath)
-        scheduler, own = self.pipe.scheduler, self.pipe.transformer
-        try:
-            self.pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
-            if denoiser is not None:
-                self.pipe.transformer = denoiser
-            self.pipe.save_pretrained(out)
-        finally:
-            self.pipe.scheduler, self.pipe.transformer = scheduler, own
-        size = self.latent_shape[1] * self.pipe.vae_scale_factor
-        atomic_write_json(out / loading.COMPONENTS_FILE, {
-            "kind": "flow_matching", "family": self.name, "sampling": "uniform", "resolution": size,
-            "diffusers": f"SanaPipeline.from_pretrained(dir)(prompt, num_inference_steps=N, sigmas=[1 - i / N for i "
-                         f"in range(N)], height={size}, width={size}, use_resolution_binning=False)"})
-        return out
-
-    def write_lora_weights(self, out: Path, adapter: torch.nn.Module, metadata: dict) -> None:
+    def write_lora_weights(self, out, adapter: torch.nn.Module, metadata: dict) -> None:
         """A transformer LoRA in the format ``SanaLoraLoaderMixin`` reads (peft state dict under ``transformer.``)."""
         from diffusers.loaders import SanaLoraLoaderMixin
         from peft.utils import get_peft_model_state_dict
 
         SanaLoraLoaderMixin.save_lora_weights(out, transformer_lora_layers=get_peft_model_state_dict(adapter),
                                               safe_serialization=True, transformer_lora_adapter_metadata=metadata)
+
+    def saved_scheduler(self):
+        """FlowMatchEuler with shift 1, so ``pipe(..., sigmas=[1 - i / N for i in range(N)])`` takes our uniform
+        Euler steps: a trained SANA rectified flow is still a flow-matching model that ``SanaPipeline`` samples."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler(shift=1.0)
+
+    def components_record(self) -> dict:
+        size = self.latent_shape[1] * self.pipe.vae_scale_factor
+        return {"kind": "flow_matching", "family": self.name, "sampling": "uniform", "resolution": size,
+                "diffusers": f"{self.pipeline_class}.from_pretrained(dir)(prompt, num_inference_steps=N, sigmas=[1 - i "
+                             f"/ N for i in range(N)], height={size}, width={size}, use_resolution_binning=False)"}
