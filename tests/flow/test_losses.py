@@ -69,8 +69,10 @@ def test_lpips_offline_fails_with_a_clear_message(monkeypatch):
         perceptual.PerceptualLoss("lpips_vgg")
 
 
-def test_distillation_rejects_an_unknown_loss():
+def test_distillation_rejects_the_removed_loss_type_and_a_non_loss():
     from lightning_modules.distill import DistillTraining
 
-    with pytest.raises(ValueError, match="loss_type must be"):
+    with pytest.raises(ValueError, match="loss_type was removed"):
         DistillTraining(init="unused", loss_type="l1")
+    with pytest.raises(TypeError, match="loss must be an instaflow.losses.Loss"):
+        DistillTraining(init="unused", loss="l2")

@@ -28,6 +28,24 @@ def _distill(**kw):
     return DistillTraining("unused", **kw)
 
 
+def _pseudo_huber(**kw):
+    from instaflow.losses import PseudoHuber
+
+    return PseudoHuber(**kw)
+
+
+def _lpips(**kw):
+    from instaflow.losses import LPIPSHuber
+
+    return LPIPSHuber(**kw)
+
+
+def _loss_optimizer(**kw):
+    from instaflow.losses import NetworkOptimizer
+
+    return NetworkOptimizer(**kw)
+
+
 def _couplings(**kw):
     from lightning_modules.couplings import CouplingGeneration
 
@@ -73,7 +91,16 @@ BAD = [  # (builder, bad setting, what the message starts with)
     (_reflow, {"time_distribution": "gamma"}, "unknown time distribution"),
     (_distill, {"lr": INF}, "lr must be"),
     (_distill, {"caption_dropout": 2.0}, "caption_dropout must be"),
-    (_distill, {"loss_type": "pseudo_huber", "huber_c": 0.0}, "huber_c must be"),
+    (_pseudo_huber, {"c": 0.0}, r"c \(pseudo-Huber\) must be"),
+    (_lpips, {"c": NAN}, r"c \(LPIPS-Huber\) must be"),
+    (_lpips, {"lpips_weight": -1.0}, "lpips_weight must be"),
+    (_lpips, {"size": 8}, "size must be a pixel size"),
+    (_lpips, {"features": "evaluator"}, "features must be one of"),
+    (_loss_optimizer, {"lr": INF}, "loss optimizer lr must be"),
+    (_loss_optimizer, {"weight_decay": -1.0}, "loss optimizer weight_decay must be"),
+    (_loss_optimizer, {"betas": (0.9, 1.0)}, "loss optimizer betas must be"),
+    *[(_distill, {key: value}, f"{key} was removed.*write loss:") for key, value in
+      (("loss_type", "l2"), ("huber_c", 0.03), ("perceptual_features", "lpips_vgg"), ("perceptual_size", 224))],
     (_distill, {"grid_steps": [-1]}, "grid_steps must be"),
     *[(_couplings, {"guidance": v}, "guidance must be") for v in (NAN, INF, -3.0)],
     *[(_couplings, {"steps": v}, "steps must be") for v in (0, -5, 2.5)],
@@ -115,6 +142,31 @@ def test_a_bad_setting_fails_at_parse_time_through_the_cli(key, value, message, 
     with pytest.raises(ValueError, match=message):
         main(["--experiment", "embedded/reflow", f"--{key}={value}",
               f"--trainer.default_root_dir={tmp_path}"], run=False)
+
+
+def test_a_yaml_still_using_loss_type_fails_naming_what_to_write_instead(tmp_path, capsys):
+    """Issue 25: the loss is an object (``loss: {class_path: ...}``); an old config is refused before anything runs."""
+    import yaml
+
+    from lightning_modules.cli import main
+
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump({"model": {"init_args": {"loss_type": "pseudo_huber"}}}))
+    with pytest.raises(ValueError, match=r"loss_type was removed.*instead of loss_type: 'pseudo_huber' write loss: "
+                                         r"\{class_path: instaflow.losses.L2\}.*instaflow.losses.PseudoHuber"):
+        main(["--experiment", "embedded/distill", "-c", str(old), f"--trainer.default_root_dir={tmp_path}"], run=False)
+    new = tmp_path / "new.yaml"  # the new spelling parses and builds the object
+    new.write_text(yaml.safe_dump({"model": {"init_args": {"loss": {"class_path": "instaflow.losses.PseudoHuber",
+                                                                     "init_args": {"c": 0.05}}}}}))
+    cli = main(["--experiment", "embedded/distill", "-c", str(new), f"--trainer.default_root_dir={tmp_path}"], run=False)
+    assert type(cli.model.criterion).__name__ == "PseudoHuber" and cli.model.criterion.c == 0.05
+    assert cli.model.hparams.loss == {"class_path": "instaflow.losses.regression.PseudoHuber", "init_args": {"c": 0.05}}
+    wrong = tmp_path / "wrong.yaml"  # a wrong key of the loss fails at parse time
+    wrong.write_text(yaml.safe_dump({"model": {"init_args": {"loss": {"class_path": "instaflow.losses.PseudoHuber",
+                                                                       "init_args": {"huber_c": 0.05}}}}}))
+    with pytest.raises(SystemExit):
+        main(["--experiment", "embedded/distill", "-c", str(wrong), f"--trainer.default_root_dir={tmp_path}"], run=False)
+    assert "Option 'huber_c' is not accepted" in capsys.readouterr().err
 
 
 def test_a_bad_ema_decay_fails_at_parse_time_through_the_cli(tmp_path):

@@ -47,8 +47,9 @@ def _student(monkeypatch, init, **kw):
 
     lpips = RecordingLPIPS()
     monkeypatch.setattr(perceptual, "load_lpips", lambda net="vgg": lpips)
-    model = DistillTraining(init=str(init), parameterization="flow", loss_type="perceptual",
-                            perceptual_features="lpips_vgg", **kw)
+    from instaflow.losses import LPIPS
+
+    model = DistillTraining(init=str(init), parameterization="flow", loss=LPIPS("lpips_vgg", **kw))
     model.configure_model()
     return model, lpips
 
@@ -56,9 +57,9 @@ def _student(monkeypatch, init, **kw):
 def test_small_decoder_and_224px_resize_feed_the_feature_network(monkeypatch, tiny_sd_folder, taesd_folder):
     from diffusers import AutoencoderTiny
 
-    model, lpips = _student(monkeypatch, tiny_sd_folder, perceptual_decoder=str(taesd_folder), perceptual_size=224)
-    assert isinstance(model.loss_decoder, AutoencoderTiny)
-    assert all(not p.requires_grad for p in model.loss_decoder.parameters())  # frozen, never optimized
+    model, lpips = _student(monkeypatch, tiny_sd_folder, decoder=str(taesd_folder), size=224)
+    assert isinstance(model.criterion.decoder, AutoencoderTiny)
+    assert all(not p.requires_grad for p in model.criterion.decoder.parameters())  # frozen, never optimized
     batch = _batch()
     loss = model.loss(batch, torch.Generator().manual_seed(0), 0.0)
     assert lpips.shapes == [((2, 3, 224, 224), (2, 3, 224, 224))]  # decoded 16 px, resized to 224 px
@@ -79,7 +80,7 @@ def test_small_decoder_and_224px_resize_feed_the_feature_network(monkeypatch, ti
     model.unet.zero_grad()
     model.loss(batch, torch.Generator().manual_seed(0), 0.0).backward()
     assert sum(p.grad.abs().sum() for p in model.unet.parameters() if p.grad is not None) > 0
-    assert all(p.grad is None for p in model.loss_decoder.parameters())
+    assert all(p.grad is None for p in model.criterion.decoder.parameters())
     ckpt = {"state_dict": model.state_dict()}
     model.on_save_checkpoint(ckpt)
     assert ckpt["state_dict"] and all(k.startswith("unet.") for k in ckpt["state_dict"])
@@ -87,7 +88,7 @@ def test_small_decoder_and_224px_resize_feed_the_feature_network(monkeypatch, ti
 
 def test_defaults_decode_with_the_vae_at_its_own_size(monkeypatch, tiny_sd_folder):
     model, lpips = _student(monkeypatch, tiny_sd_folder)
-    assert model.loss_decoder is None
+    assert model.criterion.decoder is None
     batch = _batch()
     loss = model.loss(batch, torch.Generator().manual_seed(0), 0.0)
     assert lpips.shapes == [((2, 3, 16, 16), (2, 3, 16, 16))]
@@ -102,20 +103,22 @@ def test_missing_small_decoder_fails_offline_with_a_clear_message(monkeypatch, t
     from instaflow.models.loading import ModelNotFoundError
 
     with pytest.raises(ModelNotFoundError, match=r"AutoencoderTiny.*'madebyollin/taesd'.*nothing could be downloaded"):
-        _student(monkeypatch, tiny_sd_folder, perceptual_decoder="madebyollin/taesd")
+        _student(monkeypatch, tiny_sd_folder, decoder="madebyollin/taesd")
     with pytest.raises(ModelNotFoundError, match="no such local folder"):
-        _student(monkeypatch, tiny_sd_folder, perceptual_decoder=str(tmp_path / "absent"))
+        _student(monkeypatch, tiny_sd_folder, decoder=str(tmp_path / "absent"))
 
 
 def test_decoding_options_are_checked_at_construction():
+    from instaflow.losses import LPIPS
     from lightning_modules.distill import DistillTraining
 
-    with pytest.raises(ValueError, match="only apply to loss_type perceptual"):
-        DistillTraining(init="unused", loss_type="l2", perceptual_decoder="madebyollin/taesd")
-    with pytest.raises(ValueError, match="only apply to loss_type perceptual"):
-        DistillTraining(init="unused", loss_type="l2", perceptual_size=224)
+    # decoding options belong to the LPIPS loss object: the removed keys name it
+    with pytest.raises(ValueError, match=r"perceptual_decoder was removed.*instaflow.losses.LPIPS.*decoder"):
+        DistillTraining(init="unused", perceptual_decoder="madebyollin/taesd")
+    with pytest.raises(ValueError, match=r"perceptual_size was removed.*instaflow.losses.LPIPS.*size: 224"):
+        DistillTraining(init="unused", perceptual_size=224)
     with pytest.raises(ValueError, match="pixel size"):
-        DistillTraining(init="unused", loss_type="perceptual", perceptual_size=0)
+        LPIPS("lpips_vgg", size=0)
 
 
 def test_resize_images():
