@@ -149,3 +149,55 @@ def test_sana_chain_reflow_distill_export_reloads_with_plain_diffusers(tiny_sana
     for n, w in ((1, 1.0), (3, 2.0)):
         ours = student.decode(student.sample_latents(PROMPTS, n, w, x0=x0))
         torch.testing.assert_close(torch.load(tmp_path / f"plain_{n}.pt"), ours, atol=1e-5, rtol=0)
+
+
+RELOAD_SANA_LORA = """
+import sys, torch
+from diffusers import FlowMatchEulerDiscreteScheduler, SanaPipeline
+base, lora, latents, out = sys.argv[1:5]
+pipe = SanaPipeline.from_pretrained(base)
+pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=1.0)  # uniform steps
+pipe.load_lora_weights(lora)
+pipe.set_progress_bar_config(disable=True)
+images = pipe({prompts!r}, latents=torch.load(latents), num_inference_steps=2, guidance_scale=2.0, sigmas=[1.0, 0.5],
+              height=32, width=32, use_resolution_binning=False, output_type="pt").images
+torch.save(images.cpu(), out)
+assert not [m for m in sys.modules if m.split(".")[0] in ("instaflow", "lightning_modules", "callbacks", "data")]
+"""
+
+
+def test_a_sana_lora_loads_onto_the_base_with_plain_diffusers(tiny_sana_folder, tmp_path):
+    """The family's LoRA format (``SanaLoraLoaderMixin``, alpha in the metadata): SanaPipeline.load_lora_weights
+    on the original folder samples as the merged export does."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from instaflow.flow.noise import seeded_noise
+    from instaflow.models import lora
+    from instaflow.models.families import load_family
+
+    family = load_family(str(tiny_sana_folder))
+    net = lora.add_lora(family.denoiser, 4, 8.0, family.lora_targets)
+    torch.manual_seed(1)
+    with torch.no_grad():  # a trained-looking adapter (peft starts lora_B at zero)
+        for name, p in net.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    out = lora.save_lora(net, tmp_path / "export", str(tiny_sana_folder), 4, 8.0, family.lora_targets, family)
+    assert json.loads((out / "lora.json").read_text())["family"] == "sana"
+    merged = load_family(str(family.save(tmp_path / "export", lora.merged(net))))
+    assert merged.uniform and merged.name == "sana"
+    x0 = seeded_noise([0, 1], merged.latent_shape)  # (2, 4, 8, 8)
+    torch.save(x0, tmp_path / "x0.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", RELOAD_SANA_LORA.format(prompts=PROMPTS), str(tiny_sana_folder),
+                           str(out), str(tmp_path / "x0.pt"), str(tmp_path / "lora.pt")], cwd=tmp_path,
+                          env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ours = merged.decode(merged.sample_latents(PROMPTS, 2, 2.0, x0=x0))
+    torch.testing.assert_close(torch.load(tmp_path / "lora.pt"), ours, atol=1e-5, rtol=0)
+    base = load_family(str(tiny_sana_folder))
+    base.uniform = True
+    assert (base.decode(base.sample_latents(PROMPTS, 2, 2.0, x0=x0)) - ours).abs().max() > 1e-4  # the adapter acts
