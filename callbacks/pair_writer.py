@@ -1,17 +1,17 @@
 """Write couplings (seed or x0, x1 latent, caption) as WebDataset shards, resumably.
 
-Output shard k holds exactly the samples of input shard k (same file name), written by the rank
-that read it, to a temporary name and renamed when complete (``instaflow.state``: same folder, fsync,
-``os.replace``), with ``{name}_stats.json`` last, written the same way. A
-rerun excludes the input shards whose outputs are complete, so a killed job loses and duplicates
-nothing: a half-written shard is simply regenerated. Each shard's stats file lists its keys and the
-rank that wrote it, and each rank writes ``manifest_rank{r}.json`` (the shards and keys it wrote in
-this run) when it finishes.
+The format (members, completion mark, generation record, manifests) is ``data.couplings``'s; this
+callback decides when and where. Output shard k holds exactly the samples of input shard k (same
+file name), written by the rank that read it, to a temporary name and renamed when complete
+(``instaflow.state``: same folder, fsync, ``os.replace``), with its completion mark
+``{name}_stats.json`` last, written the same way. A rerun excludes the input shards whose outputs
+are complete, so a killed job loses and duplicates nothing: a half-written shard is simply
+regenerated. Each shard's mark lists its keys and the rank that wrote it, and each rank writes
+``manifest_rank{r}.json`` (the shards and keys it wrote in this run) when it finishes.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import zlib
@@ -22,11 +22,12 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from data.couplings import (check_latent_dtype, coupling_stats, is_complete, write_coupling_shard,
+                            write_generation_record, write_manifest, write_mark)
 from data.laion import expand_shards
-from data.shards import npy_bytes, write_tar
 from instaflow.contracts import DescribesCouplings
 from instaflow.evaluation.grids import captioned_grid, save_png
-from instaflow.state import atomic_write_json, read_json, remove_stale_temporaries
+from instaflow.state import remove_stale_temporaries
 
 
 def shard_name(url: str) -> str:
@@ -46,7 +47,7 @@ class CouplingWriter(BasePredictionWriter):
         (TensorBoard ``couplings/x1``, captions in ``couplings/captions``); 0 turns it off."""
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
-        self.latent_dtype = latent_dtype
+        self.latent_dtype = check_latent_dtype(latent_dtype)
         self.grid_size = grid_size
         self._buffers: dict[str, list[dict]] = defaultdict(list)
         self._current: dict[int, str] = {}
@@ -57,9 +58,7 @@ class CouplingWriter(BasePredictionWriter):
     # -- resume ----------------------------------------------------------------------------
     def is_done(self, url: str) -> bool:
         """Complete: its shard and a readable stats mark exist (a mark cut by a kill, or a lost shard, means redo)."""
-        name = self.name_of(url)
-        stats = read_json(self.output_dir / f"{Path(name).stem}_stats.json")
-        return isinstance(stats, dict) and "count" in stats and (self.output_dir / name).is_file()
+        return is_complete(self.output_dir / self.name_of(url))
 
     def name_of(self, url: str) -> str:
         return self._names.get(url) or shard_name(url)
@@ -89,7 +88,7 @@ class CouplingWriter(BasePredictionWriter):
 
         if trainer.is_global_zero:  # the model is configured by now
             meta = pl_module.metadata() if isinstance(pl_module, DescribesCouplings) else {}
-            atomic_write_json(self.output_dir / "generation.json", meta)
+            write_generation_record(self.output_dir, meta)
 
         self._t0, self._n, self._skips, self._grid_logged = time.time(), 0, 0, False
         self._bar = tqdm(desc=f"couplings (rank {trainer.global_rank})", unit="pair",
@@ -142,23 +141,9 @@ class CouplingWriter(BasePredictionWriter):
         if not samples:
             return
         name = self.name_of(url)
-        members = []
-        for s in sorted(samples, key=lambda s: s["key"]):
-            key = s["key"]
-            members.append((f"{key}.txt", s["caption"].encode("utf-8")))
-            members.append((f"{key}.json", json.dumps({"key": key, "seed": int(s["seed"]), "caption": s["caption"],
-                                                       "source": url}).encode()))
-            members.append((f"{key}.x1.npy", npy_bytes(s["x1"], self.latent_dtype)))
-            if "x0" in s:
-                members.append((f"{key}.x0.npy", npy_bytes(s["x0"], "float32")))
-            if "text_states" in s:
-                members.append((f"{key}.states.npy", npy_bytes(s["text_states"], "float16")))
-        path = self.output_dir / name
-        write_tar(path, members)
-        keys = sorted(s["key"] for s in samples)
-        stats = {"count": len(samples), "source": url, "written_at": time.time(), "rank": self._rank,
-                 "world_size": self._world, "keys": keys}
-        atomic_write_json(self.output_dir / f"{Path(name).stem}_stats.json", stats, indent=None)  # marks it complete
+        keys = write_coupling_shard(self.output_dir / name, samples, url, self.latent_dtype)
+        stats = coupling_stats(keys, url, time.time(), self._rank, self._world)
+        write_mark(self.output_dir / name, stats)  # last: it marks the shard complete
         self._written[name] = keys
 
     def on_predict_end(self, trainer, pl_module) -> None:
@@ -166,9 +151,7 @@ class CouplingWriter(BasePredictionWriter):
             self._flush(url)
         self._current.clear()
         self._bar.close()
-        manifest = {"rank": self._rank, "world_size": self._world, "shards": self._written,
-                    "count": sum(len(k) for k in self._written.values()), "skipped_complete": self._skipped_done}
-        atomic_write_json(self.output_dir / f"manifest_rank{self._rank}.json", manifest, indent=1)
+        write_manifest(self.output_dir, self._rank, self._world, self._written, self._skipped_done)
         for logger in trainer.loggers:
             logger.save()
         if trainer.is_global_zero:

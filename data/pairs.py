@@ -1,61 +1,32 @@
 """Read coupling shards written by ``callbacks.pair_writer.CouplingWriter``: (x0, x1, caption).
 
-x0 is regenerated from the stored seed (the same CPU-generator rule the writer used) unless the
-shard stores it. The reading machinery (resampling, splitting, counted skips) is the LAION
-reader's; only the decoding differs (a training stream whose shards hold no usable coupling raises
-``EmptyStreamError`` like the LAION reader's). Members are read without unpickling: ``.npy`` with
-``allow_pickle=False``, ``.json`` through ``data.meta.parse_meta`` (bounded in size and depth).
+The format (members, dtypes, validation) is ``data.couplings``'s; x0 is regenerated from the stored
+seed unless the shard stores it. The reading machinery (resampling, splitting, counted skips) is the
+LAION reader's; only the decoding differs (a training stream whose shards hold no usable coupling
+raises ``EmptyStreamError`` like the LAION reader's).
 """
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from data.couplings import Skip, decode_coupling
+from data.couplings import read_npy as _npy  # noqa: F401  (its former home; tests and callers import it here)
 from data.laion import LaionStream
-from data.meta import parse_meta
-from instaflow.flow.noise import seeded_noise
-
-
-def _npy(data: bytes) -> torch.Tensor:
-    """A ``.npy`` member as float32; a pickled (object) array is refused, never unpickled."""
-    return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False).astype(np.float32))
 
 
 class CouplingStream(LaionStream):
     """Samples ``{key, caption, x0, x1, seed, skipped}`` (latents float32, (4, h, w))."""
 
     def _decode(self, raw: dict) -> dict | None:
-        key = raw.get("__key__")
-        if "x1.npy" not in raw:
-            return self._skip("missing_x1", key)
-        try:
-            caption = raw["txt"].decode("utf-8").strip() if "txt" in raw else None
-        except UnicodeDecodeError:
-            return self._skip("bad_caption_encoding", key)
-        if caption is None:
-            return self._skip("missing_caption", key)  # "" is valid here: an unconditional coupling
-        meta, why = parse_meta(raw["json"]) if "json" in raw else ({}, "")
-        if why:
-            return self._skip("bad_coupling", f"{key}: .json {why}")
-        try:
-            x1 = _npy(raw["x1.npy"])
-            x0 = _npy(raw["x0.npy"]) if "x0.npy" in raw else seeded_noise([meta["seed"]], tuple(x1.shape))[0]
-            states = _npy(raw["states.npy"]) if "states.npy" in raw else None
-        except Exception as exn:  # corrupt or pickled npy, or no seed and no x0
-            return self._skip("bad_coupling", f"{key}: {exn!r}"[:300])
-        if not (torch.isfinite(x1).all() and torch.isfinite(x0).all()):
-            return self._skip("non_finite_latent", key)
-        sample = {"key": key, "caption": caption, "x0": x0, "x1": x1, "seed": meta.get("seed", -1),
-                  "url": raw.get("__url__"), "worker": self._worker, "meta": None}
-        if states is not None:
-            sample["text_states"] = states
-        return sample
+        sample = decode_coupling(raw)
+        if isinstance(sample, Skip):
+            return self._skip(sample.reason, sample.detail)
+        return {**sample, "url": raw.get("__url__"), "worker": self._worker, "meta": None}
 
 
 def collate_pairs(samples: list[dict]) -> dict:

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from data.couplings import is_complete, write_mark
 from data.shards import write_tar
-from instaflow.state import atomic_write_json, read_json
 
 SHAPES = ("circle", "square", "triangle", "cross")
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange")
@@ -196,7 +196,7 @@ def write_shard(path: Path, shard: int, split_seed: int, start: int, count: int,
         "duration": round(time.time() - t0, 3), "start_time": t0, "end_time": time.time(),
         "status_dict": {"success": count}, "split_seed": split_seed, "first_index": start,
     }
-    atomic_write_json(_stats_path(path, shard), stats, indent=1)  # written last: it marks the shard complete
+    write_mark(path, stats, indent=1, mark=_stats_path(path, shard))  # written last: it marks the shard complete
     return stats
 
 
@@ -206,8 +206,7 @@ def _stats_path(path: Path, shard: int) -> Path:
 
 def shard_complete(path: Path, shard: int) -> bool:
     """Whether a shard and its completion mark exist, the mark readable (a cut mark of older code means redo)."""
-    stats = read_json(_stats_path(path, shard))
-    return path.is_file() and isinstance(stats, dict) and isinstance(stats.get("count"), int)
+    return is_complete(path, _stats_path(path, shard))
 
 
 def write_split(out_dir: str | Path, split: str, num_samples: int, samples_per_shard: int = 1000,
