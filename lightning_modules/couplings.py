@@ -12,24 +12,18 @@ import dataclasses
 import lightning as L
 import torch
 
-from instaflow.flow.guidance import check_guidance, guided
+from instaflow.contracts import Family
+from instaflow.flow.guidance import check_guidance
 from instaflow.flow.noise import sample_seed, seeded_noise
-from instaflow.flow.solvers import check_steps, sample_dpm_solver, sample_euler, sample_heun, time_grid
-from instaflow.flow.velocity import KINDS
-from instaflow.models.families import load_teacher
-from instaflow.models.sampler import TextToImage
-
-
-def _check_solver(kind: str, solver: str) -> None:
-    if kind not in KINDS + ("flow_matching",):
-        raise ValueError(f"kind must be 'ddpm', 'flow', 'ddpm_velocity' or 'flow_matching' (SD3), got {kind!r}")
-    valid = {"ddpm": ("dpm_solver++",), "flow_matching": ("euler",)}.get(kind, ("euler", "heun"))
-    if solver not in valid:
-        raise ValueError(f"solver {solver!r} does not fit kind {kind!r}; choose one of {valid}")
+from instaflow.flow.solvers import check_steps
+from instaflow.models.families import check_solver, load_family
 
 
 class CouplingGeneration(L.LightningModule):
     """Teacher ODE solving: prompts in, couplings out (no training).
+
+    The model is held as its family (``instaflow.models.families.load_family``, picked by the folder's
+    ``model_index.json``): encode, then the family's ``solve``; nothing here depends on which family it is.
 
     Args:
         model: pipeline folder or hub id of the model whose ODE is solved.
@@ -59,29 +53,24 @@ class CouplingGeneration(L.LightningModule):
         check_steps(steps)
         check_guidance(guidance)
         if kind is not None:
-            _check_solver(kind, solver)
+            check_solver(kind, solver)
         self.save_hyperparameters()
-        self.pipe: TextToImage | None = None
+        self.pipe: Family | None = None
 
     def configure_model(self) -> None:
         if self.pipe is None:
             h = self.hparams
-            self.pipe = load_teacher(h.model, kind=h.kind, resolution=h.resolution, vae=h.vae)
-            _check_solver(self.pipe.kind, self.hparams.solver)
-            if isinstance(self.pipe, TextToImage):
-                self.pipe.unet.to(self.device)
-            else:  # a family pipeline: its text encoders and VAE run on the device too
-                if self.hparams.store_text_states:
-                    raise ValueError(f"store_text_states is not supported for the {self.pipe.family} family yet (its "
-                                     "conditioning is token states plus pooled embeddings); set it to false")
-                self.pipe.pipe.to(self.device)
-            self.pipe.bf16 = self.hparams.bf16  # text encoding under the same autocast as the UNet
+            self.pipe = load_family(h.model, kind=h.kind, resolution=h.resolution, vae=h.vae)
+            check_solver(self.pipe.kind, h.solver)
+            if h.store_text_states:
+                self.pipe.check_stored_states()
+            self.pipe.to(self.device)  # its denoiser, text encoders and VAE
+            self.pipe.bf16 = h.bf16  # text encoding under the same autocast as the denoiser
 
     def metadata(self) -> dict:
         """What produced the couplings; written next to them (formula and w included, docs/pitfalls.md)."""
         h = self.hparams
-        meta = {"model": h.model, "family": getattr(self.pipe, "family", "sd"),
-                "conditioning": getattr(self.pipe, "conditioning", "text encoder token states"),
+        meta = {"model": h.model, "family": self.pipe.name, "conditioning": self.pipe.conditioning,
                 "kind": self.pipe.kind, "solver": h.solver, "steps": h.steps, "guidance": h.guidance,
                 "guidance_formula": "out_u + w * (out_c - out_u), applied when w != 1", "base_seed": h.base_seed,
                 "seed_rule": "crc32(f'{base_seed}/{key}') & 0x7FFFFFFF; x0 = randn(latent_shape, CPU generator)",
@@ -107,15 +96,8 @@ class CouplingGeneration(L.LightningModule):
         x0 = seeded_noise(seeds, self.pipe.latent_shape).to(self.device)  # (B, 4, h, w)
         cond, uncond = self.pipe.encode(batch["caption"], h.guidance)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=h.bf16):
-            if self.pipe.kind == "ddpm":
-                x1 = sample_dpm_solver(self.pipe.unet, self.pipe.scheduler_config, x0, cond, uncond,
-                                                h.guidance, h.steps)
-            else:
-                v_fn = guided(self.pipe.velocity(), cond, uncond, h.guidance)
-                solve = sample_euler if h.solver == "euler" else sample_heun
-                # a flow-matching family steps at its scheduler's shifted sigmas; ours uniformly (dt = 1/N)
-                ts = self.pipe.time_grid(h.steps) if self.pipe.kind == "flow_matching" else time_grid(h.steps)
-                x1 = solve(v_fn, x0, ts)
+            # along the family's time grid (a flow-matching teacher's shifted sigmas; ours uniform, dt = 1/N)
+            x1 = self.pipe.solve(x0, cond, uncond, h.steps, h.guidance, h.solver)
         x1 = x1.float()
         out = {"key": batch["key"], "caption": batch["caption"], "url": batch["url"], "worker": batch["worker"],
                "seed": seeds, "x1": x1.cpu(), "skipped": batch["skipped"]}

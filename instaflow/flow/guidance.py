@@ -25,9 +25,15 @@ def check_probability(p: float, key: str) -> float:
     return checked_number(p, key, lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1] (e.g. 0.1)")
 
 
+def keep_mask(n: int, p: float, generator: torch.Generator) -> Tensor:
+    """(n,) bool: which of n captions survive caption dropout with probability p (Ho & Salimans 2022, CFG
+    training); the one draw behind live captions (``drop_captions``) and stored text states alike."""
+    return torch.rand(n, generator=generator) >= p
+
+
 def drop_captions(captions: list[str], p: float, generator: torch.Generator) -> list[str]:
     """Replace each caption by "" with probability p (Ho & Salimans 2022, CFG training)."""
-    keep = torch.rand(len(captions), generator=generator) >= p
+    keep = keep_mask(len(captions), p, generator)
     return [c if k else "" for c, k in zip(captions, keep.tolist())]
 
 

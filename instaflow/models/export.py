@@ -19,8 +19,6 @@ from pathlib import Path
 
 from instaflow.models import loading
 from instaflow.models.lora import LORA_DIR
-from instaflow.models.sampler import TextToImage
-from instaflow.models.text_encoder import load_text_encoder
 from instaflow.state import atomic_folder, atomic_write_text, read_json
 
 README = """# {name}: a rectified-flow text-to-image model (InstaFlow framework export)
@@ -101,56 +99,22 @@ def _export_adapter(model: str, adapter: Path, dst: Path, prompt: str, shown: Pa
 
 def _export(model: str, out: str | Path, prompt: str, unet_from: str | None = None,
             shown: Path | None = None) -> Path:
-    """The pipeline folder of ``model`` (its UNet, or ``unet_from``'s: a LoRA's base, sampled as ``model``'s kind);
-    ``shown``: the path its README names (where the folder will be once renamed into place)."""
-    from diffusers import DDPMScheduler
-
+    """The pipeline folder of ``model`` (its UNet, or ``unet_from``'s: a LoRA's base, sampled as ``model``'s kind),
+    written by its family (``export_pipeline``); ``shown``: the path its README names (where the folder will be
+    once renamed into place)."""
     from instaflow.models import families
-    from instaflow.models.rf_pipeline import RectifiedFlowPipeline
 
-    if families.family_of(model) == "sdxl":  # an SDXL rectified flow: SDXL's conditioning, our sampling
-        sdxl = families.SDXLModel.from_pretrained(model)
-        if sdxl.velocity_kind not in KIND_TEXT:
-            raise ValueError(f"'{model}' is an SDXL diffusion teacher, not a rectified flow: export the 2-RF or "
-                             "one-step folders that reflow and distillation write")
-        p = sdxl.pipe
-        unet = loading.load_unet(unet_from) if unet_from else p.unet  # a LoRA's base
-        pipe = RectifiedFlowPipeline(vae=p.vae, text_encoder=p.text_encoder, text_encoder_2=p.text_encoder_2,
-                                     tokenizer=p.tokenizer, tokenizer_2=p.tokenizer_2, unet=unet.eval(),
-                                     scheduler=DDPMScheduler.from_config(p.scheduler.config), kind=sdxl.velocity_kind,
-                                     force_zeros_for_empty_prompt=p.config.force_zeros_for_empty_prompt)
-        out = Path(out)
-        pipe.save_pretrained(out)
-        return out
-
-    kind = loading.component_sources(model)["kind"]
-    if kind not in KIND_TEXT:
-        raise ValueError(
-            f"'{model}' is a diffusion teacher (kind {kind!r}), not a rectified flow: export the 2-RF or one-step "
-            f"model folders that reflow and distillation write (kind flow or ddpm_velocity); a teacher "
-            f"already loads as a diffusers StableDiffusionPipeline.")
-    text = load_text_encoder(model)  # resolves package:... references to the real weights
-    pipe = RectifiedFlowPipeline(
-        vae=loading.load_vae(model), text_encoder=text.model, tokenizer=text.tokenizer,
-        unet=loading.load_unet(unet_from or model).eval(),
-        scheduler=loading.from_pretrained(DDPMScheduler, model, "scheduler", what="scheduler"),
-        kind=kind, max_length=text.max_length)
-    out = Path(out)
-    shown = shown or out
-    pipe.save_pretrained(out)
-    size = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    atomic_write_text(out / "README.md", README.format(
-        name=shown.name, model=model, kind=kind, kind_text=KIND_TEXT[kind], out=shown, prompt=prompt,
-        text_class=type(text.model).__name__, max_length=text.max_length, size=size))
-    return out
+    return families.family_class(model).export_pipeline(model, Path(out), prompt, unet_from=unet_from, shown=shown)
 
 
 def check(model: str, out: str | Path, prompt: str, steps: int, guidance: float, seed: int = 0) -> float:
     """Max abs pixel difference (images in [0, 1]) between the reloaded export and the project's sample."""
     from diffusers import DiffusionPipeline
 
+    from instaflow.models.families import load_family
+
     verify_own_code(out)
-    ours = TextToImage.from_pretrained(model).sample_images([prompt], steps, guidance, [seed])
+    ours = load_family(model).sample_images([prompt], steps, guidance, [seed])
     # trust_remote_code=True runs the folder's Python files: verify_own_code has just checked that they are
     # byte for byte this project's rf_pipeline.py (and stacked_unet.py), so no other code can run here
     pipe = DiffusionPipeline.from_pretrained(str(out), trust_remote_code=True)

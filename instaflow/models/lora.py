@@ -102,30 +102,17 @@ def merged(unet: torch.nn.Module) -> torch.nn.Module:
 
 
 def save_lora(unet: torch.nn.Module, folder: str | Path, base: str, rank: int, alpha: float | None,
-              targets: list[str] | tuple[str, ...], family: str = "sd") -> Path:
+              targets: list[str] | tuple[str, ...], family) -> Path:
     """Write ``folder/lora/`` (diffusers LoRA weights + lora.json); returns that folder.
 
-    SD 1.x/2.x and SDXL: a UNet LoRA (``StableDiffusionLoraLoaderMixin``'s format, which SDXL's loader
-    reads too); SD3 / Flux: a transformer LoRA in the format diffusers' SD3 / Flux LoRA training writes
-    (``SD3LoraLoaderMixin`` / ``FluxLoraLoaderMixin``, peft state dict under ``transformer.``).
+    ``family`` (an ``instaflow.contracts.Family``) writes the weights in its loader's format
+    (``write_lora_weights``: a UNet LoRA for SD 1.x/2.x and SDXL, a transformer LoRA for SD3 / Flux).
     """
     out = Path(folder) / LORA_DIR
     # the adapter's config goes into the file's metadata, which load_lora_weights reads: without it
     # diffusers rebuilds the config from the weights' shapes alone and scales by 1 (alpha = rank)
-    meta = adapter_config(unet)
-    if family in ("sd3", "flux"):
-        from diffusers.loaders import FluxLoraLoaderMixin, SD3LoraLoaderMixin
-        from peft.utils import get_peft_model_state_dict
-
-        mixin = SD3LoraLoaderMixin if family == "sd3" else FluxLoraLoaderMixin
-        mixin.save_lora_weights(out, transformer_lora_layers=get_peft_model_state_dict(unet), safe_serialization=True,
-                                transformer_lora_adapter_metadata=meta)
-    else:
-        from diffusers.loaders import StableDiffusionLoraLoaderMixin
-
-        StableDiffusionLoraLoaderMixin.save_lora_weights(out, unet_lora_layers=lora_state_dict(unet),
-                                                         safe_serialization=True, unet_lora_adapter_metadata=meta)
-    atomic_write_json(out / "lora.json", {"base": base, "family": family, "rank": rank,
+    family.write_lora_weights(out, unet, adapter_config(unet))
+    atomic_write_json(out / "lora.json", {"base": base, "family": family.name, "rank": rank,
                                           "alpha": alpha if alpha is not None else rank,
                                           "target_modules": list(targets)})
     return out
