@@ -17,16 +17,14 @@ import lightning as L
 import torch
 
 from instaflow.flow.checks import checked_number
-from instaflow.flow.guidance import check_guidance, check_probability, drop_captions
+from instaflow.flow.guidance import check_guidance, check_probability
 from instaflow.flow.losses import check_nonfinite_setting
 from instaflow.flow.schedules import check_nonnegative, check_optimizer_settings
 from instaflow.flow.solvers import check_steps
-from instaflow.flow.velocity import velocity_field
 from instaflow.losses import Loss, ParamGroup, adamw_param_groups
-from instaflow.models import families, loading, lora, sharding
-from instaflow.models.sampler import TextToImage
-from instaflow.models.saving import save_pipeline
-from instaflow.models.text_encoder import load_text_encoder
+from instaflow.contracts import Family
+from instaflow.models import lora, sharding
+from instaflow.models.families import load_student_family
 from instaflow.models.unet import build_unet
 from lightning_modules.nonfinite import DEFAULT_LIMIT, NonfiniteGuard
 
@@ -85,7 +83,8 @@ class FlowStudent(NonfiniteGuard, L.LightningModule, abc.ABC):
             (``instaflow.models.lora``); null trains every weight. Only the adapter is optimized and
             checkpointed; the export holds the merged model and the adapter alone in ``lora/``.
         lora_alpha: LoRA scale numerator (scale alpha / rank); null: alpha = rank.
-        lora_target_modules: module names the adapter wraps (default: the attention projections).
+        lora_target_modules: module names the adapter wraps (null: the family's ``lora_targets``, the attention
+            projections).
         guidance_input: the guidance value fed as an input to guidance-distilled students (Flux dev) in
             training and sampling; set it to the guidance of the couplings they learn from.
         resolution: pixel size the student samples at, for families whose denoiser does not fix it
@@ -106,7 +105,7 @@ class FlowStudent(NonfiniteGuard, L.LightningModule, abc.ABC):
                  seed: int = 0, fsdp_mixed_precision: str | None = None,
                  activation_checkpointing: bool = False, lora_rank: int | None = None,
                  lora_alpha: float | None = None,
-                 lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0"),
+                 lora_target_modules: tuple[str, ...] | None = None,
                  guidance_input: float = 3.5, resolution: int | None = None, nonfinite: str = "skip",
                  nonfinite_limit: int = DEFAULT_LIMIT) -> None:
         super().__init__()
@@ -130,30 +129,23 @@ class FlowStudent(NonfiniteGuard, L.LightningModule, abc.ABC):
         if self.unet is not None:
             return
         h = self.hparams
-        self.family = families.family_of(h.init)
-        if self.family in ("sd3", "flux"):
-            self._configure_flow_family()
-        elif self.family == "sdxl":
-            self._configure_sdxl()
-        else:
-            self.vae = loading.load_vae(h.init)
-            self.text_encoder = load_text_encoder(h.init, cache_mb=h.text_cache_mb)
-            self.scheduler_config = loading.load_scheduler_config(h.init)
-            self.components = loading.component_sources(h.init)
-            self.unet = self.student_unet(loading.load_unet(h.init)).train()
-            if h.lora_rank:
-                lora.add_lora(self.unet, h.lora_rank, h.lora_alpha, h.lora_target_modules)
-            self.velocity = velocity_field(self.unet, self.kind, self.scheduler_config)
+        # the init's family (instaflow.models.families), which checks the settings that depend on it
+        self.family: Family = load_student_family(
+            h.init, h.parameterization, stacked=h.get("student", "unet") != "unet", wrap=self.student_unet,
+            text_cache_mb=h.text_cache_mb, resolution=h.resolution, guidance_input=h.guidance_input)
+        for name, module in self.family.frozen_modules().items():
+            setattr(self, name, module)  # registered, so the strategy moves them with the module
+        self.unet = self.family.denoiser
+        if h.lora_rank:
+            lora.add_lora(self.unet, h.lora_rank, h.lora_alpha, self.lora_targets())
+        self.velocity = self.family.velocity()  # over self.unet (the family's own denoiser object)
         # each data-parallel rank draws its own t and caption dropout (rank 0 = the single-device draws)
         self._gen = torch.Generator().manual_seed(h.seed + self.global_rank)
         if h.activation_checkpointing:
             self.unet.enable_gradient_checkpointing()
         mesh = getattr(self, "_device_mesh", None)  # set by ModelParallelStrategy before this hook
         if mesh is not None:
-            if self.family != "sd":
-                raise NotImplementedError(f"FSDP2 sharding of {self.family} students is not implemented yet (the "
-                                          "per-block sharding and the sharded export are written for SD UNets): train "
-                                          "them with DDP (and LoRA where memory is short; python -m instaflow.tools.memory)")
+            self.family.check_sharding()
             if h.lora_rank:
                 raise NotImplementedError("LoRA students under FSDP2 are not supported yet (the sharded export "
                                           "gathers a plain UNet): train LoRA on one device or with DDP")
@@ -163,56 +155,9 @@ class FlowStudent(NonfiniteGuard, L.LightningModule, abc.ABC):
             raise ValueError("fsdp_mixed_precision needs trainer.strategy ModelParallelStrategy (FSDP2, see "
                              "experiments/sharding/fsdp2.yaml); on one device or DDP use trainer.precision: bf16-mixed")
 
-    def _configure_flow_family(self) -> None:
-        """An SD3 or Flux init: its transformer is the trainable network, seen through the flow-matching
-        conversion (a flow already: ``parameterization: flow``); its text encoders and VAE are frozen module
-        children. Flux students are fed the fixed ``guidance_input`` (their couplings' guidance)."""
-        h = self.hparams
-        if h.parameterization != "flow":
-            raise ValueError(f"'{h.init}' is a {self.family} pipeline, a flow-matching model already: use "
-                             f"parameterization flow (got {h.parameterization!r})")
-        if h.get("student", "unet") != "unet":
-            raise NotImplementedError(f"{self.family} students train their own transformer (no stacked student)")
-        if self.family == "sd3":
-            self.family_model = families.SD3Model.from_pretrained(h.init, uniform=True)  # our flows: dt = 1/N
-        else:
-            self.family_model = families.FluxModel.from_pretrained(h.init, uniform=True, resolution=h.resolution,
-                                                                   guidance_input=h.guidance_input)
-        pipe = self.family_model.pipe
-        self.vae = pipe.vae.requires_grad_(False)
-        self.text_encoders = torch.nn.ModuleList(  # registered, so the strategy moves them with the module
-            [te.requires_grad_(False) for te in (pipe.text_encoder, pipe.text_encoder_2,
-                                                 getattr(pipe, "text_encoder_3", None)) if te is not None])
-        self.text_encoder = None
-        self.scheduler_config = self.family_model.scheduler_config
-        self.components = {"kind": "flow_matching", "family": self.family}
-        self.unet = pipe.transformer.train()
-        if h.lora_rank:
-            lora.add_lora(self.unet, h.lora_rank, h.lora_alpha, h.lora_target_modules)
-        self.velocity = self.family_model.velocity()  # over self.unet (the pipeline's transformer object)
-
-    def _configure_sdxl(self) -> None:
-        """An SDXL init: its UNet is trained through the velocity conversion (``velocity_wrapper``, from the
-        diffusion teacher) or continued as a rectified flow (``flow``); pooled text and time ids come with the
-        text states (``Conditioning``); its encoders and VAE are frozen module children."""
-        h = self.hparams
-        if h.parameterization not in ("velocity_wrapper", "flow"):
-            raise ValueError(f"'{h.init}' is an SDXL pipeline: use parameterization velocity_wrapper (from the "
-                             f"diffusion teacher) or flow (a 2-RF), got {h.parameterization!r}")
-        if h.get("student", "unet") != "unet":
-            raise NotImplementedError("SDXL students train their own UNet (no stacked student)")
-        self.family_model = families.SDXLModel.from_pretrained(h.init, velocity_kind=self.kind)
-        pipe = self.family_model.pipe
-        self.vae = pipe.vae.requires_grad_(False)
-        self.text_encoders = torch.nn.ModuleList([te.requires_grad_(False) for te in (pipe.text_encoder,
-                                                                                     pipe.text_encoder_2)])
-        self.text_encoder = None
-        self.scheduler_config = self.family_model.scheduler_config
-        self.components = {"kind": self.kind, "family": "sdxl"}
-        self.unet = pipe.unet.train()
-        if h.lora_rank:
-            lora.add_lora(self.unet, h.lora_rank, h.lora_alpha, h.lora_target_modules)
-        self.velocity = velocity_field(self.unet, self.kind, self.scheduler_config)
+    def lora_targets(self) -> tuple[str, ...]:
+        """The modules the LoRA adapter wraps: ``lora_target_modules``, else the family's defaults."""
+        return tuple(self.hparams.lora_target_modules or self.family.lora_targets)
 
     def student_unet(self, unet: torch.nn.Module) -> torch.nn.Module:
         """The trainable network built from the init's UNet (the UNet itself; DistillTraining may stack it)."""
@@ -220,27 +165,16 @@ class FlowStudent(NonfiniteGuard, L.LightningModule, abc.ABC):
 
     @property
     def kind(self) -> str:
-        if getattr(self, "family", "sd") in ("sd3", "flux"):
-            return "flow_matching"  # (SDXL students keep SD's kinds: the same velocity conversion)
-        return "ddpm_velocity" if self.hparams.parameterization == "velocity_wrapper" else "flow"
+        """How the student's network reads as a velocity field (its family's rule for ``parameterization``)."""
+        return self.family.kind
 
     def text_states(self, captions: list[str], dropout: float = 0.0):
-        if dropout:
-            captions = drop_captions(captions, dropout, self._gen)
-        if getattr(self, "family", "sd") in ("sd3", "flux"):
-            return self.family_model.encode(captions, 1.0)[0]  # Conditioning: token states + pooled
-        if getattr(self, "family", "sd") == "sdxl":
-            cond = self.family_model.encode(captions, 1.0)[0]  # states, pooled text, time ids
-            if dropout and self.family_model.pipe.config.force_zeros_for_empty_prompt:
-                # a dropped caption gets SDXL's unconditional embedding: zeros, not the empty prompt's
-                keep = torch.tensor([c != "" for c in captions], device=cond.states.device)
-                cond.states = cond.states * keep[:, None, None].to(cond.states.dtype)
-                cond.pooled = cond.pooled * keep[:, None].to(cond.pooled.dtype)
-            return cond
-        return self.text_encoder(captions)  # (B, L, D)
+        """The conditioning of ``captions``, each dropped to "" with probability ``dropout`` (the family's
+        ``encode_for_training``: one caption dropout, drawn from the module's generator)."""
+        return self.family.encode_for_training(captions, dropout, self._gen)
 
-    def batch_states(self, batch: dict, dropout: float = 0.0) -> torch.Tensor:
-        """Text states of a batch of couplings, (B, L, D): the states the coupling stage stored
+    def batch_states(self, batch: dict, dropout: float = 0.0):
+        """The conditioning of a batch of couplings: the text states the coupling stage stored
         (``store_text_states``; no re-encoding) when the batch carries them, else the captions encoded.
 
         Caption dropout draws from the same generator either way, and a dropped caption gets the
@@ -249,20 +183,7 @@ class FlowStudent(NonfiniteGuard, L.LightningModule, abc.ABC):
         """
         if "text_states" not in batch:
             return self.text_states(batch["caption"], dropout)
-        if getattr(self, "family", "sd") != "sd":
-            raise ValueError(f"couplings with stored text states are not supported for the {self.family} family yet: "
-                             "regenerate them with store_text_states: false")
-        states = batch["text_states"].to(self.device, torch.float32)  # (B, L, D)
-        want = (self.text_encoder.max_length, self.text_encoder.hidden_size)
-        if tuple(states.shape[1:]) != want:
-            raise ValueError(f"the couplings' stored text states are {tuple(states.shape[1:])} per caption, this "
-                             f"model's text encoder gives {want}: they come from another text encoder or max_length; "
-                             "regenerate the couplings with this model's encoder, or without store_text_states")
-        if dropout:
-            keep = torch.rand(states.shape[0], generator=self._gen) >= dropout  # drop_captions' draw
-            states = torch.where(keep.to(states.device)[:, None, None], states,
-                                 self.text_encoder.empty(states.shape[0]).to(states.dtype))
-        return states
+        return self.family.stored_states(batch["text_states"], dropout, self._gen)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         # a non-finite loss does not raise here (one rank raising alone would leave the others in a collective):
@@ -276,13 +197,10 @@ class FlowStudent(NonfiniteGuard, L.LightningModule, abc.ABC):
         g = torch.Generator().manual_seed(1000 + batch_idx)  # same t every validation
         self.log("val/loss", self.loss(batch, g, 0.0), prog_bar=True)
 
-    def sampler(self):
-        """The module's live networks as a ``TextToImage`` (Euler in flow time, through ``self.velocity``);
-        for an SD3 student its ``SD3Model`` (the same transformer object, uniform Euler steps)."""
-        if getattr(self, "family", "sd") in ("sd3", "flux", "sdxl"):
-            return self.family_model
-        return TextToImage(unet=self.unet, vae=self.vae, text_encoder=self.text_encoder,
-                           scheduler_config=self.scheduler_config, kind=self.kind, velocity_module=self.velocity)
+    def sampler(self) -> Family:
+        """The module's live networks as its family (the same denoiser object; Euler in flow time through
+        ``self.velocity``, uniform steps dt = 1/N)."""
+        return self.family
 
     @torch.no_grad()
     def sample_images(self, prompts: list[str], steps: int, guidance: float, seeds: list[int],
@@ -417,15 +335,19 @@ class FlowStudent(NonfiniteGuard, L.LightningModule, abc.ABC):
         return unet
 
     def export(self, dirpath: str, unet: torch.nn.Module | None = None) -> Path:
-        if getattr(self, "family", "sd") in ("sd3", "flux", "sdxl"):
-            net = self.unet if unet is None else unet
-            adapter = net if lora.has_lora(net) else None
-            out = self.family_model.save_flow(dirpath, lora.merged(adapter) if adapter is not None else net)
-            if adapter is not None:
-                h = self.hparams
-                lora.save_lora(adapter, out, h.init, h.lora_rank, h.lora_alpha, h.lora_target_modules,
-                               family=self.family)
-            return out
+        """Write the trained network (``unet``: a gathered or EMA copy, else the live one) as the family's
+        diffusers folder; a LoRA student's merged weights, and the adapter alone in ``lora/``."""
+        if unet is None:
+            if sharding.is_sharded(self.unet):
+                raise RuntimeError("the UNet is FSDP2-sharded: gather it first on every rank with export_unet() "
+                                   "and pass it as export(dirpath, unet=...) on rank 0 (the Export callback does)")
+            unet = self.unet
+        adapter = unet if lora.has_lora(unet) else None
+        out = self.family.save(dirpath, lora.merged(adapter) if adapter is not None else unet)  # later stages
+        if adapter is not None:  # read an ordinary model folder
+            h = self.hparams
+            lora.save_lora(adapter, out, h.init, h.lora_rank, h.lora_alpha, self.lora_targets(), family=self.family)
+        return out
         if unet is None:
             if sharding.is_sharded(self.unet):
                 raise RuntimeError("the UNet is FSDP2-sharded: gather it first on every rank with export_unet() "
