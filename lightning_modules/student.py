@@ -348,20 +348,3 @@ class FlowStudent(NonfiniteGuard, L.LightningModule, abc.ABC):
             h = self.hparams
             lora.save_lora(adapter, out, h.init, h.lora_rank, h.lora_alpha, self.lora_targets(), family=self.family)
         return out
-        if unet is None:
-            if sharding.is_sharded(self.unet):
-                raise RuntimeError("the UNet is FSDP2-sharded: gather it first on every rank with export_unet() "
-                                   "and pass it as export(dirpath, unet=...) on rank 0 (the Export callback does)")
-            unet = self.unet
-        adapter = unet if lora.has_lora(unet) else None
-        if adapter is not None:
-            unet = lora.merged(adapter)  # later stages read an ordinary model folder
-        te = self.components["text_encoder"]
-        package = te if isinstance(te, str) and te.startswith(loading.PACKAGE_PREFIX) else None
-        out = save_pipeline(dirpath, unet, self.vae, self.scheduler_config, text_encoder=package,
-                            max_length=self.text_encoder.max_length, text_encoder_module=self.text_encoder,
-                            kind=self.kind)
-        if adapter is not None:
-            h = self.hparams
-            lora.save_lora(adapter, out, h.init, h.lora_rank, h.lora_alpha, h.lora_target_modules)
-        return out
