@@ -201,3 +201,38 @@ def test_a_sana_lora_loads_onto_the_base_with_plain_diffusers(tiny_sana_folder, 
     base = load_family(str(tiny_sana_folder))
     base.uniform = True
     assert (base.decode(base.sample_latents(PROMPTS, 2, 2.0, x0=x0)) - ours).abs().max() > 1e-4  # the adapter acts
+
+
+@pytest.mark.parametrize("stem", ["pairs_teacher", "reflow", "pairs_rf2", "distill"])
+def test_sana_experiment_instantiates_with_the_tiny_sana(stem, tiny_sana_folder, tiny_world, tmp_path):
+    """experiments/sana/: each file parses, takes the tiny SANA by override and runs its stage's step; the
+    stated global batch is what the trainer builds."""
+    from tests.conftest import ROOT
+    from tests.lightning_modules.test_sd15 import cli, config_chain, stated_global_batch, write_couplings
+
+    exp = ROOT / "experiments" / "sana" / f"{stem}.yaml"
+    args = ["--trainer.default_root_dir", str(tmp_path / "root"), "--trainer.logger.init_args.save_dir",
+            str(tmp_path / "runs")]
+    if stem.startswith("pairs"):
+        args += ["--model.init_args.model", str(tiny_sana_folder), "--data.init_args.predict", tiny_world.train,
+                 "--data.init_args.num_workers", "0", "--data.init_args.filters.missing_field", "keep"]
+    else:
+        pairs = write_couplings(tmp_path / "pairs", shape=(4, 8, 8))
+        args += ["--model.init_args.init", str(tiny_sana_folder), "--data.init_args.train", str(pairs),
+                 "--data.init_args.val", str(pairs), "--data.init_args.num_workers", "0"]
+    c = cli([*config_chain(exp), *args])
+    model, dm, trainer = c.model, c.datamodule, c.trainer
+    model.configure_model()
+    h = model.hparams
+    if stem.startswith("pairs"):
+        assert (h.kind, h.solver, h.store_text_states) == ("flow_matching", "euler", False)
+        batch = next(iter(dm.predict_dataloader()))
+        out = model.predict_step({k: (v[:2] if isinstance(v, list) else v) for k, v in batch.items()}, 0)
+        assert out["x1"].shape == (2, 4, 8, 8) and torch.isfinite(out["x1"]).all()
+        assert model.metadata()["family"] == "sana"
+        return
+    total, _ = stated_global_batch(exp)
+    assert total == trainer.num_nodes * trainer.num_devices * dm.batch_size * trainer.accumulate_grad_batches
+    assert h.parameterization == "flow" and model.kind == "flow_matching"
+    loss = model.loss(next(iter(dm.train_dataloader())), torch.Generator().manual_seed(0), 0.1)
+    assert loss.ndim == 0 and torch.isfinite(loss)
