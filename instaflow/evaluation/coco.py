@@ -192,7 +192,8 @@ class ClipScorer(torch.nn.Module):
 
 
 def protocol(name: str, n: int, seed: int, annotations: str | Path, fid_resolution: int, clip_model: str,
-             steps: int | None = None, guidance: float | None = None, model: str | None = None) -> dict:
+             steps: int | None = None, guidance: float | None = None, model: str | None = None,
+             features: str = "Inception-v3 pool3 (clean-fid)") -> dict:
     """Everything a reported number depends on, written beside it."""
     spec = PROTOCOLS[name]
     return {
@@ -200,7 +201,7 @@ def protocol(name: str, n: int, seed: int, annotations: str | Path, fid_resoluti
         "caption_rule": CAPTION_RULE,
         "sample_rule": SAMPLE_RULE if n < spec["n_images"] else "all images, sorted by id",
         "sample_seed": seed, "noise_seed_rule": SEED_RULE,
-        "fid": {"library": "clean-fid", "mode": "clean", "features": "Inception-v3 pool3 (clean-fid)",
+        "fid": {"library": "clean-fid", "mode": "clean", "features": features,
                 "resolution": fid_resolution, "distance": "instaflow.evaluation.scoring (float64 statistics)",
                 "preprocess": "centre crop to square, PIL bicubic resize, PNG (generated and reference)"},
         "clip": {"model": clip_model, "score": "mean cos(image, text) (clip_score); mean 100*max(cos, 0) "
@@ -284,7 +285,8 @@ def evaluate(model: str | SamplesImages, out: str | Path, annotations: str | Pat
     results = {"fid": s.fid, "clip_score": s.means["clip_score"], "clip_score_100": s.means["clip_score_100"],
                "n": len(prompts), "wall_s": round(time.time() - t0, 1),
                "protocol": protocol(name, len(prompts), seed, annotations, res, clip.name, steps, guidance,
-                                    str(model) if isinstance(model, (str, Path)) else type(model).__name__)}
+                                    str(model) if isinstance(model, (str, Path)) else type(model).__name__,
+                                    **({} if features is None else {"features": f"{feats.features.name} (injected)"}))}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "prompts.json").write_text(json.dumps(prompts, indent=1))
     return results

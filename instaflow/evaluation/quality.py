@@ -12,6 +12,9 @@
   ``ClipScore`` (cosine of CLIP embeddings, as ``coco.ClipScorer``) and ``EmbeddedAlignment``
   (the shapes evaluator's exact scene match, also per number of prompt objects).
 
+They are scored through ``instaflow.evaluation.scoring`` (``per_image`` -> ``aggregate``), the one path of
+the curves, the tables and COCO (docs/metrics.md: how to add a metric).
+
 Everything that loads weights or reads files does it in ``prepare``/``load`` (called at fit start
 by the callback), so a missing Inception file, CLIP model or COCO folder fails before step 1 with
 a message naming it. Per-image values let the callback split prompts over ranks and gather the

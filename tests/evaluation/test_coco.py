@@ -204,5 +204,6 @@ def test_evaluate_writes_numbers_with_their_protocol(fake_coco, tmp_path, tiny_s
     p = res["protocol"]
     assert p["name"] == "coco2014_30k" and p["n"] == 5 and p["fid"]["mode"] == "clean" and p["fid"]["resolution"] == 8
     assert p["clip"]["model"] == str(clip_dir) and (p["steps"], p["guidance"]) == (2, 1.5)
+    assert p["fid"]["features"] == "mean_colour (injected)"  # the record names the extractor that made the number
     assert p["caption_rule"] == coco.CAPTION_RULE and p["sample_rule"] == coco.SAMPLE_RULE
     assert p["annotations"] == "captions_val2017.json"
