@@ -2,7 +2,7 @@
 a Gemma-2 text encoder, a linear-attention transformer and a 32x deep-compression autoencoder (DC-AE).
 
 Why SANA and not PixArt-Sigma as the fifth family: SANA is trained by flow matching (the transformer
-predicts noise - data at timestep sigma * 1000, Xie et al. sec. 2.3), so it reads as a velocity field in
+predicts noise - data at timestep sigma * 1000, as SD3's), so it reads as a velocity field in
 our time by the same conversion as SD3 (``flow_matching.fm_to_velocity``) and its students stay SANA
 folders that plain ``SanaPipeline`` samples with uniform sigmas: no DPM-Solver teacher path, no learned-
 sigma split at training time and no ``RectifiedFlowPipeline`` export, which an epsilon-prediction PixArt
