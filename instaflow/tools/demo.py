@@ -13,7 +13,7 @@ when there is one (``--device``), under bf16 autocast with ``--bf16`` (every fam
 decoding, measured around the call) and setting. "Teacher beside it" adds the teacher's image for
 the same prompt and seed at its own setting (25-step DPM-Solver++, w = 3 for the embedded teacher).
 
-Any folder ``instaflow.models.families.load_teacher`` reads works: this framework's exports (SD
+Any folder ``instaflow.models.families.load_family`` reads works: this framework's exports (SD
 layout, SDXL), SD3 and Flux folders, and the embedded models. Images smaller than 256 px are shown
 enlarged (nearest neighbour) so the 32 px embedded world is visible.
 """
@@ -113,20 +113,20 @@ class Generator:
 
     def __init__(self, model_path: str, teacher_path: str | None = None, teacher_steps: int = 25,
                  teacher_guidance: float = 3.0, bf16: bool = False, device: str | None = None) -> None:
-        from instaflow.models.families import load_teacher
+        from instaflow.models.families import load_family
 
         if not Path(model_path).exists() and not _looks_like_hub_id(model_path):
             raise FileNotFoundError(missing_model_message(model_path))
         self.model_path, self.teacher_path = model_path, teacher_path
         self.device = pick_device(device)
-        self.model = load_teacher(model_path).to(self.device)
+        self.model = load_family(model_path).to(self.device)
         self.model.bf16 = bf16
         self.teacher = None
         if teacher_path:
             if not Path(teacher_path).exists() and not _looks_like_hub_id(teacher_path):
                 raise FileNotFoundError(f"no teacher at {teacher_path}: pass --teacher <folder>, or --teacher '' "
                                         "for none")
-            self.teacher = load_teacher(teacher_path).to(self.device)
+            self.teacher = load_family(teacher_path).to(self.device)
             self.teacher.bf16 = bf16
         self.teacher_steps, self.teacher_guidance = teacher_steps, teacher_guidance
         self._lock = threading.Lock()

@@ -115,9 +115,9 @@ def test_bf16_runs_every_familys_denoiser_text_encoders_and_vae_under_autocast(f
     denoiser's, the text encoders' and the VAE decoder's forward passes; the latents stay fp32."""
     import torch
 
-    from instaflow.models.families import load_teacher
+    from instaflow.models.families import load_family
 
-    model = load_teacher(str(request.getfixturevalue(f"tiny_{family}_folder")))
+    model = load_family(str(request.getfixturevalue(f"tiny_{family}_folder")))
     if family == "flux":
         model.resolution = 16  # the tiny VAE's size (latent 4 x 4 after packing 2 x 2)
     seen: dict[str, set] = {}

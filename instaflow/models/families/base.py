@@ -19,7 +19,7 @@ import torch
 
 from instaflow.flow.guidance import drop_captions, guided
 from instaflow.flow.noise import seeded_noise
-from instaflow.flow.solvers import sample_euler, sample_heun, time_grid
+from instaflow.flow.solvers import sample_diffusion_teacher, sample_euler, sample_heun, time_grid
 from instaflow.models import loading
 from instaflow.models.lora import DEFAULT_TARGETS
 
@@ -215,10 +215,10 @@ class FamilyBase(abc.ABC):
         return EULER_SOLVERS[solver](guided(self.velocity(), cond, uncond, guidance), x0, self.time_grid(steps), path)
 
     def _solve_dpm(self, x0, cond, uncond, steps: int, guidance: float, path: list | None) -> torch.Tensor:
-        """DPM-Solver++ over the diffusion teacher's schedule (Lu et al. 2022)."""
-        from instaflow.flow.solvers import sample_dpm_solver
-
-        return sample_dpm_solver(self.denoiser, self.scheduler_config, x0, cond, uncond, guidance, steps, path=path)
+        """DPM-Solver++(2M) over the diffusion teacher's schedule (Lu et al. 2022), on the same guided velocity
+        field as Euler (the teacher through the conversion, ``instaflow.flow.velocity``)."""
+        v_fn = guided(self.velocity(), cond, uncond, guidance)
+        return sample_diffusion_teacher(v_fn, x0, self.scheduler_config, steps, path)
 
     @torch.no_grad()
     def sample_latents(self, prompts: list[str], steps: int, guidance: float, seeds: list[int] | None = None,
