@@ -111,8 +111,15 @@ class Loss(nn.Module):
         return groups
 
     def description(self) -> dict:
-        """What the stage records in its hyperparameters: the class path and the settings (override to add)."""
-        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": self.settings()}
+        """What the stage records in its hyperparameters, spelled as YAML writes it: ``{class_path, init_args}``
+        (the package's public path for its own losses; no ``init_args`` when there are no settings)."""
+        import instaflow.losses
+
+        cls = type(self)
+        public = getattr(instaflow.losses, cls.__name__, None) is cls
+        path = f"instaflow.losses.{cls.__name__}" if public else f"{cls.__module__}.{cls.__qualname__}"
+        settings = self.settings()
+        return {"class_path": path, **({"init_args": settings} if settings else {})}
 
     def settings(self) -> dict:
         """This loss's constructor settings (plain values), for ``description``; default: none."""

@@ -148,10 +148,10 @@ def test_sd15_experiment_instantiates_with_the_tiny_sd(exp, tmp_path, tiny_sd_fo
         from instaflow.losses import LPIPS
 
         assert isinstance(model.criterion, LPIPS) and requested == ["vgg"]
-        assert h.loss == {"class_path": "instaflow.losses.perceptual.LPIPS",
+        assert h.loss == {"class_path": "instaflow.losses.LPIPS",
                           "init_args": {"features": "lpips_vgg", "decoder": None, "size": 224}}
     elif exp.stem.startswith("distill"):
-        assert h.loss == {"class_path": "instaflow.losses.regression.L2", "init_args": {}}
+        assert h.loss == {"class_path": "instaflow.losses.L2"}
     # one batch of the configured size through the configured loss on the tiny model
     batch = next(iter(dm.train_dataloader()))
     assert batch["x0"].shape == batch["x1"].shape == (dm.batch_size, 4, 8, 8)

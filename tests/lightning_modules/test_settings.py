@@ -160,7 +160,7 @@ def test_a_yaml_still_using_loss_type_fails_naming_what_to_write_instead(tmp_pat
                                                                      "init_args": {"c": 0.05}}}}}))
     cli = main(["--experiment", "embedded/distill", "-c", str(new), f"--trainer.default_root_dir={tmp_path}"], run=False)
     assert type(cli.model.criterion).__name__ == "PseudoHuber" and cli.model.criterion.c == 0.05
-    assert cli.model.hparams.loss == {"class_path": "instaflow.losses.regression.PseudoHuber", "init_args": {"c": 0.05}}
+    assert cli.model.hparams.loss == {"class_path": "instaflow.losses.PseudoHuber", "init_args": {"c": 0.05}}
     wrong = tmp_path / "wrong.yaml"  # a wrong key of the loss fails at parse time
     wrong.write_text(yaml.safe_dump({"model": {"init_args": {"loss": {"class_path": "instaflow.losses.PseudoHuber",
                                                                        "init_args": {"huber_c": 0.05}}}}}))

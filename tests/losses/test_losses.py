@@ -28,8 +28,9 @@ def test_l2_and_pseudo_huber_equal_the_functions_bit_for_bit():
     d2 = (pred - target).pow(2).flatten(1).mean(1)
     torch.testing.assert_close(PseudoHuber(0.5)(pred, target), ((d2 + 0.25).sqrt() - 0.5).mean())
     assert L2().trained_networks() == {} and L2().param_groups() == []
-    assert PseudoHuber(0.1).description() == {"class_path": "instaflow.losses.regression.PseudoHuber",
+    assert PseudoHuber(0.1).description() == {"class_path": "instaflow.losses.PseudoHuber",
                                               "init_args": {"c": 0.1}}
+    assert L2().description() == {"class_path": "instaflow.losses.L2"}
 
 
 @pytest.fixture(scope="module")
