@@ -91,7 +91,7 @@ def load_tiny_decoder(pretrained: str):
     """A frozen diffusers ``AutoencoderTiny`` (e.g. TAESD, ``madebyollin/taesd``) from a folder or hub id."""
     from diffusers import AutoencoderTiny
 
-    return from_pretrained(AutoencoderTiny, pretrained, what="AutoencoderTiny (perceptual_decoder)").eval() \
+    return from_pretrained(AutoencoderTiny, pretrained, what="AutoencoderTiny (the LPIPS loss's decoder)").eval() \
         .requires_grad_(False)
 
 
