@@ -73,7 +73,11 @@ class NonfiniteGuard:
         self.log("train/nonfinite_steps_skipped", float(self.nonfinite_steps_skipped))
 
     def _step_is_finite(self, optimizer) -> bool:
-        """Whether this step's loss and gradients are finite on every rank (one all-gather of one number)."""
+        """Whether this step's loss and gradients are finite on every rank (one all-gather of one number).
+
+        Every parameter group counts: the student's and each network its loss trains (``instaflow.losses``), so
+        a NaN in a discriminator's gradient skips the whole step, as it would the student's.
+        """
         grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
         ok = all_finite(grads)
         loss_ok, self._loss_finite = getattr(self, "_loss_finite", None), None
