@@ -8,7 +8,7 @@
    MFU for (a) fp32 weights + bf16 autocast, (b) FSDP2 on 1 GPU with the bf16 MixedPrecisionPolicy
    (``instaflow.models.sharding.shard_unet``, the code sharded runs use), (c) (b) + activation
    checkpointing. FLOPs of one step are counted with ``torch.utils.flop_counter``;
-2. coupling throughput: 25-step DPM-Solver++ with guidance (``sampling.sample_dpm_solver``), bf16;
+2. coupling throughput: 25-step DPM-Solver++ with guidance (``solvers.sample_diffusion_teacher`` over the guided velocity), bf16;
 3. one-step 512 px latency at batch 1: text encoder, UNet, VAE decode (bf16).
 Without CUDA it stops at once and says so (``--smoke`` excepted).
 """
@@ -153,7 +153,9 @@ def bench_reflow(cfgs, device, batch, iters, peak_tflops, variant: str, model_fl
 
 
 def bench_couplings(cfgs, device, batch, steps, guidance, iters) -> dict:
-    from instaflow.flow.solvers import sample_dpm_solver
+    from instaflow.flow.guidance import guided
+    from instaflow.flow.solvers import sample_diffusion_teacher
+    from instaflow.flow.velocity import velocity_field
 
     unet = build_unet(cfgs, device).eval().requires_grad_(False)
     size, dim = cfgs["unet"]["sample_size"], cfgs["unet"]["cross_attention_dim"]
@@ -164,7 +166,8 @@ def bench_couplings(cfgs, device, batch, steps, guidance, iters) -> dict:
     @torch.no_grad()
     def solve():
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            return sample_dpm_solver(unet, SD_SCHEDULE, x0, cond, uncond, guidance, steps)
+            return sample_diffusion_teacher(guided(velocity_field(unet, "ddpm", SD_SCHEDULE), cond, uncond, guidance),
+                                            x0, SD_SCHEDULE, steps)
 
     t = statistics.median(measure(solve, device, warmup=1, iters=iters))
     return {"batch": batch, "steps": steps, "guidance": guidance, "seconds_per_batch": t, "couplings_per_s": batch / t}

@@ -16,8 +16,7 @@ import torch
 
 from instaflow.flow import diffusion
 from instaflow.flow.checks import is_whole
-from instaflow.flow.conditioning import call_unet
-from instaflow.flow.guidance import VelocityFn, cfg_combine, uses_uncond
+from instaflow.flow.guidance import VelocityFn
 
 Tensor = torch.Tensor
 
@@ -146,35 +145,3 @@ def dpm_solver_scheduler(scheduler_config: dict, steps: int):
     )
     sched.set_timesteps(steps)
     return sched
-
-
-@torch.no_grad()
-def sample_dpm_solver(unet, scheduler_config: dict, x0: Tensor, cond: Tensor, uncond: Tensor | None,
-                      guidance: float, steps: int, path: list | None = None) -> Tensor:
-    """Solve a DDPM teacher's probability-flow ODE from x0 with DPM-Solver++ (Lu et al. 2022) and CFG
-    (out_u + w (out_c - out_u) for every guidance w != 1 when ``uncond`` is given; ``guidance.guided``'s rule).
-
-    ``path`` states are mapped into flow time and coordinates (t = 1 / (1 + sigma),
-    x_t = x_s / (sqrt(ab) + sqrt(1 - ab))).
-    """
-    sched = dpm_solver_scheduler(scheduler_config, check_steps(steps))
-    if path is not None:
-        path.append((0.0, x0))
-    x = x0 * sched.init_noise_sigma
-    use_cfg = uses_uncond(guidance) and uncond is not None
-    if use_cfg:
-        states = torch.cat([uncond, cond]) if isinstance(cond, Tensor) else type(cond).cat([uncond, cond])
-    else:
-        states = cond
-    states = states.to(x.dtype)
-    for t in sched.timesteps:
-        inp = torch.cat([x, x]) if use_cfg else x
-        inp = sched.scale_model_input(inp, t)
-        out = call_unet(unet, inp, t, states)
-        if use_cfg:
-            out = cfg_combine(*out.chunk(2), guidance)
-        x = sched.step(out, t, x).prev_sample
-        if path is not None:
-            sigma = float(sched.sigmas[sched.step_index])  # noise level x is now at (VP: n / s)
-            path.append((1.0 / (1.0 + sigma), x * ((1 + sigma**2) ** 0.5 / (1 + sigma))))
-    return x

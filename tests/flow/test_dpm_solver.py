@@ -12,6 +12,7 @@ import torch
 from instaflow.flow import noise, solvers
 from instaflow.flow.guidance import guided
 from instaflow.flow.velocity import DiffusionVelocity, velocity_field
+from tests.flow.dpm_reference import sample_dpm_solver
 
 # Gaussian data x1 ~ N(mu, s^2) per element, x0 ~ N(0, 1): x_t ~ N(t mu, var_t), var_t = t^2 s^2 + (1 - t)^2,
 # and the probability-flow ODE keeps z = (x_t - t mu) / sqrt(var_t) fixed: x1 = mu + s z exactly.
@@ -107,7 +108,7 @@ def test_teacher_solve_through_the_conversion_equals_diffusers_dpm_solver(tiny_t
     cond, uncond = torch.randn(3, 3, 8, generator=g), torch.randn(3, 3, 8, generator=g)
     for w, un in ((1.0, None), (1.0, uncond), (4.0, uncond), (0.5, uncond)):
         old_path, new_path = [], []
-        old = solvers.sample_dpm_solver(unet, cfg, x0, cond, un, w, steps, path=old_path)
+        old = sample_dpm_solver(unet, cfg, x0, cond, un, w, steps, path=old_path)  # diffusers' loop
         v_fn = guided(velocity_field(unet, "ddpm", cfg), cond, un, w)
         new = solvers.sample_diffusion_teacher(v_fn, x0, cfg, steps, path=new_path)
         assert _rel(new, old) < 5e-6, (w, _rel(new, old))

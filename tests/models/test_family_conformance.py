@@ -69,11 +69,12 @@ ROWS = [
 SAMPLING = [(row, steps, w) for row in ROWS for steps, w in row.sampling]
 
 
-def _load(row: Row, folder):
+def _load(row: Row, folder, match_pipeline: bool = True):
+    """The family of ``folder`` with the row's loading options (and, to match its pipeline call, its attributes)."""
     from instaflow.models.families import load_family
 
     family = load_family(str(folder), **row.options)
-    for k, v in row.attrs.items():
+    for k, v in (row.attrs if match_pipeline else {}).items():
         setattr(family, k, v)
     return family
 
@@ -142,15 +143,16 @@ def test_couplings_reflow_distill_export_reload_with_plain_diffusers(row, reques
 
     folder = request.getfixturevalue(row.fixture)
     kw = dict(kind=None, store_text_states=False, bf16=False, **row.options)
-    gen_pairs(tmp_path, tiny_world, str(folder), tmp_path / "pairs_teacher", guidance=row.teacher_w, **kw)
+    gen_pairs(tmp_path, tiny_world, str(folder), tmp_path / "pairs_teacher", guidance=row.teacher_w,
+              solver="dpm_solver++" if row.dpm else "euler", **kw)
     pairs = read_pairs(tmp_path / "pairs_teacher")
-    teacher = _load(row, folder)
+    teacher = _load(row, folder, match_pipeline=False)  # as the coupling stage loads it
     meta = json.loads((tmp_path / "pairs_teacher" / "generation.json").read_text())
     assert len(pairs) == 64 and (meta["family"], meta["kind"], meta["solver"], meta["latent_shape"]) == (
         row.name, row.kind, teacher.solvers[0], list(teacher.latent_shape))
     assert meta["conditioning"] == teacher.conditioning
     key = sorted(pairs)[5]
-    want = _load(row, folder).sample_latents([pairs[key]["txt"].decode()], 3, row.teacher_w, seeds=[sample_seed(key, 0)])
+    want = teacher.sample_latents([pairs[key]["txt"].decode()], 3, row.teacher_w, seeds=[sample_seed(key, 0)])
     got = torch.from_numpy(np.load(io.BytesIO(pairs[key]["x1.npy"])).astype(np.float32))
     torch.testing.assert_close(got, want[0], atol=2e-3, rtol=1e-3)  # stored as float16
 
@@ -163,7 +165,7 @@ def test_couplings_reflow_distill_export_reload_with_plain_diffusers(row, reques
         {**pdata, "train": str(tmp_path / "pairs_teacher"), "val": str(tmp_path / "pairs_teacher")}, train)])
     loss = scalars(next((runs / "reflow").glob("version_*")), "train/loss")
     assert len(loss) == 8 and np.isfinite(loss).all() and np.mean(loss[-3:]) < np.mean(loss[:3]), loss
-    rf2 = _load(row, models / "rf2")
+    rf2 = _load(row, models / "rf2", match_pipeline=False)
     assert (rf2.name, rf2.kind) == (row.name, row.student_kind)
 
     gen_pairs(tmp_path, tiny_world, str(models / "rf2"), tmp_path / "pairs_rf2", src="pairs_rf2.yaml", guidance=1.5,
@@ -177,12 +179,12 @@ def test_couplings_reflow_distill_export_reload_with_plain_diffusers(row, reques
     loss = scalars(next((runs / "distill").glob("version_*")), "train/loss")
     assert len(loss) == 8 and np.isfinite(loss).all(), loss
 
-    student = _load(row, models / "instaflow")
+    student = _load(row, models / "instaflow", match_pipeline=False)
     assert {k: getattr(student, k) for k in row.saved} == row.saved and student.kind == row.student_kind
     out = export(str(models / "instaflow"), tmp_path / "export") if row.exported else models / "instaflow"
     x0 = seeded_noise([0, 1], student.latent_shape)
     torch.save(pack_latents(x0) if row.packed else x0, tmp_path / "x0.pt")
-    spec = {"load": row.pipeline_load, "call": row.pipeline_call, "sigmas": row.sigmas, "prompts": PROMPTS,
+    spec = {"load": row.pipeline_load, "call": {}, "sigmas": row.sigmas, "prompts": PROMPTS,
             "cases": [(n, theirs) for n, _, theirs in row.reload_cases]}
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run([sys.executable, "-c", RELOAD, str(out), str(tmp_path / "x0.pt"), str(tmp_path / "plain"),

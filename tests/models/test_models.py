@@ -166,6 +166,10 @@ class _CountingUNet(torch.nn.Module):
 
 
 def test_sample_dpm_solver_with_and_without_guidance(tiny_sd_components):
+    """DPM-Solver++ on the guided velocity field (``guidance.guided``): w = 1 runs the conditional pass alone."""
+    from instaflow.flow.guidance import guided as guide
+    from instaflow.flow.velocity import velocity_field
+
     unet = _CountingUNet(tiny_sd_components["unet"])
     cfg = tiny_sd_components["scheduler_config"]
     g = torch.Generator().manual_seed(0)
@@ -173,23 +177,26 @@ def test_sample_dpm_solver_with_and_without_guidance(tiny_sd_components):
     cond, uncond = torch.randn(2, 3, 8, generator=g), torch.randn(2, 3, 8, generator=g)
     steps = 4
 
-    plain = solvers.sample_dpm_solver(unet, cfg, x0, cond, None, guidance=1.0, steps=steps)
+    def solve(c, u, w, x=x0):
+        return solvers.sample_diffusion_teacher(guide(velocity_field(unet, "ddpm", cfg), c, u, w), x, cfg, steps)
+
+    plain = solve(cond, None, 1.0)
     assert unet.batches == [2] * steps
     assert plain.shape == x0.shape and torch.isfinite(plain).all()
-    assert torch.equal(plain, solvers.sample_dpm_solver(unet, cfg, x0, cond, None, guidance=1.0, steps=steps))
+    assert torch.equal(plain, solve(cond, None, 1.0))
     # guidance 1 with an uncond given: still only the conditional pass, same result
     unet.batches.clear()
-    assert torch.equal(plain, solvers.sample_dpm_solver(unet, cfg, x0, cond, uncond, guidance=1.0, steps=steps))
+    assert torch.equal(plain, solve(cond, uncond, 1.0))
     assert unet.batches == [2] * steps
 
     unet.batches.clear()
-    guided = solvers.sample_dpm_solver(unet, cfg, x0, cond, uncond, guidance=4.0, steps=steps)
+    guided = solve(cond, uncond, 4.0)
     assert unet.batches == [4] * steps  # one doubled batch per step
     assert torch.isfinite(guided).all()
-    assert torch.equal(guided, solvers.sample_dpm_solver(unet, cfg, x0, cond, uncond, guidance=4.0, steps=steps))
+    assert torch.equal(guided, solve(cond, uncond, 4.0))
     assert not torch.allclose(guided, plain)
     # a sample does not depend on the rest of the batch
-    single = solvers.sample_dpm_solver(unet, cfg, x0[1:], cond[1:], uncond[1:], guidance=4.0, steps=steps)
+    single = solve(cond[1:], uncond[1:], 4.0, x=x0[1:])
     torch.testing.assert_close(single[0], guided[1], atol=1e-5, rtol=1e-5)
 
     sched = solvers.dpm_solver_scheduler(cfg, steps)

@@ -56,13 +56,15 @@ def test_converted_v_teacher_matches_ddim_and_the_dpm_solver_couplings(tiny_vpre
     states = torch.randn(2, 5, 8, generator=g)
 
     flow_out, _ = _run_flow(velocity.DiffusionVelocity(teacher, ac, cfg["prediction_type"]), ac, x_T, states)
+    dpm_v = lambda c: velocity.velocity_field(teacher, "ddpm", c)  # noqa: E731  the teacher as DPM-Solver++ sees it
     ddim_out, _ = _run_ddim(teacher, cfg, x_T, states, cfg["prediction_type"])
-    dpm_out = solvers.sample_dpm_solver(teacher, cfg, x_T, states, None, 1.0, 50)
+    dpm_out = solvers.sample_diffusion_teacher(lambda x, t: dpm_v(cfg)(x, t, states), x_T, cfg, 50)
     assert _rel(flow_out, ddim_out) < 6e-3
     assert _rel(dpm_out, flow_out) < 6e-3
     assert _rel(ddim_out, x_T) > 0.5  # the ODE moved the sample
     # the prediction type matters: the same UNet read as epsilon lands elsewhere
-    eps_dpm = solvers.sample_dpm_solver(teacher, {**cfg, "prediction_type": "epsilon"}, x_T, states, None, 1.0, 50)
+    eps_cfg = {**cfg, "prediction_type": "epsilon"}
+    eps_dpm = solvers.sample_diffusion_teacher(lambda x, t: dpm_v(eps_cfg)(x, t, states), x_T, eps_cfg, 50)
     assert _rel(eps_dpm, flow_out) > 0.3
 
 
