@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from callbacks.ema import find_ema
 from instaflow.collective import on_rank_zero
-from instaflow.contracts import Exportable, GathersForExport
+from instaflow.contracts import Exportable, ExportsFromState, GathersForExport
 from instaflow.resume.checkpoints import checkpoint_weights
 from instaflow.state import atomic_folder
 
@@ -49,9 +49,10 @@ class Export(Callback):
             raise TypeError(f"Export needs a module with export(dirpath) (contracts.Exportable); "
                             f"{type(pl_module).__name__} has none")
         if self.weights == "best":
-            if not isinstance(pl_module, GathersForExport) or not hasattr(pl_module, "unet_from_state"):
+            if not isinstance(pl_module, GathersForExport) or not isinstance(pl_module, ExportsFromState):
                 raise TypeError(f"Export(weights=best) needs a module that rebuilds its network from a state dict "
-                                f"(unet_from_state, as FlowStudent); {type(pl_module).__name__} has none")
+                                f"(contracts.ExportsFromState: unet_from_state, as FlowStudent); "
+                                f"{type(pl_module).__name__} has none")
             self._monitored(trainer)
 
     @staticmethod

@@ -63,6 +63,18 @@ class GathersForExport(Protocol):
 
 
 @runtime_checkable
+class ExportsFromState(Protocol):
+    """A ``GathersForExport`` that rebuilds its whole trained network from a state dict (a best checkpoint's, EMA
+    weights included: ``trainable_names()`` orders them) for ``export(dirpath, unet=...)``."""
+
+    def trainable_names(self) -> list[str]:
+        ...
+
+    def unet_from_state(self, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+        ...
+
+
+@runtime_checkable
 class DescribesCouplings(Protocol):
     """A coupling generator: ``metadata()`` is written beside its shards; ``decode(x1)`` draws x1 for the grid."""
 

@@ -70,6 +70,25 @@ def test_callbacks_refuse_a_module_without_their_contract_at_setup(make):
         cb.setup(None, _Plain(), "fit")
 
 
+def test_export_best_asks_for_the_rebuild_contract():
+    """Export(weights=best) needs ``contracts.ExportsFromState`` (asked with isinstance, not hasattr): a module that
+    exports and gathers but cannot rebuild its network from a state dict is refused naming the contract."""
+    from callbacks.export import Export
+    from instaflow.contracts import ExportsFromState
+    from lightning_modules.reflow import ReflowTraining
+
+    class GathersOnly(L.LightningModule):
+        def export_unet(self):
+            return None
+
+        def export(self, dirpath, unet=None):
+            return dirpath
+
+    assert isinstance(ReflowTraining("folder"), ExportsFromState) and not isinstance(GathersOnly(), ExportsFromState)
+    with pytest.raises(TypeError, match="contracts.ExportsFromState"):
+        Export("out", weights="best").setup(None, GathersOnly(), "fit")
+
+
 def test_sharding_guard_asks_each_callback_not_its_class_name():
     from callbacks.ema import EMA
     from callbacks.image_grid import ImageGrid
