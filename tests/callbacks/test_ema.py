@@ -46,3 +46,27 @@ def test_accumulating_two_batches_of_b_gives_the_ema_of_one_batch_of_2b():
         torch.testing.assert_close(a, b)
     # and the average is not the weights themselves (it lags them)
     assert not torch.allclose(ema_big.shadow[0], model_big.net.weight)
+
+
+class _TwoNetworks(_Linear):
+    """A student ``net`` and a second trained network (a loss's critic), named by ``contracts.TrainsNetworks``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.critic = torch.nn.Linear(1, 1)
+
+    def trained_networks(self):
+        return {"student": self.net, "loss.critic": self.critic}
+
+
+def test_the_ema_finds_the_student_through_the_contract_and_averages_it_only():
+    import pytest
+
+    model = _TwoNetworks()
+    ema = EMA(decay=0.9)  # no attr: the first of trained_networks()
+    assert ema.network(model) is model.net and ema.attr == "unet"  # attr: the legacy checkpoint prefix default
+    ema._init_shadow(model)
+    assert [s.shape for s in ema.shadow] == [p.shape for p in model.net.parameters()]
+    assert EMA(attr="critic").network(model) is model.critic  # attr still names an attribute (existing YAMLs)
+    with pytest.raises(AttributeError, match="trained_networks"):
+        EMA().network(L.LightningModule())

@@ -115,3 +115,22 @@ def test_cpu_peak_rule_and_missing_unet_message(tmp_path):
 
     with pytest.raises(AttributeError, match="unet_attr"):
         Throughput().on_fit_start(None, NoUnet())
+
+
+def test_throughput_finds_the_student_through_the_contract():
+    import lightning as L
+    from diffusers import UNet2DConditionModel
+
+    from callbacks.throughput import Throughput
+
+    class Student(L.LightningModule):  # no attribute named "unet": the contract names the network
+        def __init__(self):
+            super().__init__()
+            self.net = UNet2DConditionModel(**TINY_UNET)
+
+        def trained_networks(self):
+            return {"student": self.net}
+
+    cb = Throughput(peak_flops=1e12)
+    cb.on_fit_start(None, Student())
+    assert cb.flops_per_sample and cb.flops_per_sample > 0
