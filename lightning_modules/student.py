@@ -2,8 +2,8 @@
 
 Both train a copy of a model's UNet on stored couplings (x0, x1, caption); they differ only in
 their ``loss`` (``reflow.py``, ``distill.py``). The math lives in ``instaflow.flow``; this module
-orchestrates: load the init model in ``configure_model``, encode text, sample grids and quality
-images through ``instaflow.models.sampler.TextToImage``, export a pipeline folder.
+orchestrates: hold the init's model family (``instaflow.contracts.Family``, whichever it is) from
+``configure_model``, encode text, sample grids and quality images through it, export its pipeline folder.
 """
 
 from __future__ import annotations
