@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from instaflow.contracts import DescribesCouplings, Exportable, GathersForExport, SamplesGrid, SamplesImages, ShardingAware
+from instaflow.contracts import TrainsNetworks
 
 
 class _Plain(L.LightningModule):
@@ -27,7 +28,7 @@ def test_the_stages_implement_what_their_callbacks_need():
 
     # nothing loads in __init__, so the modules can be built from bare paths
     for m in (ReflowTraining("folder"), DistillTraining("folder")):
-        for contract in (SamplesImages, SamplesGrid, Exportable, GathersForExport):
+        for contract in (SamplesImages, SamplesGrid, Exportable, GathersForExport, TrainsNetworks):
             assert isinstance(m, contract), (type(m).__name__, contract.__name__)
         assert m.solver_tag == "euler"
     teacher = DiffusionTraining(vae="folder", unet={})
