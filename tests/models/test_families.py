@@ -211,3 +211,30 @@ def test_sharding_a_family_student_is_refused_by_name(tiny_sd3_folder):
         model._device_mesh = mesh
         with pytest.raises(NotImplementedError, match="FSDP2 sharding of sd3 students"):
             model.configure_model()
+
+
+def test_family_rules_are_checked_by_the_family_with_clear_messages(tiny_sd3_folder, tiny_sdxl_folder, tmp_path):
+    """What used to be family-keyed branches in the stages is the family's own check, with the same messages."""
+    from lightning_modules.couplings import CouplingGeneration
+    from lightning_modules.distill import DistillTraining
+    from lightning_modules.reflow import ReflowTraining
+
+    with pytest.raises(ValueError, match="a flow-matching model already: use parameterization flow"):
+        ReflowTraining(str(tiny_sd3_folder), parameterization="raw").configure_model()
+    with pytest.raises(ValueError, match="SDXL pipeline: use parameterization velocity_wrapper"):
+        ReflowTraining(str(tiny_sdxl_folder), parameterization="raw").configure_model()
+    with pytest.raises(NotImplementedError, match="SD3 students train their own transformer"):
+        DistillTraining(str(tiny_sd3_folder), parameterization="flow", student="stacked").configure_model()
+    with pytest.raises(ValueError, match="store_text_states is not supported for the sd3 family"):
+        CouplingGeneration(str(tiny_sd3_folder), solver="euler", store_text_states=True).configure_model()
+    with pytest.raises(ValueError, match="solver 'dpm_solver\\+\\+' does not fit kind 'flow_matching'"):
+        CouplingGeneration(str(tiny_sd3_folder)).configure_model()
+    with pytest.raises(ValueError, match="SD3 pipeline \\(a flow-matching model\\): kind must be null or flow_matching"):
+        CouplingGeneration(str(tiny_sd3_folder), kind="flow", solver="euler").configure_model()
+    student = ReflowTraining(str(tiny_sd3_folder), parameterization="flow")
+    student.configure_model()
+    batch = {"caption": ["a"], "text_states": torch.zeros(1, 4, 8)}
+    with pytest.raises(ValueError, match="stored text states are not supported for the sd3 family"):
+        student.batch_states(batch)
+    assert student.kind == "flow_matching" and student.sampler() is student.family
+    assert student.unet is student.family.denoiser and student.lora_targets() == student.family.lora_targets
