@@ -47,6 +47,7 @@ class Row:
     sigmas: bool = False  # the plain pipeline is called with our uniform sigmas
     reload_cases: tuple = ((1, 1.0, 1.0), (3, 2.0, 2.0))  # (steps, our w, the plain pipeline's w)
     saved: dict = field(default_factory=dict)  # what a trained folder says of itself, read back as attributes
+    reload_call: dict = field(default_factory=dict)  # extra call arguments of the plain reload (SANA's image size)
 
 
 ROWS = [
@@ -64,7 +65,8 @@ ROWS = [
         reload_cases=((1, 1.0, 3.5), (3, 1.0, 3.5)), saved={"uniform": True, "resolution": 16, "guidance_input": 3.5}),  # a guidance input: our w is unused, theirs is the input
     Row("sana", "tiny_sana_folder", "flow_matching", "flow_matching", ((1, 1.0), (4, 4.0)),
         pipeline_call={"height": 32, "width": 32, "use_resolution_binning": False},  # SANA: multiples of 32 px
-        stage={"parameterization": "flow"}, sigmas=True, saved={"uniform": True}),
+        stage={"parameterization": "flow"}, sigmas=True, saved={"uniform": True},
+        reload_call={"height": 32, "width": 32, "use_resolution_binning": False}),
 ]
 SAMPLING = [(row, steps, w) for row in ROWS for steps, w in row.sampling]
 
@@ -184,7 +186,7 @@ def test_couplings_reflow_distill_export_reload_with_plain_diffusers(row, reques
     out = export(str(models / "instaflow"), tmp_path / "export") if row.exported else models / "instaflow"
     x0 = seeded_noise([0, 1], student.latent_shape)
     torch.save(pack_latents(x0) if row.packed else x0, tmp_path / "x0.pt")
-    spec = {"load": row.pipeline_load, "call": {}, "sigmas": row.sigmas, "prompts": PROMPTS,
+    spec = {"load": row.pipeline_load, "call": row.reload_call, "sigmas": row.sigmas, "prompts": PROMPTS,
             "cases": [(n, theirs) for n, _, theirs in row.reload_cases]}
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run([sys.executable, "-c", RELOAD, str(out), str(tmp_path / "x0.pt"), str(tmp_path / "plain"),
