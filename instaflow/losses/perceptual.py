@@ -87,8 +87,9 @@ class LPIPSHuber(LPIPS):
                  c: float = 0.03, huber_weight: float = 1.0, lpips_weight: float = 1.0) -> None:
         super().__init__(features, decoder, size)
         self.c = checked_number(c, "loss.init_args.c (LPIPS-Huber)", lambda v: v > 0, "a finite number > 0 (e.g. 0.03)")
-        self.huber_weight = checked_number(huber_weight, "loss.init_args.huber_weight", lambda v: v >= 0, "a number >= 0")
-        self.lpips_weight = checked_number(lpips_weight, "loss.init_args.lpips_weight", lambda v: v >= 0, "a number >= 0")
+        weight = (lambda v: v >= 0), "a number >= 0"
+        self.huber_weight = checked_number(huber_weight, "loss.init_args.huber_weight", *weight)
+        self.lpips_weight = checked_number(lpips_weight, "loss.init_args.lpips_weight", *weight)
 
     def settings(self) -> dict:
         return {**super().settings(), "c": self.c, "huber_weight": self.huber_weight, "lpips_weight": self.lpips_weight}

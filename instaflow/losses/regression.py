@@ -25,7 +25,8 @@ class PseudoHuber(Loss):
 
     def __init__(self, c: float = 0.03) -> None:
         super().__init__()
-        self.c = checked_number(c, "loss.init_args.c (pseudo-Huber)", lambda v: v > 0, "a finite number > 0 (e.g. 0.03)")
+        self.c = checked_number(c, "loss.init_args.c (pseudo-Huber)", lambda v: v > 0,
+                                "a finite number > 0 (e.g. 0.03)")
 
     def settings(self) -> dict:
         return {"c": self.c}
