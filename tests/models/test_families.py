@@ -15,11 +15,11 @@ PROMPTS = ["a red circle in the center", "two blue squares on a white background
 
 
 def test_missing_sdxl_vae_fails_naming_it():
-    from instaflow.models.families import load_family
+    from instaflow.models.families.sdxl import SDXLFamily
     from instaflow.models.loading import ModelNotFoundError
 
     with pytest.raises(ModelNotFoundError, match="madebyollin/sdxl-vae-fp16-fix"):
-        load_family("stabilityai/stable-diffusion-xl-base-1.0", vae="madebyollin/sdxl-vae-fp16-fix")
+        SDXLFamily.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0", vae="madebyollin/sdxl-vae-fp16-fix")
 
 
 def test_flux_latent_packing_round_trips():
