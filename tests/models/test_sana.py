@@ -1,13 +1,12 @@
 """What the SANA family needed beyond SD3's shape (``instaflow/models/families/sana.py``): the text attention
 mask carried through guidance, the pipeline's instruction-prefixed prompt, the empty prompt without it as
-the unconditional embedding; and the family's chain on a tiny random SANA, reloaded by plain diffusers."""
+the unconditional embedding; its LoRA format and its experiments. Sampling = SanaPipeline and the chain to a
+plain-diffusers reload are its row of ``test_family_conformance.py``."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-
-from tests.lightning_modules.test_chain import gen_pairs, read_pairs
 
 PROMPTS = ["a red circle in the center", "two blue squares on a white background"]
 
@@ -31,22 +30,6 @@ def test_the_folder_is_read_as_sana(sana, tiny_sana_folder):
     assert set(sana.frozen_modules()) == {"vae", "text_encoders"}
     t = sana.time_grid(4)  # the scheduler's shift-3 sigmas: 1 - sigma, 0 -> 1
     assert t[0] == pytest.approx(0.0, abs=1e-6) and t[-1] == 1.0 and (t[1] - t[0]) < 0.25
-
-
-@pytest.mark.parametrize("steps,w", [(1, 1.0), (4, 4.0)])
-def test_sana_sampling_equals_the_pipeline(sana, tiny_sana_folder, steps, w):
-    """Encode (the pipeline's instruction and mask), Euler at its sigmas, guidance, DC-AE decode: SanaPipeline's own."""
-    from diffusers import SanaPipeline
-
-    pipe = SanaPipeline.from_pretrained(str(tiny_sana_folder))
-    pipe.set_progress_bar_config(disable=True)
-    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
-    kw = dict(prompt=PROMPTS, latents=x0.clone(), num_inference_steps=steps, guidance_scale=w, height=32, width=32,
-              use_resolution_binning=False)
-    x1 = sana.sample_latents(PROMPTS, steps, w, x0=x0)
-    torch.testing.assert_close(x1, pipe(**kw, output_type="latent").images, atol=1e-5, rtol=0)
-    torch.testing.assert_close(sana.decode(x1), pipe(**kw, output_type="pt").images, atol=1e-5, rtol=0)
-    assert (x1 - x0).abs().mean() > 0.1  # it moved
 
 
 def test_the_mask_hides_the_padding_and_survives_guidance(sana):
@@ -79,76 +62,6 @@ def test_a_dropped_caption_trains_on_the_unconditional_embedding(sana):
     torch.testing.assert_close(dropped.states[1], cond.states[1], atol=0, rtol=0)
     everything = sana.encode_for_training(list(PROMPTS), 1.0, torch.Generator().manual_seed(0))
     torch.testing.assert_close(everything.states, uncond.states, atol=0, rtol=0)
-
-
-RELOAD_SANA = """
-import sys, torch
-from diffusers import SanaPipeline
-folder, latents, out = sys.argv[1], sys.argv[2], sys.argv[3]
-pipe = SanaPipeline.from_pretrained(folder)
-pipe.set_progress_bar_config(disable=True)
-for n, w in ((1, 1.0), (3, 2.0)):
-    images = pipe({prompts!r}, latents=torch.load(latents), num_inference_steps=n, guidance_scale=w,
-                  sigmas=[1 - i / n for i in range(n)], height=32, width=32, use_resolution_binning=False,
-                  output_type="pt").images
-    torch.save(images.cpu(), out + f"_{{n}}.pt")
-project = [m for m in sys.modules if m.split(".")[0] in ("instaflow", "lightning_modules", "callbacks", "data")]
-assert not project, project
-"""
-
-
-def test_sana_chain_reflow_distill_export_reloads_with_plain_diffusers(tiny_sana_folder, tiny_world, tmp_path):
-    """SANA teacher couplings -> reflow (the transformer, flow-matching conversion) -> 2-RF couplings -> one-step
-    distillation -> a SANA folder that SanaPipeline samples as we do (uniform sigmas, shift 1)."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    import numpy as np
-
-    from instaflow.flow.noise import seeded_noise
-    from instaflow.models.families import load_family
-    from tests.lightning_modules.test_chain import BASE, cli, scalars, tiny_yaml
-
-    kw = dict(solver="euler", kind=None, store_text_states=False, bf16=False)
-    gen_pairs(tmp_path, tiny_world, str(tiny_sana_folder), tmp_path / "pairs_teacher", guidance=3.0, **kw)
-    meta = json.loads((tmp_path / "pairs_teacher" / "generation.json").read_text())
-    assert (meta["family"], meta["kind"], meta["latent_shape"]) == ("sana", "flow_matching", [4, 8, 8])
-    models, runs = tmp_path / "models", tmp_path / "runs"
-    train = {"max_steps": 12, "val_check_interval": 6, "limit_val_batches": 1, "log_every_n_steps": 1}
-    pdata = {"batch_size": 8, "num_workers": 0, "shuffle_buffer": 16}
-    stage = {"parameterization": "flow", "lr": 1e-3, "warmup_steps": 1}
-    cli(["fit", "-c", BASE, "-c", tiny_yaml("reflow.yaml", tmp_path, {
-        **stage, "init": str(tiny_sana_folder), "export_dir": str(models / "rf2"), "grid_steps": [1, 2]},
-        {**pdata, "train": str(tmp_path / "pairs_teacher"), "val": str(tmp_path / "pairs_teacher")}, train)])
-    loss = scalars(next((runs / "reflow").glob("version_*")), "train/loss")
-    assert len(loss) == 12 and np.isfinite(loss).all() and np.mean(loss[-3:]) < np.mean(loss[:3]), loss
-    rf2 = load_family(str(models / "rf2"))
-    assert rf2.name == "sana" and rf2.uniform
-
-    gen_pairs(tmp_path, tiny_world, str(models / "rf2"), tmp_path / "pairs_rf2", src="pairs_rf2.yaml", guidance=1.5,
-              **kw)
-    assert len(read_pairs(tmp_path / "pairs_rf2")) == 64
-    cli(["fit", "-c", BASE, "-c", tiny_yaml("distill.yaml", tmp_path, {
-        **stage, "init": str(models / "rf2"), "export_dir": str(models / "instaflow")},
-        {**pdata, "train": str(tmp_path / "pairs_rf2"), "val": str(tmp_path / "pairs_rf2")},
-        {**train, "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                             "init_args": {"save_dir": str(runs), "name": "distill"}}})])
-    loss = scalars(next((runs / "distill").glob("version_*")), "train/loss")
-    assert np.mean(loss[-3:]) < np.mean(loss[:3]), loss
-
-    student = load_family(str(models / "instaflow"))
-    x0 = seeded_noise([0, 1], student.latent_shape)  # (2, 4, 8, 8)
-    torch.save(x0, tmp_path / "x0.pt")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", RELOAD_SANA.format(prompts=PROMPTS), str(models / "instaflow"),
-                           str(tmp_path / "x0.pt"), str(tmp_path / "plain")], cwd=tmp_path,
-                          env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    for n, w in ((1, 1.0), (3, 2.0)):
-        ours = student.decode(student.sample_latents(PROMPTS, n, w, x0=x0))
-        torch.testing.assert_close(torch.load(tmp_path / f"plain_{n}.pt"), ours, atol=1e-5, rtol=0)
 
 
 RELOAD_SANA_LORA = """
