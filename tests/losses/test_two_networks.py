@@ -183,3 +183,26 @@ def test_a_loss_network_is_sharded_by_fsdp2_through_the_students_code(tiny_sd_fo
         assert any(k.startswith("criterion.critic.") for k in ckpt["state_dict"])
         with pytest.raises(ValueError, match="no trainable parameters"):
             sharding.shard_network(nn.Linear(2, 2).requires_grad_(False), mesh)
+
+
+class NaNInCritic(L.Callback):
+    """A NaN in one critic gradient at step 1 (finite loss); records both networks after every batch."""
+
+    def __init__(self):
+        self.after: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def on_after_backward(self, trainer, pl_module):
+        if trainer.global_step == 1:
+            next(pl_module.criterion.critic.parameters()).grad.view(-1)[0] = float("nan")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.after.append((_flat(pl_module.unet), _flat(pl_module.criterion.critic)))
+
+
+def test_a_nan_in_the_loss_networks_gradient_skips_the_step_for_every_network(tiny_sd_folder, tmp_path):
+    model, cb = _student(tiny_sd_folder), NaNInCritic()
+    _trainer(tmp_path, 3, [cb]).fit(model, _loader())
+    (s0, c0), (s1, c1), (s2, c2) = cb.after
+    assert torch.equal(s1, s0) and torch.equal(c1, c0)  # step 1 not applied, to the student either
+    assert not torch.equal(s2, s1) and not torch.equal(c2, c1) and torch.isfinite(c2).all()
+    assert model.nonfinite_steps_skipped == 1
