@@ -32,6 +32,26 @@ def test_the_folder_is_read_as_sana(sana, tiny_sana_folder):
     assert t[0] == pytest.approx(0.0, abs=1e-6) and t[-1] == 1.0 and (t[1] - t[0]) < 0.25
 
 
+def test_the_released_folders_dpm_solver_gives_its_flow_sigmas_as_the_grid(tiny_sana_folder, tmp_path):
+    """The released SANA folders name DPM-Solver++ with flow sigmas (shift 3): Euler steps at those sigmas; a
+    saved student carries FlowMatchEuler with shift 1 instead (uniform steps in plain diffusers)."""
+    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+
+    from instaflow.models.families import load_family
+
+    family = load_family(str(tiny_sana_folder))
+    family.pipe.scheduler = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                        flow_shift=3.0)
+    reference = DPMSolverMultistepScheduler.from_config(family.pipe.scheduler.config)
+    reference.set_timesteps(5)
+    t = family.time_grid(5)
+    assert len(t) == 6 and t[-1] == 1.0 and bool((t[1:] > t[:-1]).all())
+    torch.testing.assert_close(t, 1.0 - reference.sigmas.double(), atol=0, rtol=0)
+    family.save(tmp_path / "saved")
+    saved = FlowMatchEulerDiscreteScheduler.from_pretrained(str(tmp_path / "saved"), subfolder="scheduler")
+    assert saved.config.shift == 1.0 and load_family(str(tmp_path / "saved")).uniform
+
+
 def test_the_mask_hides_the_padding_and_survives_guidance(sana):
     from instaflow.models.families.sana import SanaConditioning
 

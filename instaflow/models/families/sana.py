@@ -70,7 +70,7 @@ class SanaVelocity(torch.nn.Module):
 
 
 def pipeline_instruction() -> list[str]:
-    """The ``complex_human_instruction`` ``SanaPipeline.__call__`` prepends by default (read from the installed diffusers)."""
+    """The ``complex_human_instruction`` that ``SanaPipeline.__call__`` prepends by default (the installed one's)."""
     from diffusers import SanaPipeline
 
     return list(inspect.signature(SanaPipeline.__call__).parameters["complex_human_instruction"].default)
