@@ -186,3 +186,36 @@ def test_embedded_reflow_loss_and_three_optimizer_steps_equal_the_old_ones_bit_f
         values.append(float.hex(loss.item()))
     assert values == OLD_STEPS[0]
     assert float.hex(sum(p.double().sum().item() for p in m.unet.parameters())) == OLD_STEPS[1]
+
+
+class _Recording(Loss):
+    def __init__(self, images: bool) -> None:
+        super().__init__()
+        self.compares_images, self.seen = images, None
+
+    def forward(self, pred, target, t=None):
+        self.seen = (pred.detach(), target, t)
+        return pred.float().pow(2).mean()
+
+
+def test_reflow_gives_an_image_loss_the_x1_estimate_and_a_plain_loss_the_velocities(tiny_sd_folder):
+    from instaflow.flow.time_sampling import sample_t
+    from lightning_modules.reflow import ReflowTraining
+    from tests.conftest import tiny_coupling_batch
+
+    batch = tiny_coupling_batch()
+    x0, x1 = batch["x0"], batch["x1"]
+    t = sample_t("uniform", 4, generator=torch.Generator().manual_seed(0))
+    seen = {}
+    for images in (False, True):
+        m = ReflowTraining(str(tiny_sd_folder), parameterization="flow", loss=_Recording(images))
+        m.configure_model()
+        m.loss(batch, torch.Generator().manual_seed(0), 0.0)
+        seen[images] = m.criterion.seen
+        torch.testing.assert_close(m.criterion.seen[2], t)  # every loss gets the time
+    v_pred, v_target, _ = seen[False]
+    torch.testing.assert_close(v_target, x1 - x0)
+    x1_hat, target, _ = seen[True]
+    x_t = t.view(-1, 1, 1, 1) * x1 + (1 - t.view(-1, 1, 1, 1)) * x0
+    assert torch.equal(target, x1)
+    torch.testing.assert_close(x1_hat, x_t + (1 - t.view(-1, 1, 1, 1)) * v_pred)  # one Euler step from t to 1
