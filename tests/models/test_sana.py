@@ -169,3 +169,12 @@ def test_sana_experiment_instantiates_with_the_tiny_sana(stem, tiny_sana_folder,
     assert h.parameterization == "flow" and model.kind == "flow_matching"
     loss = model.loss(next(iter(dm.train_dataloader())), torch.Generator().manual_seed(0), 0.1)
     assert loss.ndim == 0 and torch.isfinite(loss)
+
+
+def test_the_architecture_file_rebuilds_sana_1600m():
+    """instaflow/models/architectures/sana_1600m.json: the model card's 1.6B transformer and 2.61B Gemma-2-2B."""
+    from instaflow.tools import memory
+
+    c = memory.count("sana_1600m", lora_rank=4)
+    assert 1.55e9 < c["denoiser"] < 1.65e9 and 2.60e9 < c["frozen"]["text_encoder"] < 2.62e9
+    assert set(c["frozen"]) == {"text_encoder", "vae"} and 0 < c["lora"] < 0.01 * c["denoiser"]
