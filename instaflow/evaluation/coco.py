@@ -246,13 +246,11 @@ def folder_stats(folder: Path, prompts: list[dict], features: ImageFeatures, bat
 
 def _load(model: str, device: str, bf16: bool) -> SamplesImages:
     """The model folder as a sampler on ``device``."""
-    from instaflow.models.sampler import TextToImage
+    from instaflow.models.families import load_family
 
-    pipe = TextToImage.from_pretrained(model)
+    pipe = load_family(model)  # any family's folder
     pipe.bf16 = bf16
-    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
-        m.to(device)
-    return pipe
+    return pipe.to(device)
 
 
 def evaluate(model: str | SamplesImages, out: str | Path, annotations: str | Path, images: str | Path,

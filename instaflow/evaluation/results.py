@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
+from instaflow.contracts import Family
 from instaflow.flow.noise import seeded_noise
 from instaflow.flow.straightness import path_length_ratio, straightness
-from instaflow.models.sampler import TextToImage
 
 
 @dataclass
@@ -51,7 +51,7 @@ def path_metrics(path: list) -> dict:
 
 
 @torch.no_grad()
-def sample_row(model: TextToImage, prompts: list[str], steps: int, guidance: float, batch_size: int,
+def sample_row(model: Family, prompts: list[str], steps: int, guidance: float, batch_size: int,
                path_n: int) -> tuple[torch.Tensor, dict]:
     """Images of prompt i from noise seed i, and path metrics of the first ``path_n`` prompts, read off
     the same solve (the first chunk keeps its solver states) instead of solving those prompts twice."""
@@ -66,7 +66,7 @@ def sample_row(model: TextToImage, prompts: list[str], steps: int, guidance: flo
 
 
 @torch.no_grad()
-def faster_unet_bf16(model: TextToImage, prompt: str, steps: int, guidance: float, batch_size: int,
+def faster_unet_bf16(model: Family, prompt: str, steps: int, guidance: float, batch_size: int,
                      calls: int = 3) -> bool:
     """Whether this model's sampling at ``batch_size`` is faster with its UNet under bf16 autocast than
     in fp32 on this machine (median of ``calls`` after a warm-up): small batches on a CPU can be

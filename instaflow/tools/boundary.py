@@ -21,7 +21,7 @@ from instaflow.evaluation.protocol import eval_protocol, round_floats, score_ima
 from instaflow.evaluation.shapes_evaluator import load_evaluator
 from instaflow.flow.velocity import BOUNDARIES, BOUNDARY, DiffusionVelocity
 from instaflow.flow import diffusion
-from instaflow.models.sampler import TextToImage
+from instaflow.models.families import load_family
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
                        f"[{a.n}, {2 * a.n}); Euler in flow time; bf16={a.bf16}",
            "machine": platform.platform(), "current": BOUNDARY, "rows": []}
     for folder in a.model:
-        model = TextToImage.from_pretrained(folder, text_cache_size=a.n + 1)
+        model = load_family(folder, text_cache_size=a.n + 1)
         model.bf16 = a.bf16
         for boundary in BOUNDARIES:
             model.velocity_module = DiffusionVelocity(model.unet, diffusion.alphas_cumprod(model.scheduler_config),

@@ -22,7 +22,7 @@ import torch
 from instaflow.evaluation.grids import make_grid, save_png
 from instaflow.evaluation.protocol import eval_protocol, score_images
 from instaflow.evaluation.shapes_evaluator import load_evaluator
-from instaflow.models.sampler import TextToImage
+from instaflow.models.families import load_family
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
     evaluator = load_evaluator(a.evaluator)
     proto = eval_protocol(a.test, a.n, evaluator)
     images, scenes, captions, ref = proto["real_images"], proto["scenes"], proto["captions"], proto["ref_features"]
-    model = TextToImage.from_pretrained(a.teacher)
+    model = load_family(a.teacher)
     results = {"protocol": {
         "teacher": a.teacher, "solver": f"DPM-Solver++(2M), {a.steps} steps, trailing spacing, final sigma 0",
         "prompts": f"first {a.n} captions of {a.test} (sorted by key)", "noise_seeds": f"{a.seed}..{a.seed + a.n - 1}",

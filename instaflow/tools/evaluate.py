@@ -19,7 +19,7 @@ from instaflow.evaluation.protocol import eval_protocol, score_images
 from instaflow.evaluation.results import DEFAULT_ROWS, Row, latency, nfe, sample_row, targets, targets_markdown, to_markdown
 from instaflow.evaluation.shapes_evaluator import load_evaluator
 from instaflow.models.loading import component_sources
-from instaflow.models.sampler import TextToImage
+from instaflow.models.families import load_family
 from instaflow.tools.timed import read_timings
 
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not Path(row.model).exists() and not row.model.count("/") == 1:
             results["rows"][row.name] = {"label": row.label, "missing": f"{row.model} not found"}
             continue
-        model = TextToImage.from_pretrained(row.model)
+        model = load_family(row.model)
         model.bf16 = a.bf16
         # rows sharing a text encoder share its cached states of the n prompts (encoding is not
         # what is compared); latency below switches the cache off, so it still pays for encoding

@@ -12,7 +12,7 @@ naming it, so that diffusers alone loads it, with no import of this project:
     image = pipe("a red circle", num_inference_steps=1, guidance_scale=1.0, seeds=0).images[0]
 
 Unless ``--no-check``, the export is reloaded that way and compared with the project's own
-sampling (``TextToImage``) for one prompt and seed; the maximum pixel difference is printed. The
+sampling (its family's, ``load_family``) for one prompt and seed; the maximum pixel difference is printed. The
 reload runs the folder's own Python files, so it first verifies that they are byte for byte this
 project's ``rf_pipeline.py`` (and ``stacked_unet.py``) and refuses the folder otherwise.
 

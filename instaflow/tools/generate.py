@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from instaflow.evaluation.grids import captioned_grid, save_png
-from instaflow.models.sampler import TextToImage
+from instaflow.models.families import load_family
 from instaflow.state import atomic_write_json
 
 
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> Path:
         prompts += [ln.strip() for ln in Path(a.prompts_file).read_text().splitlines() if ln.strip()]
     if not prompts:
         p.error("give at least one --prompt or a --prompts-file")
-    model = TextToImage.from_pretrained(a.model)
+    model = load_family(a.model)  # any family's folder
     model.bf16 = a.bf16
     k = a.num_per_prompt
     seeds = [a.seed + j for _ in prompts for j in range(k)]

@@ -107,11 +107,13 @@ def test_chain_export_and_reload_with_plain_diffusers(tiny_world, tiny_sd_folder
         assert got[c["name"] + "/class"] == f"RectifiedFlowPipeline:{kind}"
     assert not torch.allclose(got["instaflow_1"], got["instaflow_3"])  # the cases really differ
 
-    # the project's `generate` PNG for prompt 0, seed 7 is the reloaded pipeline's PIL image, pixel for pixel
+    # the project's `generate` PNG for prompt 0, seed 7 is the reloaded pipeline's PIL image: pixel for pixel up to
+    # the 8-bit rounding of floats that agree to 1e-5 (generate samples prompt 0 alone, the pipeline both at once)
     out = generate.main(["--model", str(models / "instaflow"), "--steps", "1", "--seed", "7", "--num-per-prompt", "1",
                          "--scale", "1", "--prompt", PROMPTS[0], "--out", str(tmp_path / "gen")])
-    png = np.asarray(Image.open(out / "000_7.png").convert("RGB"))
-    assert np.array_equal(png, got["instaflow_1/pil"][0].numpy())
+    png = np.asarray(Image.open(out / "000_7.png").convert("RGB")).astype(int)
+    levels = np.abs(png - got["instaflow_1/pil"][0].numpy().astype(int))
+    assert png.shape == (16, 16, 3) and levels.max() <= 1 and (levels > 0).mean() < 0.02, (levels.max(), levels.mean())
 
 
 def test_released_flow_layout_loads_through_the_pipeline_class(tiny_sd_folder):

@@ -58,8 +58,8 @@ def load_family(pretrained: str, kind: str | None = None, **options) -> FamilyBa
     for key, value in given.items():
         if key not in cls.options:
             takers = [c.title for c in registry().values() if key in c.options] or ["no"]
-            raise ValueError(f"{key}={value!r} is an option of {' / '.join(takers)} models; '{pretrained}' is a "
-                             f"{cls.title} folder ({cls.pipeline_class}), not one of those")
+            raise ValueError(f"{key}={value!r} is an option of {' / '.join(takers)} models; '{pretrained}' is read "
+                             f"as a {cls.name} folder ({cls.pipeline_class}), not one of those")
     return cls.load(pretrained, kind=kind, **given)
 
 
