@@ -41,6 +41,7 @@ WORKER = textwrap.dedent("""
         print(f"rank {rank} raised {type(exn).__name__}: {exn}", flush=True)
         # exit at once: an interpreter shutdown racing gloo's threads can abort (SIGABRT) after the message
         os._exit(3)
+    collective.end_process_group()  # as the CLI does: an exit with a live gloo group can abort (status -6)
 """)
 
 

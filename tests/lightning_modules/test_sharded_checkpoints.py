@@ -114,7 +114,9 @@ NAN_WORKER = textwrap.dedent("""
         print(f"rank {rank} saved", flush=True)
     except Exception as exn:
         print(f"rank {rank} raised {type(exn).__name__} after {time.time() - t0:.1f} s: {exn}", flush=True)
+        dist.destroy_process_group()  # every rank raised here; an exit with a live gloo group can abort (-6)
         sys.exit(3)
+    dist.destroy_process_group()
 """)
 
 
