@@ -64,7 +64,7 @@ def stage_files() -> list[Path]:
 def test_the_forbidden_words_come_from_the_registry():
     words = family_words()
     assert {"sd", "sdxl", "sd3", "flux", "StableDiffusionXLPipeline", "FluxPipeline", "SDXLFamily",
-            "SD3Family", "FluxFamily", "SDFamily"} <= words
+            "SD3Family", "FluxFamily", "SDFamily", "TextToImage"} <= words
     assert len(stage_files()) > 10
 
 

@@ -12,4 +12,10 @@ from instaflow.models.families.sd import SDFamily, decode_latents
 
 TextToImage = SDFamily
 
-__all__ = ["TextToImage", "decode_latents"]
+__all__ = ["TextToImage", "decode_latents", "from_modules"]
+
+
+def from_modules(unet, vae, text_encoder, scheduler_config: dict, kind: str = "ddpm") -> SDFamily:
+    """A model of live networks in the SD layout (one UNet, a VAE, one text encoder), e.g. the embedded teacher
+    while it trains: the stage that builds it need not name the family class (tests/test_no_family_names.py)."""
+    return SDFamily(unet=unet, vae=vae, text_encoder=text_encoder, scheduler_config=scheduler_config, kind=kind)

@@ -13,13 +13,14 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
+from instaflow.contracts import Family
 from instaflow.flow.diffusion import SD_SCHEDULE
 from instaflow.flow.guidance import check_guidance, check_probability, drop_captions
 from instaflow.flow.losses import check_nonfinite_setting
 from instaflow.flow.schedules import adamw_with_warmup, check_nonnegative, check_optimizer_settings
 from instaflow.flow.solvers import check_steps
 from instaflow.models import loading
-from instaflow.models.sampler import TextToImage
+from instaflow.models.sampler import from_modules
 from instaflow.models.saving import save_pipeline
 from instaflow.models.text_encoder import load_text_encoder
 from instaflow.models.unet import build_unet, warm_start_unet
@@ -124,10 +125,9 @@ class DiffusionTraining(NonfiniteGuard, L.LightningModule):
         g = torch.Generator().manual_seed(1000 + batch_idx)
         self.log("val/loss", self._loss(batch, g), prog_bar=True)
 
-    def sampler(self) -> TextToImage:
-        """The module's live networks as a ``TextToImage`` (a DDPM teacher: DPM-Solver++)."""
-        return TextToImage(unet=self.unet, vae=self.vae, text_encoder=self.text_encoder,
-                           scheduler_config=self.scheduler_config, kind="ddpm")
+    def sampler(self) -> Family:
+        """The module's live networks as a model of their family (a DDPM teacher: DPM-Solver++)."""
+        return from_modules(self.unet, self.vae, self.text_encoder, self.scheduler_config, kind="ddpm")
 
     @torch.no_grad()
     def sample_images(self, prompts: list[str], steps: int, guidance: float, seeds: list[int],

@@ -73,4 +73,8 @@ def forbidden_names() -> set[str]:
     out: set[str] = set()
     for cls in registry().values():
         out |= {cls.name, cls.title, cls.pipeline_class, cls.__name__}
+    from instaflow.models import sampler  # its alias of a family class (TextToImage) names one too
+
+    classes = set(registry().values())
+    out |= {name for name, obj in vars(sampler).items() if isinstance(obj, type) and obj in classes}
     return {n for n in out if n}
