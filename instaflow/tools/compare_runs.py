@@ -6,6 +6,12 @@ For checking that a change altered no behaviour: run the chain from fresh clones
 on one machine (it repeats exactly there, not across machines) and compare. Timings (latency,
 wall times) are left out: they move with the machine's load. Exit status 0 when everything
 compared is identical, 1 otherwise.
+
+Where a change reorders floating-point operations on purpose (a stage whose arithmetic changed), its
+rows cannot be identical; for each differing row it says whether run B's FID lies inside run A's
+bootstrap interval (``fid_low``..``fid_high``) and its alignment within A's 1.96 standard errors
+("within A's interval" / "OUTSIDE A's interval"). That reading is printed; the exit status still
+says only whether the runs are identical.
 """
 
 from __future__ import annotations
@@ -39,6 +45,17 @@ def score_differences(a: dict, b: dict) -> dict[str, dict]:
     return out
 
 
+def within_interval(ra: dict, rb: dict) -> dict[str, bool]:
+    """Per score that has an interval in run A's row: whether run B's value lies inside it (FID: A's bootstrap
+    interval; alignment: A's value +- 1.96 of its standard error)."""
+    out = {}
+    if all(isinstance(ra.get(k), (int, float)) for k in ("fid_low", "fid_high")) and rb.get("fid") is not None:
+        out["fid"] = ra["fid_low"] <= rb["fid"] <= ra["fid_high"]
+    if isinstance(ra.get("alignment_stderr"), (int, float)) and rb.get("alignment") is not None:
+        out["alignment"] = abs(rb["alignment"] - ra["alignment"]) <= 1.96 * ra["alignment_stderr"]
+    return out
+
+
 def files_identical(a: Path, b: Path, pattern: str) -> bool | None:
     """Whether the ``pattern`` files of two folders have the same names and bytes (None: neither has any)."""
     fa, fb = sorted(a.glob(pattern)), sorted(b.glob(pattern))
@@ -50,7 +67,10 @@ def files_identical(a: Path, b: Path, pattern: str) -> bool | None:
 def compare(run_a: str | Path, run_b: str | Path) -> dict:
     a, b = Path(run_a), Path(run_b)
     res_a, res_b = (json.loads((r / "results" / "results.json").read_text()) for r in (a, b))
-    report = {"scores": score_differences(res_a, res_b),
+    scores = score_differences(res_a, res_b)
+    report = {"scores": scores,
+              "within_interval": {name: within_interval(res_a["rows"][name], res_b["rows"][name])
+                                  for name in scores if name in res_a["rows"] and name in res_b["rows"]},
               "couplings": {c: files_identical(a / c, b / c, "*.tar") for c in COUPLINGS},
               "unet_weights": {m: files_identical(a / "models" / m / "unet", b / "models" / m / "unet", "*.safetensors")
                                for m in MODELS},
@@ -68,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     report = compare(a.run_a, a.run_b)
     for name, diff in report["scores"].items():
         print(f"scores differ: {name}: {diff}")
+        for key, inside in report["within_interval"].get(name, {}).items():
+            print(f"  {name} {key}: {'within' if inside else 'OUTSIDE'} A's interval")
     for kind in ("couplings", "unet_weights"):
         for name, same in report[kind].items():
             print(f"{kind} {name}: {'identical' if same else 'absent in both' if same is None else 'DIFFER'}")
