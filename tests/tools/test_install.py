@@ -71,10 +71,18 @@ def test_make_venv_installs_the_extras_at_the_locked_versions_and_rebuilds_when_
     assert rule == ["$(VENV)/.installed: setup.cfg pyproject.toml $(CONSTRAINTS)"]
 
 
+SYSTEM_CA = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem")
+
+
 def clean_pip_env(tmp_path: Path) -> dict:
     """pip without this machine's configuration (its constraint file caps torch): local indexes passed explicitly."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
-    return {**env, "PIP_CONFIG_FILE": os.devnull, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_CACHE_DIR": str(tmp_path / "c")}
+    # which certificates to trust is not configuration to drop: behind a TLS-inspecting proxy (and in a CI shell
+    # started with env -i, which has no CA variables) pip's own bundle fails where the system's store works
+    ca = next((c for c in (os.environ.get("PIP_CERT"), os.environ.get("REQUESTS_CA_BUNDLE"),
+                           os.environ.get("SSL_CERT_FILE"), *SYSTEM_CA) if c and Path(c).is_file()), None)
+    return {**env, "PIP_CONFIG_FILE": os.devnull, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_CACHE_DIR": str(tmp_path / "c"),
+            **({"PIP_CERT": ca} if ca else {})}
 
 
 def pip_sources() -> list[str]:
