@@ -4,8 +4,9 @@ One reader serves real LAION (local paths, brace patterns such as ``{00000..0121
 ``pipe:`` commands) and the embedded shapes world, which is written in the same layout.
 
 Two ways of reading, chosen on purpose (docs/pitfalls.md):
-- training streams *resample* shards forever, seeded by (seed, rank, worker, restart), so every
-  rank always has a batch and no collective waits on an exhausted rank; train by ``max_steps``;
+- training streams *resample* shards forever, seeded by (seed, rank, worker), so every rank always
+  has a batch and no collective waits on an exhausted rank; train by ``max_steps``; a resumed run
+  continues each stream exactly where its checkpoint left it (``data.stream_state``);
 - finite passes (evaluation, teacher ODE solving) split the shard list explicitly by rank, then by
   worker, so every sample is read exactly once.
 
@@ -49,6 +50,7 @@ from webdataset.utils import pytorch_worker_info
 from data.images import IMAGE_KEYS, load_image
 from data.meta import CaptionFilters, parse_meta
 from data.stream_guard import DryGuard, EmptyStreamError
+from data.stream_state import STATE_KEY, ResampledReading, ResumableTrainStream
 
 __all__ = ["CaptionFilters", "EmptyStreamError", "IMAGE_KEYS", "LaionDataModule", "LaionStream", "collate",
            "expand_shards", "load_image"]
@@ -65,8 +67,17 @@ def expand_shards(spec: str | list[str]) -> list[str]:
     return urls
 
 
-class LaionStream(IterableDataset):
-    """Samples ``{key, caption, meta, pixel_values?, skipped, filtered}`` from img2dataset shards."""
+MISSING_SHARDS = ("skip", "error")
+
+
+class LaionStream(ResampledReading, IterableDataset):
+    """Samples ``{key, caption, meta, pixel_values?, skipped, filtered}`` from img2dataset shards.
+
+    Resampled streams can be continued exactly (``data.stream_state``): ``state_every`` (the batch size)
+    attaches the worker's position to the last sample of each batch, ``resume`` (positions by virtual worker)
+    and ``worker_offset`` continue them. ``missing_shards``: a shard file that does not exist (deleted from
+    shared storage mid-run) is counted and skipped (``missing_shard``), or raises ``FileNotFoundError``.
+    """
 
     def __init__(
         self,
@@ -82,8 +93,16 @@ class LaionStream(IterableDataset):
         filters: CaptionFilters | dict | None = None,
         split_by_rank: bool = True,
         report_empty: bool = False,
+        state_every: int = 0,
+        resume: dict | None = None,
+        worker_offset: int = 0,
+        missing_shards: str = "skip",
     ) -> None:
         super().__init__()
+        if missing_shards not in MISSING_SHARDS:
+            raise ValueError(f"missing_shards must be one of {MISSING_SHARDS}, got {missing_shards!r}")
+        self.missing_shards = missing_shards
+        self.state_every, self.resume, self.worker_offset = state_every, resume, worker_offset
         self.report_empty = report_empty
         self.exclude = set(exclude)
         self.filters = CaptionFilters(**filters) if isinstance(filters, dict) else filters
@@ -108,13 +127,10 @@ class LaionStream(IterableDataset):
 
     # -- shard selection -------------------------------------------------------------------
     def _shard_urls(self) -> Iterator[str]:
+        """This worker's part of the shard list, for a finite pass (the resampled path: ``ResampledReading``)."""
         rank, world, worker, n_workers = pytorch_worker_info()
         if not self.split_by_rank:
             rank, world = 0, 1
-        if self.resampled:
-            rng = random.Random(f"{self.seed}-{rank}-{worker}-{self.epoch}-shards")  # str seeds are stable
-            while True:
-                yield rng.choice(self.urls)
         if len(self.urls) < world * n_workers:
             raise ValueError(
                 f"{len(self.urls)} shards cannot be split over {world} ranks x {n_workers} workers: "
@@ -175,10 +191,19 @@ class LaionStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         self._pending = self._pending_filtered = 0
-        self._worker = pytorch_worker_info()[2]
+        rank, world, worker, n_workers = pytorch_worker_info()
+        self._worker = worker
         self._guard = DryGuard(self.spec, self.urls)
-        select = (lambda f: not f.lower().endswith(tuple("." + k for k in IMAGE_KEYS))) if self.captions_only else None
-        files = self._expand(self._open(self._shard_urls()), select)
+        self._select = (lambda f: not f.lower().endswith(tuple("." + k for k in IMAGE_KEYS))) if self.captions_only \
+            else None
+        if self.resampled:
+            if not self.split_by_rank:
+                rank = 0
+            # a restarted DataLoader starts at worker 0: each worker continues the virtual worker whose turn it is
+            self._worker = (worker + self.worker_offset) % n_workers
+            yield from self._resampled(rank, self._worker)
+            return
+        files = self._expand(self._open(self._shard_urls()), self._select)
         samples = self._usable(group_by_keys(files, handler=self._handler))
         if self.shuffle_buffer > 1:
             samples = self._shuffle(samples)
@@ -229,14 +254,41 @@ class LaionStream(IterableDataset):
 
     def _open(self, urls: Iterator[str]) -> Iterator[dict]:
         for url in urls:
-            try:
-                stream = gopen(url)
-            except Exception as exn:
-                self._skip("unreadable_shard", f"{url}: {exn!r}")
+            stream = self._gopen(url)
+            if stream is None:
                 self._guard.shard_start()
                 self._shard_read(url)
                 continue
             yield {"url": url, "stream": stream}
+
+    def _gopen(self, url: str):
+        """The opened shard, or None when it cannot be opened (counted; a missing file raises under ``error``)."""
+        try:
+            return gopen(url)
+        except FileNotFoundError as exn:
+            if self.missing_shards == "error":
+                raise FileNotFoundError(f"shard {url} does not exist (deleted or moved from shared storage?); "
+                                        "restore it, or set data.init_args.missing_shards: skip to count and skip "
+                                        "missing shards") from exn
+            self._skip("missing_shard", f"{url}: {exn!r}")
+        except Exception as exn:
+            self._skip("unreadable_shard", f"{url}: {exn!r}")
+        return None
+
+    def _shard_raws(self, url: str) -> Iterator[dict]:
+        """The grouped samples (raw members) of one shard, read errors counted once (the resampled path)."""
+        stream = self._gopen(url)
+        if stream is None:
+            return
+        self._shard_failed = False
+        try:
+            files = tar_file_expander([{"url": url, "stream": stream}], handler=self._handler,
+                                      select_files=self._select, eof_value=None)
+            yield from group_by_keys(files, handler=self._handler)
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
 
     def _shuffle(self, samples: Iterator[dict]) -> Iterator[dict]:
         rank, _, worker, _ = pytorch_worker_info()
@@ -275,10 +327,12 @@ def collate(samples: list[dict]) -> dict:
     }
     if real and "pixel_values" in real[0]:
         batch["pixel_values"] = torch.stack([s["pixel_values"] for s in real])  # (B, 3, H, W)
+    if samples and STATE_KEY in samples[-1]:
+        batch[STATE_KEY] = samples[-1][STATE_KEY]  # the worker's stream position after this batch
     return batch
 
 
-class LaionDataModule(L.LightningDataModule):
+class LaionDataModule(ResumableTrainStream, L.LightningDataModule):
     """Train/val/test/predict loaders over img2dataset-layout shards (see module docstring).
 
     Args:
@@ -288,6 +342,9 @@ class LaionDataModule(L.LightningDataModule):
         captions_only: never read or decode images (teacher ODE solving needs prompts only).
         require_meta: skip samples without a readable ``.json`` (the embedded world's ground truth).
         filters: caption / metadata filters (``CaptionFilters``) for every stage; None keeps all.
+        missing_shards: "skip" (count a shard file that does not exist, as ``missing_shard``) or "error".
+
+    The training stream's position is saved in checkpoints and restored (``data.stream_state``).
     """
 
     def __init__(
@@ -305,8 +362,12 @@ class LaionDataModule(L.LightningDataModule):
         require_meta: bool = False,
         filters: CaptionFilters | None = None,
         seed: int = 0,
+        missing_shards: str = "skip",
     ) -> None:
         super().__init__()
+        if missing_shards not in MISSING_SHARDS:
+            raise ValueError(f"missing_shards must be one of {MISSING_SHARDS}, got {missing_shards!r}")
+        self.missing_shards = missing_shards
         self.filters = filters
         self.shards = {"train": train, "val": val, "test": test, "predict": predict}
         self.resolution = resolution
@@ -328,13 +389,17 @@ class LaionDataModule(L.LightningDataModule):
         kw = dict(
             resolution=self.resolution, resampled=train, shuffle_buffer=self.shuffle_buffer if train else 0,
             captions_only=self.captions_only, require_meta=self.require_meta, filters=self.filters, seed=self.seed,
-            # a restarted run must not replay the stream it has already seen
-            epoch=self.trainer.global_step if self.trainer is not None else 0,
             # predict (coupling generation) reports the stage's skip totals: a worker left without samples reports too
-            report_empty=stage == "predict",
+            report_empty=stage == "predict", missing_shards=self.missing_shards,
         )
+        if train:  # continued exactly where the checkpoint left it, else fresh (data.stream_state)
+            resume, offset, epoch = self.train_resume(self.num_workers, expand_shards(spec), self._step())
+            kw.update(state_every=self.batch_size, resume=resume, worker_offset=offset, epoch=epoch)
         kw.update(overrides)
         return LaionStream(spec, exclude=self.exclude_shards.get(stage, set()), **kw)
+
+    def _step(self) -> int:
+        return self.trainer.global_step if self.trainer is not None else 0
 
     def _loader(self, stage: str, batch_size: int) -> DataLoader:
         return DataLoader(

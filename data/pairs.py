@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader
 
 from data.couplings import Skip, decode_coupling
 from data.couplings import read_npy as _npy  # noqa: F401  (its former home; tests and callers import it here)
-from data.laion import LaionStream
+from data.laion import MISSING_SHARDS, LaionStream
+from data.stream_state import STATE_KEY, ResumableTrainStream
 
 
 class CouplingStream(LaionStream):
@@ -38,19 +39,29 @@ def collate_pairs(samples: list[dict]) -> dict:
     }
     if all("text_states" in s for s in samples):
         batch["text_states"] = torch.stack([s["text_states"] for s in samples])
+    if samples and STATE_KEY in samples[-1]:
+        batch[STATE_KEY] = samples[-1][STATE_KEY]  # the worker's stream position after this batch
     return batch
 
 
-class CouplingDataModule(L.LightningDataModule):
+class CouplingDataModule(ResumableTrainStream, L.LightningDataModule):
     """Training (resampled) and validation (finite) loaders over coupling shards.
 
     Args:
         train, val: shard specs; a folder is read as all of its ``*.tar`` (the writer's output).
+        missing_shards: "skip" (count a shard file that vanished, as ``missing_shard``) or "error".
+
+    The training stream's position is saved in checkpoints and restored (``data.stream_state``): a resumed
+    run trains on the batches the interrupted one would have.
     """
 
     def __init__(self, train: str, val: str | None = None, batch_size: int = 64, eval_batch_size: int | None = None,
-                 num_workers: int = 1, shuffle_buffer: int = 2000, seed: int = 0) -> None:
+                 num_workers: int = 1, shuffle_buffer: int = 2000, seed: int = 0,
+                 missing_shards: str = "skip") -> None:
         super().__init__()
+        if missing_shards not in MISSING_SHARDS:
+            raise ValueError(f"missing_shards must be one of {MISSING_SHARDS}, got {missing_shards!r}")
+        self.missing_shards = missing_shards
         self.specs = {"train": train, "val": val}
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -73,8 +84,14 @@ class CouplingDataModule(L.LightningDataModule):
         if spec is None:
             raise ValueError(f"no coupling shards configured for '{stage}': set data.init_args.{stage}")
         train = stage == "train"
-        stream = CouplingStream(self.resolve(spec), resampled=train, shuffle_buffer=self.shuffle_buffer if train else 0,
-                                seed=self.seed, epoch=self.trainer.global_step if self.trainer is not None else 0)
+        shards = self.resolve(spec)
+        kw = {}
+        if train:  # continued exactly where the checkpoint left it, else fresh (data.stream_state)
+            resume, offset, epoch = self.train_resume(
+                self.num_workers, shards, self.trainer.global_step if self.trainer is not None else 0)
+            kw = dict(state_every=batch_size, resume=resume, worker_offset=offset, epoch=epoch)
+        stream = CouplingStream(shards, resampled=train, shuffle_buffer=self.shuffle_buffer if train else 0,
+                                seed=self.seed, missing_shards=self.missing_shards, **kw)
         return DataLoader(stream, batch_size=batch_size, num_workers=self.num_workers, collate_fn=collate_pairs)
 
     def train_dataloader(self) -> DataLoader:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 MAX_DRY_SKIPS = 100_000  # skipped in a row: a bound that ends the search in huge shard lists too
 
 HINTS = (  # (reason prefix, what is wrong and what to do), the first that matches the top reason is given
+    ("missing_shard", "the shards could not be opened (no such file): check the path or brace pattern"),
     ("unreadable_shard", "the shards could not be opened: check the path or brace pattern"),
     ("unreadable_tar", "the shards are not readable tar files (empty or cut off): rewrite or replace them"),
     ("filtered_", "the caption filters drop every sample: relax data.init_args.filters"),

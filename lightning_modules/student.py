@@ -26,6 +26,7 @@ from instaflow.contracts import Family
 from instaflow.models import lora, sharding
 from instaflow.models.families import load_student_family
 from instaflow.models.unet import build_unet
+from lightning_modules import training_rng
 from lightning_modules.nonfinite import DEFAULT_LIMIT, NonfiniteGuard
 
 
@@ -272,6 +273,7 @@ class FlowStudent(NonfiniteGuard, L.LightningModule, abc.ABC):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)  # the non-finite guard's count
+        checkpoint[training_rng.KEY] = training_rng.gathered_state(self, self._gen)  # every rank's draws
         if sharding.is_sharded(self.unet):
             # a distributed checkpoint is loaded into the whole module's state dict, which fails on any
             # missing key: keep the frozen parts (saved once, not per rank: they are replicated)
@@ -290,6 +292,10 @@ class FlowStudent(NonfiniteGuard, L.LightningModule, abc.ABC):
 
         for k in [k for k in sd if not keep(k)]:
             del sd[k]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        training_rng.restore_state(self, self._gen, checkpoint)  # configure_model made it; this rank's saved draws
 
     def export_unet(self) -> torch.nn.Module | None:
         """The UNet with full weights for ``export``; under FSDP2 a gathered copy on rank 0 (None elsewhere).

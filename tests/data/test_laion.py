@@ -252,16 +252,21 @@ def test_corrupt_and_missing_shards(tiny_shards, tmp_path):
     stream = LaionStream(shards, resolution=32)
     samples = list(stream)
     assert len(samples) == 2 * PER_SHARD
-    assert stream.skips == Counter(unreadable_shard=2, unreadable_tar=1)
+    assert stream.skips == Counter(missing_shard=2, unreadable_tar=1)
     assert sum(s["skipped"] for s in samples) == 3
+    # missing_shards: error names the shard that vanished (a shard deleted from shared storage mid-run)
+    with pytest.raises(FileNotFoundError, match=r"nope/00000.tar does not exist.*missing_shards: skip"):
+        list(LaionStream(shards, resolution=32, missing_shards="error"))
+    with pytest.raises(ValueError, match="missing_shards must be one of"):
+        LaionStream(shards, missing_shards="ignore")
 
 
 def test_resampled_all_missing_raises(tmp_path):
     stream = LaionStream([str(tmp_path / f"{i}.tar") for i in range(3)], resolution=32, resampled=True)
-    with pytest.raises(laion.EmptyStreamError, match="could not be opened: check the path"):
+    with pytest.raises(laion.EmptyStreamError, match="could not be opened \(no such file\): check the path"):
         next(iter(stream))
     # it stops once each of the 3 shards has failed (resampling draws some twice), not after a fixed count
-    assert set(stream.skips) == {"unreadable_shard"} and 3 <= stream.skips["unreadable_shard"] < 30
+    assert set(stream.skips) == {"missing_shard"} and 3 <= stream.skips["missing_shard"] < 30
 
 
 # -- splitting over ranks and workers ---------------------------------------------------------
