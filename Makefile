@@ -23,7 +23,7 @@ DATA_Q = $(call shq,$(call literal,DATA))
 
 .DEFAULT_GOAL := help
 .PHONY: help venv audit browser data data-chain train-vae train-teacher-unet train-teacher-binding train-teacher-decoder train-teacher train-evaluator eval-teacher floors \
-        gen-pairs train-2rf train-distill eval report ablation generate demo export run train-reflow sweep test test-full bench bench-gpu memory tensorboard clean
+        gen-pairs train-2rf train-distill eval report ablation generate demo export run train-reflow sweep test test-full rehearsal bench bench-gpu memory tensorboard clean
 
 help: ## list every target with one line each
 	@echo "InstaFlow training framework. Layout (docs/architecture.md): lightning_modules/ the stages and CLI;"
@@ -213,7 +213,10 @@ browser: ## Chromium + ChromeDriver for the demo's browser test (apt-get as root
 	bash .ci/browser
 
 test: $(VENV)/.installed $(BROWSER_STEP) ## fast offline tests (a few minutes on 2 cores); installs Chromium first (BROWSER=0: no browser test)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" $(NO_BROWSER)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow and (not rehearsal or rehearsal_quick)" $(NO_BROWSER)
+
+rehearsal: $(VENV)/.installed ## faults injected into 4-rank CPU runs of the sd15 recipe, one line per scenario (docs/rehearsal.md)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m rehearsal tests/rehearsal
 
 test-full: $(VENV)/.installed $(BROWSER_STEP) ## all tests, including the slow ones
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(NO_BROWSER)
