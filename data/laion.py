@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
 from collections import Counter
 from typing import Any, Iterator
 
@@ -312,6 +313,14 @@ def _say(what: str, reason: str, n: int, detail: Any) -> None:
         log.log(level, "%s (%s, %d so far): %s", what, reason, n, detail)
 
 
+def ignore_sigterm(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM to their rank: torchrun and SLURM signal whole process groups, and a worker
+    dying of it surfaces in its rank as a RuntimeError at any point of a step, on some ranks and not others, which
+    breaks the step-boundary checkpoint every rank must take part in. Workers still end with their rank (PyTorch's
+    parent watchdog, and the launcher's SIGKILL)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def collate(samples: list[dict]) -> dict:
     """Stack tensors, keep strings and metadata as lists, sum the skip counts (carriers' included, their
     entries dropped: a batch of only a carrier has empty lists and no tensors)."""
@@ -405,6 +414,7 @@ class LaionDataModule(ResumableTrainStream, L.LightningDataModule):
         return DataLoader(
             self.stream(stage), batch_size=batch_size, num_workers=self.num_workers, collate_fn=collate,
             persistent_workers=False, pin_memory=torch.cuda.is_available(),
+            worker_init_fn=ignore_sigterm if self.num_workers else None,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from data.couplings import Skip, decode_coupling
 from data.couplings import read_npy as _npy  # noqa: F401  (its former home; tests and callers import it here)
-from data.laion import MISSING_SHARDS, LaionStream
+from data.laion import MISSING_SHARDS, LaionStream, ignore_sigterm
 from data.stream_state import STATE_KEY, ResumableTrainStream
 
 
@@ -92,7 +92,8 @@ class CouplingDataModule(ResumableTrainStream, L.LightningDataModule):
             kw = dict(state_every=batch_size, resume=resume, worker_offset=offset, epoch=epoch)
         stream = CouplingStream(shards, resampled=train, shuffle_buffer=self.shuffle_buffer if train else 0,
                                 seed=self.seed, missing_shards=self.missing_shards, **kw)
-        return DataLoader(stream, batch_size=batch_size, num_workers=self.num_workers, collate_fn=collate_pairs)
+        return DataLoader(stream, batch_size=batch_size, num_workers=self.num_workers, collate_fn=collate_pairs,
+                          worker_init_fn=ignore_sigterm if self.num_workers else None)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size)

@@ -5,7 +5,7 @@ What a rehearsal config changes in the recipe, and why (everything else is the r
 quality callback with best-k checkpoints and export, EMA, image grid, gradient clipping, schedule shape):
 
 - models: a tiny one of the family (``init``), ``lr`` 1e-3 and 2 warm-up steps (a few steps must move it);
-- hardware: ``accelerator: cpu``, ``devices: 4``, ``num_nodes: 1``, ``strategy: ddp`` (gloo), ``precision:
+- hardware: ``accelerator: cpu``, ``devices: 4``, ``num_nodes: 1``, the recipe's own DDP strategy (gloo), ``precision:
   32-true`` (CPU ranks), ``accumulate_grad_batches: 1``; OMP_NUM_THREADS=1 per rank;
 - length: ``STEPS`` steps, a periodic checkpoint every ``EVERY``, validation (1 batch) every ``VAL_EVERY``;
 - the quality callback: 4 prompts of the tiny world's val shard and a tiny fixed feature network for the FID
@@ -54,7 +54,8 @@ def recipe_config(root: Path, family: str, stage: str, model_folder: Path, coupl
     root.mkdir(parents=True, exist_ok=True)
     cfg = resolved(RECIPE[family][stage])
     t = cfg["trainer"]
-    t.update({"accelerator": "cpu", "devices": RANKS, "num_nodes": 1, "strategy": "ddp", "precision": "32-true",
+    assert "ddp" in str(t.get("strategy")), t.get("strategy")  # the recipe's own DDP (restart-invariant buckets)
+    t.update({"accelerator": "cpu", "devices": RANKS, "num_nodes": 1, "precision": "32-true",
               "accumulate_grad_batches": 1, "max_steps": STEPS, "val_check_interval": VAL_EVERY,
               "limit_val_batches": 1, "log_every_n_steps": 2, "enable_progress_bar": False,
               "default_root_dir": str(root / "root")})

@@ -178,10 +178,6 @@ def _assert_equal_state(a: dict, b: dict) -> None:
             assert torch.equal(sa[k], sb[k]), f"optimizer {k} differs"
 
 
-@pytest.mark.xfail(strict=False, reason="temporary (issue 26): on 4 ranks a run resumed from a checkpoint ends "
-                   "other weights than the uninterrupted run (exact resume is being finished); and torchrun's SIGTERM "
-                   "also reaches each rank's DataLoader workers, whose death can surface mid-step on some ranks and "
-                   "break the collective SIGTERM save (docs/rehearsal.md)")
 def test_sigterm_to_the_job_saves_the_current_step_and_the_rerun_equals_the_uninterrupted_run(
         couplings, tiny_world, tiny_sd_folder, tmp_path):
     full_cfg = recipe_config(tmp_path / "full", "sd", "distill", tiny_sd_folder, couplings, tiny_world.val)
