@@ -168,23 +168,44 @@ def test_a_stale_run_marker_naming_a_reused_pid_does_not_stop_the_rerun(coupling
 TERM_STEP = EVERY + 2  # between two periodic checkpoints
 
 
-def _assert_equal_state(a: dict, b: dict) -> None:
+def _stream_and_draws_equal(a: dict, b: dict) -> None:
+    """What the checkpoint restores is exact on any number of ranks: every rank's stream position and generator."""
     assert a["global_step"] == b["global_step"]
-    for k in a["state_dict"]:
-        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), f"weights differ: {k}"
-    assert all(torch.equal(x, y) for x, y in zip(ema_shadow(a), ema_shadow(b))), "EMA differs"
-    for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
-        for k in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(sa[k], sb[k]), f"optimizer {k} differs"
+    assert a["CouplingDataModule"] == b["CouplingDataModule"], "stream positions differ"
+    assert torch.equal(a["training_rng"], b["training_rng"]), "training generators differ"
 
 
+def _tensors(ckpt: dict) -> dict[str, torch.Tensor]:
+    out = {f"weights {k}": v for k, v in ckpt["state_dict"].items()}
+    out.update({f"EMA {i}": v for i, v in enumerate(ema_shadow(ckpt))})
+    for n, st in ckpt["optimizer_states"][0]["state"].items():
+        out.update({f"AdamW {k} {n}": st[k] for k in ("exp_avg", "exp_avg_sq")})
+    return out
+
+
+def _largest_relative_difference(a: dict, b: dict) -> float:
+    """max over tensors of |a - b| / |b| (L2): 0.0 when the resumed run is the uninterrupted one bit for bit."""
+    ta, tb = _tensors(a), _tensors(b)
+    assert ta.keys() == tb.keys()
+    return max(float((ta[k].double() - tb[k].double()).norm() / tb[k].double().norm().clamp_min(1e-30)) for k in ta)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_find_unused_parameters_true"])
 def test_sigterm_to_the_job_saves_the_current_step_and_the_rerun_equals_the_uninterrupted_run(
-        couplings, tiny_world, tiny_sd_folder, tmp_path):
-    full_cfg = recipe_config(tmp_path / "full", "sd", "distill", tiny_sd_folder, couplings, tiny_world.val)
+        strategy, couplings, tiny_world, tiny_sd_folder, tmp_path):
+    """The recipe's ``ddp``: streams and draws exact, weights within all-reduce rounding (DDP rebuilds its gradient
+    buckets after a job's first step, so on 4 ranks the resumed job's first step sums in another order);
+    ``ddp_find_unused_parameters_true`` never rebuilds them: bit for bit."""
+    exact = strategy != "ddp"
+    full_cfg = recipe_config(tmp_path / "full", "sd", "distill", tiny_sd_folder, couplings, tiny_world.val,
+                             trainer={"strategy": strategy})
     cfg = recipe_config(tmp_path / "term", "sd", "distill", tiny_sd_folder, couplings, tiny_world.val, faults=[
-        {"class_path": f"{FAULTS}.TermJobAt", "init_args": {"step": TERM_STEP, "once": str(tmp_path / "once")}}])
-    with scenario("SIGTERM to the job (preemption)", f"last.ckpt at step {TERM_STEP}; the rerun ends equal to the "
-                  "uninterrupted run (weights, EMA, optimizer)", 480, family="sd"):
+        {"class_path": f"{FAULTS}.TermJobAt", "init_args": {"step": TERM_STEP, "once": str(tmp_path / "once")}}],
+        trainer={"strategy": strategy})
+    ending = ("bit-identical to the uninterrupted run (weights, EMA, AdamW)" if exact else
+              "streams and draws identical, weights/EMA/AdamW within 1e-4 relative of the uninterrupted run")
+    with scenario(f"SIGTERM to the job ({strategy})", f"last.ckpt at step {TERM_STEP}; the rerun ends {ending}", 480,
+                  family="sd"):
         full = Job(full_cfg)
         assert full.rc == 0, full.tail()
         stopped = Job(cfg)
@@ -198,4 +219,8 @@ def test_sigterm_to_the_job_saves_the_current_step_and_the_rerun_equals_the_unin
         assert rerun.rc == 0, rerun.tail()
         assert f"from step {TERM_STEP}" in rerun.out, rerun.tail()
         assert (ckpts / "fit_finished.json").exists() and (tmp_path / "term" / "export" / "model_index.json").exists()
-        _assert_equal_state(load(ckpts / "last.ckpt"), load(checkpoints(tmp_path / "full") / "last.ckpt"))
+        resumed, whole = load(ckpts / "last.ckpt"), load(checkpoints(tmp_path / "full") / "last.ckpt")
+        _stream_and_draws_equal(resumed, whole)
+        apart = _largest_relative_difference(resumed, whole)
+        print(f"[rehearsal] {strategy}: largest relative difference to the uninterrupted run {apart:.3g}")
+        assert apart == 0.0 if exact else apart < 1e-4, apart
