@@ -313,12 +313,24 @@ def _say(what: str, reason: str, n: int, detail: Any) -> None:
         log.log(level, "%s (%s, %d so far): %s", what, reason, n, detail)
 
 
+SIGTERM_GRACE_S = 20  # how long a DataLoader worker outlives a SIGTERM
+
+
+def _end_after_grace(signum, frame) -> None:
+    signal.alarm(SIGTERM_GRACE_S)  # SIGALRM's default action ends the process
+
+
 def ignore_sigterm(worker_id: int) -> None:
-    """DataLoader workers leave SIGTERM to their rank: torchrun and SLURM signal whole process groups, and a worker
-    dying of it surfaces in its rank as a RuntimeError at any point of a step, on some ranks and not others, which
-    breaks the step-boundary checkpoint every rank must take part in. Workers still end with their rank (PyTorch's
-    parent watchdog, and the launcher's SIGKILL)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """A DataLoader worker outlives SIGTERM by ``SIGTERM_GRACE_S`` seconds, then ends.
+
+    torchrun and SLURM signal whole process groups or job steps: a worker that died of it at once surfaced
+    in its rank as a RuntimeError at any point of a step, on some ranks and not others, and broke the
+    step-boundary checkpoint every rank must take part in. Ignoring SIGTERM outright is no better: a worker
+    its DataLoader cannot join is ended with SIGTERM, and at exit Python waits for it forever (a rank that
+    raised then never exits). With the grace, the ranks save at their next step boundary while their workers
+    still run, and a stuck worker still ends.
+    """
+    signal.signal(signal.SIGTERM, _end_after_grace)
 
 
 def collate(samples: list[dict]) -> dict:

@@ -257,3 +257,33 @@ def test_crafted_json_is_bad_metadata_not_a_crash(tmp_path, caplog):
     assert "kept a sample without its metadata (bad_meta" in caplog.text and "nested too deeply" in caplog.text
     strict = LaionStream(shard, resolution=16, require_meta=True)
     assert [s["key"] for s in strict] == ["good"] and strict.skips == Counter(bad_meta=3)
+
+
+def _worker_that_waits(grace: int) -> None:
+    import time
+
+    import data.laion as laion_module
+
+    laion_module.SIGTERM_GRACE_S = grace
+    laion_module.ignore_sigterm(0)
+    while True:
+        time.sleep(0.05)
+
+
+def test_a_loader_worker_outlives_sigterm_by_its_grace_then_ends():
+    """Job-wide SIGTERM must not kill a rank's loader workers mid-step, and a stuck worker must still end
+    (at exit Python waits for daemonic children it sent SIGTERM: ignored outright, a raising rank never exits)."""
+    import multiprocessing as mp
+    import signal
+    import time
+
+    proc = mp.get_context("fork").Process(target=_worker_that_waits, args=(1,), daemon=True)
+    proc.start()
+    time.sleep(0.5)
+    sent = time.monotonic()
+    proc.terminate()  # SIGTERM, as the DataLoader's shutdown and a scheduler send it
+    time.sleep(0.5)
+    assert proc.is_alive()  # still serving batches while its rank reaches the step boundary
+    proc.join(10)
+    assert not proc.is_alive() and proc.exitcode == -signal.SIGALRM
+    assert 0.9 < time.monotonic() - sent < 5
