@@ -18,10 +18,19 @@ log = logging.getLogger(__name__)
 KEY = "training_rng"
 
 
+def _trainer(module: L.LightningModule) -> L.Trainer | None:
+    """The module's Trainer, or None for a module used (or saved) on its own: one process."""
+    try:
+        return module.trainer
+    except RuntimeError:
+        return None
+
+
 def gathered_state(module: L.LightningModule, gen: torch.Generator) -> torch.Tensor:
     """(world, n) uint8: every rank's generator state (a collective on every rank)."""
+    trainer = _trainer(module)
     state = gen.get_state().to(module.device)
-    states = module.all_gather(state) if module.trainer.world_size > 1 else state
+    states = module.all_gather(state) if trainer is not None and trainer.world_size > 1 else state
     return (states if states.dim() == 2 else states.unsqueeze(0)).cpu()
 
 
@@ -30,7 +39,8 @@ def restore_state(module: L.LightningModule, gen: torch.Generator, checkpoint: d
     states = checkpoint.get(KEY)
     if states is None:
         return
-    world, rank = module.trainer.world_size, module.global_rank
+    trainer = _trainer(module)
+    world, rank = (trainer.world_size, module.global_rank) if trainer is not None else (1, 0)
     if states.shape[0] != world:
         log.warning("the checkpoint's training generators come from %d ranks, this run has %d: t and caption "
                     "dropout are drawn afresh (the run is resumed, not replayed exactly)", states.shape[0], world)
