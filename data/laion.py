@@ -71,6 +71,13 @@ def expand_shards(spec: str | list[str]) -> list[str]:
 MISSING_SHARDS = ("skip", "error")
 
 
+def check_missing_shards(value: str) -> str:
+    """``value`` if it is a ``missing_shards`` setting, else a ValueError naming the choices."""
+    if value not in MISSING_SHARDS:
+        raise ValueError(f"missing_shards must be one of {MISSING_SHARDS}, got {value!r}")
+    return value
+
+
 class LaionStream(ResampledReading, IterableDataset):
     """Samples ``{key, caption, meta, pixel_values?, skipped, filtered}`` from img2dataset shards.
 
@@ -100,9 +107,7 @@ class LaionStream(ResampledReading, IterableDataset):
         missing_shards: str = "skip",
     ) -> None:
         super().__init__()
-        if missing_shards not in MISSING_SHARDS:
-            raise ValueError(f"missing_shards must be one of {MISSING_SHARDS}, got {missing_shards!r}")
-        self.missing_shards = missing_shards
+        self.missing_shards = check_missing_shards(missing_shards)
         self.state_every, self.resume, self.worker_offset = state_every, resume, worker_offset
         self.report_empty = report_empty
         self.exclude = set(exclude)
@@ -386,9 +391,7 @@ class LaionDataModule(ResumableTrainStream, L.LightningDataModule):
         missing_shards: str = "skip",
     ) -> None:
         super().__init__()
-        if missing_shards not in MISSING_SHARDS:
-            raise ValueError(f"missing_shards must be one of {MISSING_SHARDS}, got {missing_shards!r}")
-        self.missing_shards = missing_shards
+        self.missing_shards = check_missing_shards(missing_shards)
         self.filters = filters
         self.shards = {"train": train, "val": val, "test": test, "predict": predict}
         self.resolution = resolution

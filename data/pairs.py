@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from data.couplings import Skip, decode_coupling
 from data.couplings import read_npy as _npy  # noqa: F401  (its former home; tests and callers import it here)
-from data.laion import MISSING_SHARDS, LaionStream, ignore_sigterm
+from data.laion import LaionStream, check_missing_shards, ignore_sigterm
 from data.stream_state import STATE_KEY, ResumableTrainStream
 
 
@@ -59,9 +59,7 @@ class CouplingDataModule(ResumableTrainStream, L.LightningDataModule):
                  num_workers: int = 1, shuffle_buffer: int = 2000, seed: int = 0,
                  missing_shards: str = "skip") -> None:
         super().__init__()
-        if missing_shards not in MISSING_SHARDS:
-            raise ValueError(f"missing_shards must be one of {MISSING_SHARDS}, got {missing_shards!r}")
-        self.missing_shards = missing_shards
+        self.missing_shards = check_missing_shards(missing_shards)
         self.specs = {"train": train, "val": val}
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
