@@ -221,8 +221,8 @@ rehearsal: $(VENV)/.installed ## faults injected into 4-rank CPU runs of the sd1
 test-full: $(VENV)/.installed $(BROWSER_STEP) ## all tests, including the slow ones
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(NO_BROWSER)
 
-bench: $(VENV)/.installed ## CPU couplings/s and reflow steps/s (embedded default + tiny SD, ~20 s each) -> benchmarks/results_cpu.json
-	$(PY) -m benchmarks.bench_cpu
+bench: $(VENV)/.installed ## roofline: the machine's measured peak FLOP/s and each stage's fraction of it -> benchmarks/results_roofline.json (python -m benchmarks.bench_cpu: plain throughputs)
+	$(PY) -m benchmarks.roofline
 
 memory: $(VENV)/.installed ## GiB per GPU of weights, grads and AdamW per family (SD 1.5, SDXL, SD3, Flux): DDP, FSDP2 over GPUS=8, LoRA
 	$(PY) -m instaflow.tools.memory --gpus "$${MK_GPUS:-8}"
