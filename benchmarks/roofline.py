@@ -6,7 +6,8 @@
 
 1. The limit: GEMM (``torch.mm`` over a few square sizes, the best) and a 3x3 ``conv2d`` of the embedded UNet's
    shape, in fp32 and, where the hardware has native bf16 (CUDA; a CPU flagging avx512_bf16 or amx_bf16), bf16.
-   The limit of a dtype is the best of its GEMM and conv rates.
+   The limit of a dtype is the best of its GEMM and conv rates, measured before and after the stages (the better
+   of the two: on a shared machine the load drifts during a run; both are recorded).
 2. The stages, through the project's own code: FLOPs of one call counted by ``torch.utils.flop_counter.
    FlopCounterMode`` (matrix products, convolutions and attention; elementwise work, norms and the optimizer's
    updates count 0, so a stage dominated by them reads low), after a warm-up; then the median seconds per call
@@ -291,7 +292,24 @@ def peak_for(bf16: bool, peak: dict) -> tuple[str, float]:
     return ("fp32 (bf16 not native)" if bf16 else "fp32"), peak["fp32"]["limit"]
 
 
-def measure_part(part: Part, stage: Stage, peak: dict, seconds: float, min_calls: int, warmup: int,
+def combine_peaks(before: dict, after: dict) -> dict:
+    """The limit of each dtype: the better of the measurements before and after the stages (both kept). On a
+    shared machine the load drifts during a run; the better one is nearer what the machine can do."""
+    out = {}
+    for dtype, b in before.items():
+        best = max(b, after[dtype], key=lambda p: p["limit"])
+        out[dtype] = {**best, "limit_before": b["limit"], "limit_after": after[dtype]["limit"]}
+    return out
+
+
+def read_against(row: dict, bf16: bool, peak: dict) -> dict:
+    """``row`` with the limit it is read against and its fraction of it."""
+    dtype, limit = peak_for(bf16, peak)
+    return {**row, "peak_dtype": dtype, "peak_gflops_per_s": limit / 1e9,
+            "fraction_of_peak": row["gflops_per_s"] * 1e9 / limit}
+
+
+def measure_part(part: Part, stage: Stage, seconds: float, min_calls: int, warmup: int,
                  device: torch.device) -> dict:
     for _ in range(warmup):  # first-call costs: allocations, caches, lazy initialisation
         part.call()
@@ -299,11 +317,9 @@ def measure_part(part: Part, stage: Stage, peak: dict, seconds: float, min_calls
     flops = count_flops(part.call)
     times = time_calls(part.call, seconds, min_calls, device)
     s = statistics.median(times)
-    dtype, limit = peak_for(part.bf16, peak)
-    rate = flops / s
     row = {"stage": stage.name, "part": part.name, "batch": stage.batch, "flops_per_call": flops,
-           "seconds_per_call": s, "calls": len(times), "gflops_per_s": rate / 1e9, "peak_dtype": dtype,
-           "peak_gflops_per_s": limit / 1e9, "fraction_of_peak": rate / limit, "settings": stage.settings}
+           "seconds_per_call": s, "calls": len(times), "gflops_per_s": flops / s / 1e9, "bf16": part.bf16,
+           "settings": stage.settings}
     if part.unit == "ms":
         row.update(throughput=1e3 * s, throughput_unit="ms latency")
     else:
@@ -331,10 +347,11 @@ def to_markdown(result: dict) -> str:
              f"{m['torch']}, device {result['device']}; load average before "
              f"{' / '.join(f'{x:.2f}' for x in m['load_average_before'])}, after "
              f"{' / '.join(f'{x:.2f}' for x in m['load_average_after'])}", "",
-             "| limit | GEMM GFLOP/s (best n) | conv 3x3 GFLOP/s | limit GFLOP/s |", "|---|---|---|---|"]
+             "| limit | GEMM GFLOP/s (best n) | conv 3x3 GFLOP/s | limit GFLOP/s (before / after the stages) |",
+             "|---|---|---|---|"]
     for dtype, p in peak.items():
         lines.append(f"| {dtype} | {p['gemm'] / 1e9:.1f} (n={p['gemm_size']}) | {p['conv'] / 1e9:.1f} | "
-                     f"{p['limit'] / 1e9:.1f} |")
+                     f"**{p['limit'] / 1e9:.1f}** ({p['limit_before'] / 1e9:.1f} / {p['limit_after'] / 1e9:.1f}) |")
     lines += ["", "| stage | batch | GFLOP/call | s/call (median, calls) | GFLOP/s | of peak | throughput |",
               "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
@@ -380,19 +397,21 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     info = machine()
-    peak = measure_peak(device, args.peak_seconds)
-    print("limit: " + ", ".join(f"{k} {v['limit'] / 1e9:.1f} GFLOP/s" for k, v in peak.items()), flush=True)
+    before = measure_peak(device, args.peak_seconds)
+    print("limit before: " + ", ".join(f"{k} {v['limit'] / 1e9:.1f} GFLOP/s" for k, v in before.items()), flush=True)
     rows = []
     for name in args.stages:
         batch = args.eval_batch if name == "evaluator" else args.batch
         stage = BUILDERS[name](args.model, batch, args.precision, device, sets.get(name, {}))
         for part in stage.parts:
-            row = measure_part(part, stage, peak, args.seconds, args.min_calls, args.warmup, device)
+            row = measure_part(part, stage, args.seconds, args.min_calls, args.warmup, device)
             rows.append(row)
-            print(f"{row['part']}: {row['gflops_per_s']:.1f} GFLOP/s, {100 * row['fraction_of_peak']:.1f}% of "
-                  f"{row['peak_dtype']}, {row['throughput']:.2f} {row['throughput_unit']}", flush=True)
+            print(f"{row['part']}: {row['gflops_per_s']:.1f} GFLOP/s, {row['throughput']:.2f} "
+                  f"{row['throughput_unit']}", flush=True)
         del stage
     info["load_average_after"] = list(os.getloadavg())
+    peak = combine_peaks(before, measure_peak(device, args.peak_seconds))
+    rows = [read_against(r, r["bf16"], peak) for r in rows]
     result = {"machine": info, "device": str(device), "precision": args.precision, "sets": sets, "peak": peak,
               "rows": rows, "argv": list(argv) if argv is not None else None}
     out = Path(args.out)

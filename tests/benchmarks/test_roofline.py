@@ -112,3 +112,17 @@ def test_ab_arguments():
         ab.parse(["--base", "x", "--rounds", "0"])
     with pytest.raises(SystemExit):
         ab.parse(["--base", "x", "--", "--json", "y"])
+
+
+def test_the_limit_is_the_better_of_before_and_after():
+    before = {"fp32": {"gemm": 40e9, "gemm_size": 512, "conv": 30e9, "limit": 40e9},
+              "bf16": {"gemm": 90e9, "gemm_size": 1024, "conv": 50e9, "limit": 90e9}}
+    after = {"fp32": {"gemm": 80e9, "gemm_size": 1024, "conv": 60e9, "limit": 80e9},
+             "bf16": {"gemm": 70e9, "gemm_size": 1024, "conv": 50e9, "limit": 70e9}}
+    peak = roofline.combine_peaks(before, after)
+    assert peak["fp32"]["limit"] == 80e9 and peak["fp32"]["gemm_size"] == 1024 and peak["fp32"]["limit_before"] == 40e9
+    assert peak["bf16"]["limit"] == 90e9 and peak["bf16"]["limit_after"] == 70e9
+    row = roofline.read_against({"gflops_per_s": 45.0}, True, peak)
+    assert row["peak_dtype"] == "bf16" and row["fraction_of_peak"] == pytest.approx(0.5)
+    assert roofline.read_against({"gflops_per_s": 40.0}, True, {"fp32": peak["fp32"]})["peak_dtype"] == \
+        "fp32 (bf16 not native)"
