@@ -6,14 +6,22 @@ for the run's own unfinished checkpoint (``instaflow.resume.find``). This callba
 - ``on_fit_start``: the fit is running (``fit_running.json``, ``marks.mark_running``), unfinished;
 - ``on_save_checkpoint``: every rank refuses a checkpoint holding NaN/inf before any rank writes;
   each checkpoint stores this run's folder (this callback's state, ``marks.run_state``);
-- ``on_exception``: SIGTERM (a scheduler, Kubernetes, ``kill``) reaches Lightning as
-  ``SIGTERMException`` at the next step boundary; ``last.ckpt`` is saved at that step and the CLI
-  exits with 143; a kill -9 or a lost machine resumes from the last periodic ``last.ckpt``;
+- ``on_train_batch_end``: whether any rank has received SIGTERM (a scheduler, Kubernetes, ``kill``) is
+  decided by all ranks together (one all-reduce of a flag per step); if one has, every rank raises
+  ``SIGTERMException`` after the same step. Lightning's own handler decides per rank, and the signal
+  reaches the ranks microseconds apart: a rank that saw it one step later than the others was in that
+  step's gradient all-reduce while they were in the checkpoint's collectives (the rehearsal's 4-rank
+  SIGTERM job failed so, 2 runs of 3, with "connection reset by peer"). This callback's handler replaces
+  Lightning's for the fit (Lightning restores the original at teardown);
+- ``on_exception``: after that stop ``last.ckpt`` is saved at the agreed step and the CLI exits with 143;
+  a kill -9 or a lost machine resumes from the last periodic ``last.ckpt``;
 - ``on_fit_end``: ``fit_finished.json``, so running the command again starts a new run.
 """
 
 from __future__ import annotations
 
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +56,7 @@ class Resume(Callback):
     def __init__(self, auto: bool = True) -> None:
         self.auto = auto
         self._run: str | None = None
+        self._sigterm = False  # set by this rank's handler; acted on when the ranks agree
 
     @property
     def state_key(self) -> str:
@@ -68,6 +77,21 @@ class Resume(Callback):
         if trainer.is_global_zero:
             mark_running(last_checkpoint_dirs(trainer))
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._sigterm = False
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            signal.signal(signal.SIGTERM, self._on_sigterm)  # replaces Lightning's per-rank decision
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self._sigterm = True  # only a flag: the stop happens between steps, on every rank at once
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        # every rank calls this once per batch, so the all-reduce pairs up; any rank's signal stops all of them
+        if trainer.strategy.reduce_boolean_decision(self._sigterm, all=False):
+            self._sigterm = True
+            raise SIGTERMException()
+
     def _not_running(self, trainer: L.Trainer) -> None:
         if trainer.is_global_zero:
             clear_running(last_checkpoint_dirs(trainer))
@@ -75,7 +99,7 @@ class Resume(Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._not_running(trainer)
         # a dataloader worker killed by the same SIGTERM surfaces as a RuntimeError: still a stop between steps
-        if not (isinstance(exception, SIGTERMException) or trainer.received_sigterm):
+        if not (isinstance(exception, SIGTERMException) or self._sigterm or trainer.received_sigterm):
             return
         ema = find_ema(trainer)
         if ema is not None:

@@ -204,7 +204,8 @@ def test_sigterm_to_the_job_saves_the_current_step_and_the_rerun_equals_the_unin
         trainer={"strategy": strategy})
     ending = ("bit-identical to the uninterrupted run (weights, EMA, AdamW)" if exact else
               "streams and draws identical, weights/EMA/AdamW within 1e-4 relative of the uninterrupted run")
-    with scenario(f"SIGTERM to the job ({strategy})", f"last.ckpt at step {TERM_STEP}; the rerun ends {ending}", 480,
+    expected = f"last.ckpt at step {TERM_STEP} or {TERM_STEP + 1}, agreed by every rank; the rerun ends {ending}"
+    with scenario(f"SIGTERM to the job ({strategy})", expected, 480,
                   family="sd"):
         full = Job(full_cfg)
         assert full.rc == 0, full.tail()
@@ -213,11 +214,14 @@ def test_sigterm_to_the_job_saves_the_current_step_and_the_rerun_equals_the_unin
         assert stopped.rc != 0, stopped.tail()
         assert stopped.left == [], f"processes of the stopped job still run: {stopped.left}"
         ckpts = checkpoints(tmp_path / "term")
-        assert f"[resume] SIGTERM: saved step {TERM_STEP}" in stopped.out, stopped.tail()
-        assert load(ckpts / "last.ckpt")["global_step"] == TERM_STEP
+        # the ranks agree on the stop at a step end (callbacks.resume); the signal reaches them during step
+        # TERM_STEP's end or the next step, so the agreed step is one of the two, the same on every rank
+        saved = load(ckpts / "last.ckpt")["global_step"]
+        assert saved in (TERM_STEP, TERM_STEP + 1), saved
+        assert f"[resume] SIGTERM: saved step {saved}" in stopped.out, stopped.tail()
         rerun = Job(cfg)
         assert rerun.rc == 0, rerun.tail()
-        assert f"from step {TERM_STEP}" in rerun.out, rerun.tail()
+        assert f"from step {saved}" in rerun.out, rerun.tail()
         assert (ckpts / "fit_finished.json").exists() and (tmp_path / "term" / "export" / "model_index.json").exists()
         resumed, whole = load(ckpts / "last.ckpt"), load(checkpoints(tmp_path / "full") / "last.ckpt")
         _stream_and_draws_equal(resumed, whole)
