@@ -17,13 +17,13 @@ literal = $(if $(filter file default,$(origin $(1))),$($(1)),$(value $(1)))
 # 'text' for the shell, for the paths inside the stage commands below
 shq = '$(subst ','\'',$(1))'
 USER_VARS := MODEL STEPS W PROMPT TEACHER PORT OUT EXP ARGS SWEEP NOTES GPUS NODES GPUS_PER_NODE PARTITION \
-  TIME_LIMIT JOB_NAME SLURM_DIR LAUNCHER RDZV
+  TIME_LIMIT JOB_NAME SLURM_DIR LAUNCHER RDZV WORKERS
 $(foreach v,$(USER_VARS),$(eval export MK_$(v) = $$(call literal,$(v))))
 DATA_Q = $(call shq,$(call literal,DATA))
 
 .DEFAULT_GOAL := help
 .PHONY: help venv audit browser data data-chain train-vae train-teacher-unet train-teacher-binding train-teacher-decoder train-teacher train-evaluator eval-teacher floors \
-        gen-pairs train-2rf train-distill eval report ablation generate demo export run train-reflow sweep test test-full rehearsal bench bench-gpu memory tensorboard clean
+        gen-pairs train-2rf train-distill eval report ablation generate demo export run train-reflow sweep sweep-report test test-full rehearsal bench bench-gpu memory tensorboard clean
 
 help: ## list every target with one line each
 	@echo "InstaFlow training framework. Layout (docs/architecture.md): lightning_modules/ the stages and CLI;"
@@ -198,12 +198,17 @@ train-reflow: $(VENV)/.installed
 	$(PY) -m instaflow.tools.launch "$$MK_LAUNCHER" $(WORLD_ARGS) $(CHAIN_STAGES)
 endif
 
-# make sweep SWEEP=experiments/sweeps/reflow_lr.yaml [NODES=.. GPUS_PER_NODE=.. PARTITION=.. [DRY_RUN=1]]
+# make sweep SWEEP=experiments/sweeps/reflow_lr.yaml [WORKERS=N] [NODES=.. GPUS_PER_NODE=.. PARTITION=.. [DRY_RUN=1]]
 SWEEP_SLURM = $(if $(value NODES)$(value PARTITION),--slurm --nodes "$${MK_NODES:-1}" --gpus-per-node "$$MK_GPUS_PER_NODE" \
   --dir "$$MK_SLURM_DIR" $(if $(value PARTITION),--partition "$$MK_PARTITION") $(if $(value TIME_LIMIT),--time "$$MK_TIME_LIMIT"))
-sweep: $(VENV)/.installed ## grid/random search of SWEEP=<file>: runs here one by one, or a SLURM array with NODES/PARTITION; ranked summary
+sweep: $(VENV)/.installed ## Optuna study of SWEEP=<file>: WORKERS=N processes here (default 1), or a SLURM array of workers with NODES/PARTITION; resumes
 	$(if $(value SWEEP),,$(error give the sweep file: make sweep SWEEP=experiments/sweeps/<name>.yaml))
-	$(PY) -m instaflow.tools.sweep "$$MK_SWEEP" $(SWEEP_SLURM) $(if $(filter-out 0,$(value DRY_RUN)),--dry-run)
+	$(PY) -m instaflow.tools.sweep "$$MK_SWEEP" $(if $(value WORKERS),--workers "$$MK_WORKERS") $(SWEEP_SLURM) \
+	  $(if $(filter-out 0,$(value DRY_RUN)),--dry-run)
+
+sweep-report: $(VENV)/.installed ## SWEEP=<file>: its study's ranked table and plots (history, importances, curves) in its save_dir
+	$(if $(value SWEEP),,$(error give the sweep file: make sweep-report SWEEP=experiments/sweeps/<name>.yaml))
+	$(PY) -m instaflow.tools.sweep "$$MK_SWEEP" --report
 
 # the demo's browser test needs Chromium: `browser` installs it (apt-get as root or with sudo -n) or stops with the
 # command; BROWSER=0 deselects that one test instead (it is then not run, not passed)
