@@ -7,6 +7,7 @@
     python -m instaflow.tools.sweep experiments/sweeps/reflow_lr.yaml --slurm --nodes 1 --gpus-per-node 8 \\
         --partition gpu [--workers 4] [--dry-run]                                    # a SLURM array of workers
     python -m instaflow.tools.sweep experiments/sweeps/reflow_lr.yaml --report        # plots + ranked table
+    python -m instaflow.tools.sweep experiments/sweeps/reflow_lr.yaml --retry-failed  # failed trials queued again
 
 A sweep file (experiments/sweeps/*.yaml); every key is checked and a wrong one is named:
 
@@ -409,6 +410,22 @@ def fail_dead_trials(study, max_retry: int | None = DEFAULT_HEARTBEAT["max_retry
     return failed
 
 
+def retry_failed(study, sweep: Sweep) -> list[int]:
+    """Queue again every FAIL trial that no later trial retries (``--retry-failed``: a crash, a full disk); the
+    numbers queued. Run by the command that starts the workers, never by the workers themselves (no race)."""
+    import copy
+
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    retried = {n for t in trials for n in RetryHeartbeatStaleTrialCallback.retry_history(t)}
+    failed = [t for t in trials if t.state == TrialState.FAIL and t.number not in retried]
+    for t in failed:
+        RetryHeartbeatStaleTrialCallback(None, inherit_intermediate_values=True)(study, copy.deepcopy(t))
+    return [t.number for t in failed]
+
+
 def take_trial(study, sweep: Sweep):
     """A queued trial, now RUNNING and ours, or None: the storage lets one worker move it out of WAITING."""
     import optuna
@@ -573,7 +590,8 @@ def work(sweep: Sweep, url: str, launcher: Launcher, poll_s: float | None = None
 def run_workers(sweep: Sweep, a: argparse.Namespace, url: str) -> int:
     """N worker processes of this file on one study (the study is made first, so they only load it)."""
     open_study(sweep, url)
-    cmd = [sys.executable, "-m", "instaflow.tools.sweep", sweep.path, "--worker", "--storage", url]
+    cmd = [sys.executable, "-m", "instaflow.tools.sweep", sweep.path, "--worker", "--storage", url, "--launcher",
+           a.launcher, "--nodes", str(a.nodes), "--gpus-per-node", str(a.gpus_per_node)]
     procs = [subprocess.Popen(cmd) for _ in range(a.workers)]
     return max(p.wait() for p in procs)
 
@@ -610,6 +628,7 @@ def main(argv: list[str] | None = None):
                    help="how a worker starts each trial's run")
     p.add_argument("--dry-run", action="store_true", help="print the commands (or the array script); run nothing")
     p.add_argument("--report", action="store_true", help="plots and a ranked table of the study (make sweep-report)")
+    p.add_argument("--retry-failed", action="store_true", help="queue the study's failed trials again first")
     g = p.add_argument_group("world of each trial (--launcher srun|torchrun) and SLURM array of workers")
     g.add_argument("--slurm", action="store_true")
     g.add_argument("--nodes", type=int, default=1)
@@ -626,6 +645,8 @@ def main(argv: list[str] | None = None):
             from instaflow.tools.sweep_report import report
 
             return report(sweep, url)
+        if a.retry_failed and not a.dry_run:
+            print(f"[sweep] queued again: failed trials {retry_failed(open_study(sweep, url), sweep)}", flush=True)
         if a.slurm:
             script = array_script(sweep, a, url)
             if a.dry_run:

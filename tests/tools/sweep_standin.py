@@ -5,7 +5,7 @@
 It reads its values from ``--key value`` arguments as a worker passes them, appends one line per start to
 ``--log`` (trial id, values, pid: the tests count starts), then "validates" after each of ``--steps`` steps:
 the curve ``(x - 0.3)^2 + 1/step`` reported through the same ``TrialReporter`` as ``callbacks.optuna_trial``,
-stopping when told (pruned). ``--fail_at k`` exits with status 3 at step k. Not a test module.
+stopping when told (pruned). ``--fail_at k`` exits with status 3 at step k (with ``--fail_x v``: only the trial whose x is v). Not a test module.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def main(argv: list[str]) -> int:
     reporter = TrialReporter.from_env()
     for step in range(1, steps + 1):
         time.sleep(sleep)
-        if int(opts.get("fail_at", 0)) == step:
+        if int(opts.get("fail_at", 0)) == step and float(opts.get("fail_x", x)) == x:
             return 3
         if reporter.report((x - 0.3) ** 2 + 1.0 / step, step):
             print(f"pruned at step {step}", flush=True)

@@ -23,6 +23,10 @@ SWEEPS = sorted((ROOT / "experiments" / "sweeps").glob("*.yaml"))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
+def calls(tmp_path: Path) -> list[dict]:
+    return [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+
+
 def write(tmp_path: Path, spec: dict, name: str = "s") -> Path:
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -191,18 +195,29 @@ def test_report_ranks_trials_draws_the_plots_and_names_the_dashboard(tmp_path):
     assert "importances need 2 finished trials" in sweep.main([str(one), "--report"])["plots"]["importances"]
 
 
-def test_a_rerun_resumes_the_study_and_a_changed_space_is_refused(tmp_path):
+def test_a_rerun_resumes_the_study_retries_failed_trials_when_asked_and_refuses_a_changed_space(tmp_path):
     from instaflow.tools import sweep
 
     spec = {"configs": ["experiments/base/default.yaml"], "metric": "val/loss", "entry": "tests.tools.sweep_standin",
             "save_dir": str(tmp_path / "save"), "grid": {"x": [0.1, 0.2]}, "storage": f"sqlite:///{tmp_path}/s.db",
-            "fixed": {"steps": 1, "log": str(tmp_path / "calls.jsonl")}}
+            "fixed": {"steps": 2, "fail_at": 2, "fail_x": 0.2, "log": str(tmp_path / "calls.jsonl")}}
     path = write(tmp_path, spec)
     s = sweep.Sweep.load(path)
     study = sweep.open_study(s)
     assert [t.state.name for t in study.get_trials()] == ["WAITING", "WAITING"]
     again = sweep.open_study(s)  # a second command: the same study, nothing queued twice
     assert len(again.get_trials()) == 2
+    cmd = [sys.executable, "-m", "instaflow.tools.sweep", str(path)]
+    first = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 1  # a failed trial fails the command, after the table
+    assert "| - | 1 | 0.2 | n/a | FAIL (exit 3) | 1 | 001-x=0.2 |" in first.stdout
+    rerun = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert len(calls(tmp_path)) == 2 and rerun.returncode == 1  # nothing left to run: nothing ran
+    subprocess.run(cmd + ["--retry-failed"], cwd=ROOT, env=ENV, capture_output=True, timeout=120)
+    trials = sweep.open_study(s, create=False).get_trials()
+    assert [(t.number, t.state.name) for t in trials] == [(0, "COMPLETE"), (1, "FAIL"), (2, "FAIL")]
+    assert trials[2].system_attrs["failed_trial"] == 1 and trials[2].user_attrs["version"] == "001-x=0.2"
+    assert [c["x"] for c in calls(tmp_path)] == [0.1, 0.2, 0.2]
     write(tmp_path, {**spec, "grid": {"x": [0.1, 0.3]}})
     with pytest.raises(SystemExit, match="was made for another search space or metric"):
         sweep.main([str(path)])

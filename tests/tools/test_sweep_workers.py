@@ -23,7 +23,16 @@ import yaml
 
 from tests.conftest import ROOT, free_port
 
-PG_BIN = Path("/usr/local/bin")
+
+def _pg_bin() -> Path | None:
+    """The folder of initdb/pg_ctl/postgres: on PATH, /usr/local/bin, or Debian's /usr/lib/postgresql/<v>/bin."""
+    found = shutil.which("initdb")
+    dirs = ([Path(found).parent] if found else []) + [Path("/usr/local/bin")] + sorted(
+        Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
+    return next((d for d in dirs if all((d / b).exists() for b in ("initdb", "pg_ctl", "postgres"))), None)
+
+
+PG_BIN = _pg_bin()
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
@@ -57,9 +66,12 @@ def _pg_run(cmd: list[str], user: str | None) -> None:
 @pytest.fixture(scope="module")
 def postgres_url():
     """A PostgreSQL server of its own: initdb on a temporary folder, pg_ctl start on a free port, stopped after."""
-    if not all((PG_BIN / b).exists() for b in ("initdb", "pg_ctl", "postgres")):
-        pytest.skip(f"PostgreSQL's initdb/pg_ctl/postgres are not in {PG_BIN} (Debian: apt-get install postgresql)")
+    if PG_BIN is None:
+        pytest.skip("PostgreSQL's initdb/pg_ctl/postgres are not on PATH, in /usr/local/bin or "
+                    "/usr/lib/postgresql/*/bin (Debian: apt-get install postgresql)")
     user = "postgres" if os.geteuid() == 0 else None
+    if user and shutil.which("setpriv") is None:
+        pytest.skip("running as root, and setpriv (util-linux) is missing to start PostgreSQL as the postgres user")
     root = Path(tempfile.mkdtemp(prefix="sweep-pg-"))
     if user:
         shutil.chown(root, user, user)
